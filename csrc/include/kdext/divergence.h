@@ -1,0 +1,292 @@
+// Per-element terms and gradients of the divergence family (DESIGN.md, "the
+// math contract"), shared by the CPU and CUDA kernels.
+//
+// Every divergence D(q, p) here is a sum over the vocabulary of a function of
+// (q_i, p_i), with q = softmax(s/T) the student and p = softmax(t/T) the
+// teacher. Its gradient through the softmax is
+//     dD/ds_j = q_j (g_j - c_s) / T,   g_i = dD/dq_i,  c_s = sum_i q_i g_i,
+//     dD/dt_j = p_j (h_j - c_t) / T,   h_i = dD/dp_i,  c_t = sum_i p_i h_i,
+// so a row needs three sums (the value, c_s and c_t) and then one elementwise
+// pass writes both gradients. The sums are additive over any split of the
+// vocabulary, which is what the split-vocab kernels and the vocab-parallel ops
+// rely on.
+//
+// Inputs are log-probabilities: ls = log q_i = s_i/T - lse_s and
+// lt = log p_i = t_i/T - lse_t, either of which may be -inf (a masked token).
+// An entry with zero probability contributes exactly 0 to every sum and gets a
+// zero gradient; the select() guards below keep 0 * inf from turning into NaN.
+// Rows whose log-normaliser is not finite are handled by the callers (see
+// RowKind).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kdext/math.h"
+
+namespace kdext {
+
+enum class Divergence : int32_t {
+  ReverseKL = 0,  // KL(q || p)
+  ForwardKL,      // KL(p || q)
+  JSD,            // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+  SkewForwardKL,  // KL(p || alpha p + (1 - alpha) q)
+  SkewReverseKL,  // KL(q || (1 - alpha) p + alpha q)
+  TVD,            // 1/2 sum |p - q|
+};
+
+// The three per-row sums (or one element's contribution to them).
+template <typename V>
+struct DivergenceSums {
+  V value;
+  V student_c;  // c_s
+  V teacher_c;  // c_t
+};
+
+// The divergence's parameter (beta or alpha) and the logs the formulas use.
+template <typename T>
+struct DivergenceParam {
+  T value;
+  T log_value;            // log(param)
+  T log_one_minus_value;  // log(1 - param)
+
+  static DivergenceParam make(double p) {
+    return {T(p), T(std::log(p)), T(std::log1p(-p))};
+  }
+};
+
+namespace detail {
+
+// KL(a || w a + (1 - w) b) and its pieces, for the two skew divergences.
+// a is the distribution in front, b the one mixed in; la, lb their log-probs.
+template <typename V, typename M, typename T>
+struct SkewKL {
+  V a, b, lm, ratio;  // ratio = a / m
+
+  KDEXT_HD SkewKL(V la, V lb, T w, T log_w, T log_one_minus_w) {
+    V zero = M::splat(0);
+    a = M::exp(la);
+    b = M::exp(lb);
+    lm = log_add_exp<V, M>(la + M::splat(log_w), lb + M::splat(log_one_minus_w));
+    ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
+  }
+  KDEXT_HD V value(V la) const { return M::select(M::gt(a, M::splat(0)), a * (la - lm), M::splat(0)); }
+  // dKL/da and dKL/db.
+  KDEXT_HD V grad_a(V la, T w) const { return la - lm + M::splat(1) - M::splat(w) * ratio; }
+  KDEXT_HD V grad_b(T w) const { return M::splat(-(T(1) - w)) * ratio; }
+};
+
+template <typename V, typename M>
+KDEXT_HD V guarded(V prob, V x) {
+  return M::select(M::gt(prob, M::splat(0)), x, M::splat(0));
+}
+
+}  // namespace detail
+
+template <Divergence D>
+struct DivergenceMath;
+
+template <>
+struct DivergenceMath<Divergence::ReverseKL> {
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>&) {
+    V q = M::exp(ls);
+    V v = detail::guarded<V, M>(q, q * (ls - lt));
+    return {v, v, M::splat(0)};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>&, T cs) {
+    V q = M::exp(ls);
+    return detail::guarded<V, M>(q, q * (ls - lt - M::splat(cs)));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>&, T) {
+    return M::exp(lt) - M::exp(ls);
+  }
+};
+
+template <>
+struct DivergenceMath<Divergence::ForwardKL> {
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>&) {
+    V p = M::exp(lt);
+    V v = detail::guarded<V, M>(p, p * (lt - ls));
+    return {v, M::splat(0), v};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>&, T) {
+    return M::exp(ls) - M::exp(lt);
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>&, T ct) {
+    V p = M::exp(lt);
+    return detail::guarded<V, M>(p, p * (lt - ls - M::splat(ct)));
+  }
+};
+
+// Generalized JSD for 0 < beta < 1 (beta = 0 and 1 are dispatched to the two
+// KLs, the TRL/GKD convention). g_i = (1 - beta)(log q_i - log m_i) and
+// h_i = beta (log p_i - log m_i): the mixture's own derivative cancels.
+template <>
+struct DivergenceMath<Divergence::JSD> {
+  template <typename V, typename M, typename T>
+  static KDEXT_HD V log_mixture(V ls, V lt, const DivergenceParam<T>& b) {
+    return log_add_exp<V, M>(lt + M::splat(b.log_value), ls + M::splat(b.log_one_minus_value));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>& b) {
+    V lm = log_mixture<V, M>(ls, lt, b);
+    V q = M::exp(ls), p = M::exp(lt);
+    V ks = detail::guarded<V, M>(q, q * (ls - lm));
+    V kt = detail::guarded<V, M>(p, p * (lt - lm));
+    V cs = M::splat(T(1) - b.value) * ks;
+    V ct = M::splat(b.value) * kt;
+    return {cs + ct, cs, ct};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>& b, T cs) {
+    V lm = log_mixture<V, M>(ls, lt, b);
+    V q = M::exp(ls);
+    return detail::guarded<V, M>(q, q * (M::splat(T(1) - b.value) * (ls - lm) - M::splat(cs)));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>& b, T ct) {
+    V lm = log_mixture<V, M>(ls, lt, b);
+    V p = M::exp(lt);
+    return detail::guarded<V, M>(p, p * (M::splat(b.value) * (lt - lm) - M::splat(ct)));
+  }
+};
+
+// KL(p || alpha p + (1 - alpha) q): p in front, q mixed in.
+template <>
+struct DivergenceMath<Divergence::SkewForwardKL> {
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>& a) {
+    detail::SkewKL<V, M, T> k(lt, ls, a.value, a.log_value, a.log_one_minus_value);
+    V cs = detail::guarded<V, M>(k.b, k.b * k.grad_b(a.value));
+    V ct = detail::guarded<V, M>(k.a, k.a * k.grad_a(lt, a.value));
+    return {k.value(lt), cs, ct};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>& a, T cs) {
+    detail::SkewKL<V, M, T> k(lt, ls, a.value, a.log_value, a.log_one_minus_value);
+    return detail::guarded<V, M>(k.b, k.b * (k.grad_b(a.value) - M::splat(cs)));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>& a, T ct) {
+    detail::SkewKL<V, M, T> k(lt, ls, a.value, a.log_value, a.log_one_minus_value);
+    return detail::guarded<V, M>(k.a, k.a * (k.grad_a(lt, a.value) - M::splat(ct)));
+  }
+};
+
+// KL(q || alpha q + (1 - alpha) p): q in front, p mixed in.
+template <>
+struct DivergenceMath<Divergence::SkewReverseKL> {
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>& a) {
+    detail::SkewKL<V, M, T> k(ls, lt, a.value, a.log_value, a.log_one_minus_value);
+    V cs = detail::guarded<V, M>(k.a, k.a * k.grad_a(ls, a.value));
+    V ct = detail::guarded<V, M>(k.b, k.b * k.grad_b(a.value));
+    return {k.value(ls), cs, ct};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>& a, T cs) {
+    detail::SkewKL<V, M, T> k(ls, lt, a.value, a.log_value, a.log_one_minus_value);
+    return detail::guarded<V, M>(k.a, k.a * (k.grad_a(ls, a.value) - M::splat(cs)));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>& a, T ct) {
+    detail::SkewKL<V, M, T> k(ls, lt, a.value, a.log_value, a.log_one_minus_value);
+    return detail::guarded<V, M>(k.b, k.b * (k.grad_b(a.value) - M::splat(ct)));
+  }
+};
+
+// 1/2 sum |p - q|, with g_i = sign(q_i - p_i) / 2 and h_i = -g_i.
+template <>
+struct DivergenceMath<Divergence::TVD> {
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>&) {
+    V q = M::exp(ls), p = M::exp(lt);
+    V g = M::splat(T(0.5)) * sign<V, M>(q - p);
+    return {M::splat(T(0.5)) * M::abs(p - q), q * g, -(p * g)};
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>&, T cs) {
+    V q = M::exp(ls), p = M::exp(lt);
+    return q * (M::splat(T(0.5)) * sign<V, M>(q - p) - M::splat(cs));
+  }
+  template <typename V, typename M = MathOps<V>, typename T>
+  static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>&, T ct) {
+    V q = M::exp(ls), p = M::exp(lt);
+    return p * (M::splat(T(0.5)) * sign<V, M>(p - q) - M::splat(ct));
+  }
+};
+
+// How a row is treated, from its two log-normalisers (lse of s/T and t/T):
+// Normal when both are finite; Empty when either distribution has no support
+// (all -inf): value NaN, gradient 0; Poisoned when a NaN or +inf was seen:
+// value NaN and gradient NaN.
+enum class RowKind { Normal, Empty, Poisoned };
+
+template <typename T>
+KDEXT_HD RowKind classify_row(T lse_s, T lse_t) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (lse_s != lse_s || lse_t != lse_t || lse_s == inf || lse_t == inf) return RowKind::Poisoned;
+  if (lse_s == -inf || lse_t == -inf) return RowKind::Empty;
+  return RowKind::Normal;
+}
+
+// Columns of the per-row statistics tensor [rows, 4] that a forward saves and
+// a backward consumes: lse_s, lse_t, c_s, c_t.
+constexpr int kStatsColumns = 4;
+
+// Calls f(std::integral_constant<Divergence, D>{}) for the runtime kind.
+template <Divergence D>
+struct DivergenceTag {
+  static constexpr Divergence value = D;
+};
+
+template <typename F>
+auto dispatch_divergence(Divergence d, F&& f) {
+  switch (d) {
+    case Divergence::ReverseKL: return f(DivergenceTag<Divergence::ReverseKL>{});
+    case Divergence::ForwardKL: return f(DivergenceTag<Divergence::ForwardKL>{});
+    case Divergence::JSD: return f(DivergenceTag<Divergence::JSD>{});
+    case Divergence::SkewForwardKL: return f(DivergenceTag<Divergence::SkewForwardKL>{});
+    case Divergence::SkewReverseKL: return f(DivergenceTag<Divergence::SkewReverseKL>{});
+    case Divergence::TVD: return f(DivergenceTag<Divergence::TVD>{});
+  }
+  return f(DivergenceTag<Divergence::ReverseKL>{});
+}
+
+// Name -> kind, for the string argument of the ops; false for an unknown name.
+inline bool parse_divergence(const char* name, Divergence* out) {
+  static const struct {
+    const char* name;
+    Divergence kind;
+  } table[] = {{"reverse_kl", Divergence::ReverseKL},  {"forward_kl", Divergence::ForwardKL},
+               {"jsd", Divergence::JSD},               {"skew_forward_kl", Divergence::SkewForwardKL},
+               {"skew_reverse_kl", Divergence::SkewReverseKL}, {"tvd", Divergence::TVD}};
+  for (const auto& e : table) {
+    if (std::strcmp(e.name, name) == 0) {
+      *out = e.kind;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Whether the divergence takes a parameter (beta or alpha) in [0, 1].
+inline bool divergence_has_param(Divergence d) {
+  return d == Divergence::JSD || d == Divergence::SkewForwardKL || d == Divergence::SkewReverseKL;
+}
+
+// The TRL/GKD convention: JSD with beta = 0 is forward KL and beta = 1 is
+// reverse KL (the mixture formula itself degenerates to 0 at both ends).
+inline Divergence resolve_divergence(Divergence d, double param) {
+  if (d == Divergence::JSD && param == 0.0) return Divergence::ForwardKL;
+  if (d == Divergence::JSD && param == 1.0) return Divergence::ReverseKL;
+  return d;
+}
+
+}  // namespace kdext

@@ -1,0 +1,1 @@
+"""kdext: fused, exact kernels for knowledge distillation of language models."""
