@@ -1,0 +1,369 @@
+// CPU kernels of the divergence family: divergence_forward, divergence_backward,
+// divergence_loss (the fused loss + student gradient), divergence_partial
+// (a vocab shard's sums) and scale_.
+//
+// Rows are split across threads; each row is streamed in chunks (cpu/vec.h)
+// and reduced with SIMD lanes. Reverse KL takes one pass per row (the online
+// state of DESIGN.md); the other divergences need the log-normalisers before
+// their terms, so they take a second pass over the row, which is still in L2.
+// The gradient pass is one more read of the row and one write.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/row_reduce.h"
+#include "kdext/divergence.h"
+
+namespace kdext {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+template <typename acc_t>
+struct Buffers {
+  alignas(64) acc_t s[kChunk];
+  alignas(64) acc_t t[kChunk];
+  alignas(64) acc_t out[kChunk];
+};
+
+// One row of student and teacher logits.
+template <typename acc_t>
+struct RowPair {
+  const void* s;
+  const void* t;
+  c10::ScalarType s_dtype, t_dtype;
+  int64_t V;
+  acc_t inv_t;
+
+  // Loads chunk [b, b + n) of both rows, scaled by 1/T; returns the padded length.
+  int64_t load(int64_t b, int64_t n, Buffers<acc_t>& buf) const {
+    load_chunk(t, t_dtype, b, n, inv_t, buf.t);
+    return load_chunk(s, s_dtype, b, n, inv_t, buf.s);
+  }
+};
+
+// Softmax states of both rows in one pass; with kWeighted also the reverse-KL
+// sum A = sum_i exp(x_i - m_s) (x_i - y_i) (DESIGN.md).
+template <typename acc_t, bool kWeighted>
+ReverseKLState<acc_t> pair_state(const RowPair<acc_t>& row, Buffers<acc_t>& buf) {
+  LaneSoftmax<acc_t> s, t;
+  Vec<acc_t> weighted(acc_t(0));
+  const Vec<acc_t> zero(acc_t(0));
+  for (int64_t b = 0; b < row.V; b += kChunk) {
+    const int64_t P = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    acc_t factor;
+    if (s.raise_max(chunk_max(buf.s, P), &factor)) {
+      if (kWeighted) weighted = weighted * Vec<acc_t>(factor);
+      const Vec<acc_t> m(s.max);
+      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+        const auto xs = Vec<acc_t>::loadu(buf.s + i);
+        const auto e = (xs - m).exp();
+        s.sum = s.sum + e;
+        if (kWeighted) {
+          const auto xt = Vec<acc_t>::loadu(buf.t + i);
+          weighted = weighted + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
+        }
+      }
+    }
+    if (t.raise_max(chunk_max(buf.t, P), &factor)) {
+      const Vec<acc_t> m(t.max);
+      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) t.sum = t.sum + (Vec<acc_t>::loadu(buf.t + i) - m).exp();
+    }
+  }
+  return {s.finish(), t.finish(), reduce_sum(weighted)};
+}
+
+// Second pass: the row's (value, c_s, c_t) given both log-normalisers. Also
+// the whole of divergence_partial for a vocab shard.
+template <typename acc_t, Divergence D>
+DivergenceSums<acc_t> row_sums(const RowPair<acc_t>& row, acc_t lse_s, acc_t lse_t,
+                               const DivergenceParam<acc_t>& prm, Buffers<acc_t>& buf) {
+  Vec<acc_t> value(acc_t(0)), cs(acc_t(0)), ct(acc_t(0));
+  const Vec<acc_t> vls(lse_s), vlt(lse_t);
+  for (int64_t b = 0; b < row.V; b += kChunk) {
+    const int64_t P = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+      const auto e = DivergenceMath<D>::terms(Vec<acc_t>::loadu(buf.s + i) - vls, Vec<acc_t>::loadu(buf.t + i) - vlt, prm);
+      value = value + e.value;
+      cs = cs + e.student_c;
+      ct = ct + e.teacher_c;
+    }
+  }
+  return {reduce_sum(value), reduce_sum(cs), reduce_sum(ct)};
+}
+
+// Value and backward statistics of one row.
+template <typename acc_t>
+struct RowResult {
+  acc_t value, lse_s, lse_t, cs, ct;
+};
+
+template <typename acc_t, Divergence D>
+RowResult<acc_t> row_forward(const RowPair<acc_t>& row, const DivergenceParam<acc_t>& prm, Buffers<acc_t>& buf) {
+  constexpr bool kOnePass = D == Divergence::ReverseKL;
+  const auto st = pair_state<acc_t, kOnePass>(row, buf);
+  RowResult<acc_t> r;
+  r.lse_s = log_sum_exp(st.student);
+  r.lse_t = log_sum_exp(st.teacher);
+  if (classify_row(r.lse_s, r.lse_t) != RowKind::Normal) {
+    r.value = r.cs = r.ct = std::numeric_limits<acc_t>::quiet_NaN();
+    return r;
+  }
+  if (kOnePass) {
+    r.value = r.cs = reverse_kl_value(st);
+    r.ct = acc_t(0);
+  } else {
+    const auto sums = row_sums<acc_t, D>(row, r.lse_s, r.lse_t, prm, buf);
+    r.value = sums.value;
+    r.cs = sums.student_c;
+    r.ct = sums.teacher_c;
+  }
+  return r;
+}
+
+// Gradient pass: writes scale * dD/ds (and/or dD/dt) * T for one row. `scale`
+// carries 1/T and the upstream gradient. Empty rows get zeros, poisoned rows NaN.
+template <typename acc_t, Divergence D>
+void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const DivergenceParam<acc_t>& prm,
+                  acc_t scale, void* gs, c10::ScalarType gs_dtype, void* gt, c10::ScalarType gt_dtype,
+                  Buffers<acc_t>& buf) {
+  const RowKind kind = classify_row(st.lse_s, st.lse_t);
+  if (kind != RowKind::Normal) {
+    const acc_t fill = kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+    std::fill(buf.out, buf.out + kChunk, fill);
+    for (int64_t b = 0; b < row.V; b += kChunk) {
+      const int64_t n = std::min<int64_t>(kChunk, row.V - b);
+      if (gs) store_chunk(buf.out, n, gs_dtype, gs, b);
+      if (gt) store_chunk(buf.out, n, gt_dtype, gt, b);
+    }
+    return;
+  }
+  const Vec<acc_t> vls(st.lse_s), vlt(st.lse_t), vscale(scale);
+  for (int64_t b = 0; b < row.V; b += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, row.V - b);
+    const int64_t P = row.load(b, n, buf);
+    if (gs) {
+      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+        const auto ls = Vec<acc_t>::loadu(buf.s + i) - vls, lt = Vec<acc_t>::loadu(buf.t + i) - vlt;
+        (DivergenceMath<D>::student_grad(ls, lt, prm, st.cs) * vscale).store(buf.out + i);
+      }
+      store_chunk(buf.out, n, gs_dtype, gs, b);
+    }
+    if (gt) {
+      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+        const auto ls = Vec<acc_t>::loadu(buf.s + i) - vls, lt = Vec<acc_t>::loadu(buf.t + i) - vlt;
+        (DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct) * vscale).store(buf.out + i);
+      }
+      store_chunk(buf.out, n, gt_dtype, gt, b);
+    }
+  }
+}
+
+// Shared setup of the adapters: validated [rows, V] views of both inputs.
+struct PairInput {
+  at::Tensor s, t;  // [rows, V], unit stride in V
+  int64_t rows, V;
+  Divergence kind;
+
+  PairInput(const at::Tensor& student, const at::Tensor& teacher, c10::string_view name, double param,
+            double temperature) {
+    check_logit_pair(student, teacher);
+    check_temperature(temperature);
+    kind = check_divergence(name, param);
+    s = as_rows(student);
+    t = as_rows(teacher);
+    rows = s.size(0);
+    V = s.size(1);
+  }
+
+  template <typename acc_t>
+  RowPair<acc_t> row(int64_t r, double temperature) const {
+    const auto* sb = static_cast<const char*>(s.const_data_ptr());
+    const auto* tb = static_cast<const char*>(t.const_data_ptr());
+    return {sb + r * s.stride(0) * s.element_size(), tb + r * t.stride(0) * t.element_size(), s.scalar_type(),
+            t.scalar_type(), V, acc_t(1.0 / temperature)};
+  }
+};
+
+void* row_ptr(const at::Tensor& x2d, int64_t r) {
+  return static_cast<char*>(x2d.data_ptr()) + r * x2d.stride(0) * x2d.element_size();
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                      c10::string_view name, double param, double temperature) {
+  PairInput in(student, teacher, name, param, temperature);
+  auto rows_shape = row_shape(student);
+  auto stats_shape = rows_shape;
+  stats_shape.push_back(kStatsColumns);
+  const auto opts = student.options().dtype(acc_dtype(student));
+  at::Tensor values = at::empty(rows_shape, opts);
+  at::Tensor stats = at::empty(stats_shape, opts);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "kdext::divergence_forward", [&] {
+    using acc_t = scalar_t;
+    const auto prm = DivergenceParam<acc_t>::make(param);
+    acc_t* vout = values.data_ptr<acc_t>();
+    acc_t* sout = stats.data_ptr<acc_t>();
+    dispatch_divergence(in.kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+        Buffers<acc_t> buf;
+        for (int64_t r = begin; r < end; ++r) {
+          const auto res = row_forward<acc_t, D>(in.row<acc_t>(r, temperature), prm, buf);
+          vout[r] = res.value;
+          acc_t* st = sout + r * kStatsColumns;
+          st[0] = res.lse_s;
+          st[1] = res.lse_t;
+          st[2] = res.cs;
+          st[3] = res.ct;
+        }
+      });
+    });
+  });
+  return {values, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_values, const at::Tensor& student,
+                                                       const at::Tensor& teacher, const at::Tensor& stats,
+                                                       c10::string_view name, double param, double temperature,
+                                                       bool student_grad, bool teacher_grad) {
+  PairInput in(student, teacher, name, param, temperature);
+  const auto acc = acc_dtype(student);
+  TORCH_CHECK_VALUE(grad_values.numel() == in.rows, "grad_values must have one entry per row (", in.rows,
+                    "), got shape ", grad_values.sizes());
+  TORCH_CHECK_VALUE(stats.numel() == in.rows * kStatsColumns && stats.size(-1) == kStatsColumns,
+                    "stats must have shape [rows, ", kStatsColumns, "] as returned by divergence_forward, got ",
+                    stats.sizes());
+  check_same_device(grad_values, "grad_values", student, "student_logits");
+  check_same_device(stats, "stats", student, "student_logits");
+  const at::Tensor g = grad_values.to(acc).contiguous().reshape({-1});
+  const at::Tensor st = stats.to(acc).contiguous().reshape({-1, kStatsColumns});
+  at::Tensor gs = student_grad ? at::empty_like(in.s) : at::empty({0}, student.options());
+  at::Tensor gt = teacher_grad ? at::empty_like(in.t) : at::empty({0}, teacher.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_backward", [&] {
+    using acc_t = scalar_t;
+    const auto prm = DivergenceParam<acc_t>::make(param);
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* sp = st.const_data_ptr<acc_t>();
+    dispatch_divergence(in.kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+        Buffers<acc_t> buf;
+        for (int64_t r = begin; r < end; ++r) {
+          const acc_t* x = sp + r * kStatsColumns;
+          const RowResult<acc_t> res{acc_t(0), x[0], x[1], x[2], x[3]};
+          row_backward<acc_t, D>(in.row<acc_t>(r, temperature), res, prm, gp[r] / acc_t(temperature),
+                                 student_grad ? row_ptr(gs, r) : nullptr, gs.scalar_type(),
+                                 teacher_grad ? row_ptr(gt, r) : nullptr, gt.scalar_type(), buf);
+        }
+      });
+    });
+  });
+  if (student_grad) gs = gs.view(student.sizes());
+  if (teacher_grad) gt = gt.view(teacher.sizes());
+  return {gs, gt};
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const at::Tensor& row_weights, c10::string_view name,
+                                                   double param, double temperature) {
+  PairInput in(student, teacher, name, param, temperature);
+  const auto acc = acc_dtype(student);
+  TORCH_CHECK_VALUE(row_weights.numel() == in.rows, "row_weights must have one entry per row (", in.rows,
+                    "), got shape ", row_weights.sizes());
+  check_same_device(row_weights, "row_weights", student, "student_logits");
+  const at::Tensor w = row_weights.to(acc).contiguous().reshape({-1});
+  at::Tensor grad = at::empty_like(in.s);
+  at::Tensor row_loss = at::empty({in.rows}, student.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_loss", [&] {
+    using acc_t = scalar_t;
+    const auto prm = DivergenceParam<acc_t>::make(param);
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    acc_t* lp = row_loss.data_ptr<acc_t>();
+    dispatch_divergence(in.kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+        Buffers<acc_t> buf;
+        for (int64_t r = begin; r < end; ++r) {
+          const auto row = in.row<acc_t>(r, temperature);
+          if (wp[r] == acc_t(0)) {  // an ignored row: no work, no NaN leaks in
+            lp[r] = acc_t(0);
+            std::memset(row_ptr(grad, r), 0, in.V * grad.element_size());
+            continue;
+          }
+          const auto res = row_forward<acc_t, D>(row, prm, buf);
+          lp[r] = wp[r] * res.value;
+          row_backward<acc_t, D>(row, res, prm, wp[r] / acc_t(temperature), row_ptr(grad, r), grad.scalar_type(),
+                                 nullptr, grad.scalar_type(), buf);
+        }
+      });
+    });
+  });
+  // Summed in row order in double, so the loss does not depend on the thread count.
+  at::Tensor loss = row_loss.to(at::kDouble).sum().to(acc);
+  return {loss, grad.view(student.sizes())};
+}
+
+at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse,
+                              const at::Tensor& teacher_lse, c10::string_view name, double param,
+                              double temperature) {
+  PairInput in(student, teacher, name, param, temperature);
+  const auto acc = acc_dtype(student);
+  TORCH_CHECK_VALUE(student_lse.numel() == in.rows, "student_lse must have one entry per row (", in.rows,
+                    "), got shape ", student_lse.sizes());
+  TORCH_CHECK_VALUE(teacher_lse.numel() == in.rows, "teacher_lse must have one entry per row (", in.rows,
+                    "), got shape ", teacher_lse.sizes());
+  const at::Tensor ls = student_lse.to(acc).contiguous().reshape({-1});
+  const at::Tensor lt = teacher_lse.to(acc).contiguous().reshape({-1});
+  auto shape = row_shape(student);
+  shape.push_back(3);
+  at::Tensor out = at::empty(shape, student.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_partial", [&] {
+    using acc_t = scalar_t;
+    const auto prm = DivergenceParam<acc_t>::make(param);
+    const acc_t* lsp = ls.const_data_ptr<acc_t>();
+    const acc_t* ltp = lt.const_data_ptr<acc_t>();
+    acc_t* op = out.data_ptr<acc_t>();
+    dispatch_divergence(in.kind, [&](auto tag) {
+      constexpr Divergence D = decltype(tag)::value;
+      at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+        Buffers<acc_t> buf;
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t* o = op + 3 * r;
+          if (classify_row(lsp[r], ltp[r]) != RowKind::Normal) {
+            o[0] = o[1] = o[2] = std::numeric_limits<acc_t>::quiet_NaN();
+            continue;
+          }
+          const auto sums = row_sums<acc_t, D>(in.row<acc_t>(r, temperature), lsp[r], ltp[r], prm, buf);
+          o[0] = sums.value;
+          o[1] = sums.student_c;
+          o[2] = sums.teacher_c;
+        }
+      });
+    });
+  });
+  return out;
+}
+
+void scale_(at::Tensor& self, const at::Tensor& factor) {
+  TORCH_CHECK_VALUE(factor.numel() == 1, "factor must have exactly one element, got shape ", factor.sizes());
+  const double f = factor.item<double>();
+  if (f != 1.0) self.mul_(f);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdext, CPU, m) {
+  m.impl("divergence_forward", &divergence_forward);
+  m.impl("divergence_backward", &divergence_backward);
+  m.impl("divergence_loss", &divergence_loss);
+  m.impl("divergence_partial", &divergence_partial);
+  m.impl("scale_", &scale_);
+}
+
+}  // namespace cpu
+}  // namespace kdext
