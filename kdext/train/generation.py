@@ -1,0 +1,149 @@
+"""KV-cached sampling of responses, with optional teacher mixing (MiniLLM rollouts).
+
+Each new token is drawn by ``kdext.top_p_sample`` from
+``r = (1 - alpha) softmax(student / T) + alpha softmax(teacher / T)`` after top-k / top-p, and the
+op also returns what MiniLLM's loss needs per token: log q(y), log p(y) (unfiltered, at T), the
+log-probability under the filtered mixture it was drawn from, and the nucleus threshold.
+
+Random numbers: every row has its own seed (the trainer derives it from the run seed, the step
+and the row's position in the *global* batch) and token ``t`` of that row is drawn with
+``seed_row + t``. A row's sample therefore does not depend on which process, micro-batch or
+batch row it lands in, which is what makes 2 DDP processes reproduce 1 process exactly and a
+resumed run reproduce an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import kdext
+
+from .models import VocabAligner, position_ids
+
+_SEED_MASK = (1 << 62) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 62-bit seed from integers (splitmix64 steps): nearby inputs, unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x & _SEED_MASK
+
+
+@dataclass
+class Rollout:
+    """Sampled responses in the batch layout's response block (right padded)."""
+
+    response_ids: torch.Tensor  # [B, R] int64, pad after EOS
+    response_mask: torch.Tensor  # [B, R] bool, EOS included
+    student_logprob: torch.Tensor  # [B, R] float32 log q(y_t) at T (0 where masked)
+    teacher_logprob: Optional[torch.Tensor]  # [B, R] log p(y_t) at T, None without a teacher
+    sample_logprob: torch.Tensor  # [B, R] log r_filtered(y_t)
+    threshold: torch.Tensor  # [B, R] nucleus threshold on r
+
+
+def _step(model, ids, mask, cache):
+    """One forward: the whole prompt (cache None) or one new column; last position's logits."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask.long(),
+        position_ids=position_ids(mask)[:, -ids.shape[1] :],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :], out.past_key_values
+
+
+@torch.no_grad()
+def sample(
+    policy,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    aligner: VocabAligner,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    row_seeds: torch.Tensor,
+    teacher=None,
+    alpha: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    temperature: float = 1.0,
+) -> Rollout:
+    """Sample up to ``max_new_tokens`` per row from ``policy`` (mixed with ``teacher`` by ``alpha``).
+
+    A row stops after it emits EOS; the loop stops when every row has (or at the limit).
+    ``teacher`` may be given with ``alpha == 0`` to get log p(y_t) without mixing.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if alpha > 0 and teacher is None:
+        raise ValueError("alpha > 0 (teacher-mixed sampling) needs a teacher model")
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    seeds = [int(s) for s in row_seeds.tolist()]
+    mask = prompt_mask.clone()
+    ids = prompt_ids
+    s_cache = t_cache = None
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    cols = {k: [] for k in ("tok", "live", "slp", "tlp", "rlp", "thr")}
+    for t in range(max_new_tokens):
+        s_logits, s_cache = _step(policy, ids, mask, s_cache)
+        s_logits = aligner(s_logits)
+        t_logits = None
+        if teacher is not None:
+            t_logits, t_cache = _step(teacher, ids, mask, t_cache)
+            t_logits = aligner(t_logits)
+        # One call per row so each row's stream depends on its own seed only (see module doc).
+        outs = [
+            kdext.top_p_sample(
+                s_logits[b : b + 1],
+                top_p=top_p,
+                top_k=top_k,
+                temperature=temperature,
+                teacher_logits=None if t_logits is None else t_logits[b : b + 1],
+                alpha=alpha,
+                seed=mix_seed(seeds[b], t),
+            )
+            for b in range(B)
+        ]
+        tok = torch.cat([o.tokens for o in outs]).to(device)
+        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
+        cols["tok"].append(tok)
+        cols["live"].append(alive.clone())
+        cols["slp"].append(torch.cat([o.student_logprob for o in outs]).float())
+        if teacher is not None:
+            cols["tlp"].append(torch.cat([o.teacher_logprob for o in outs]).float())
+        cols["rlp"].append(torch.cat([o.sample_logprob for o in outs]).float())
+        cols["thr"].append(torch.cat([o.threshold for o in outs]).float())
+        alive = alive & (tok != eos_id)
+        # The next forward sees the new column; finished rows get a masked pad there.
+        ids = tok[:, None]
+        mask = torch.cat([mask, cols["live"][-1][:, None]], dim=1)
+        if not bool(alive.any()):
+            break
+
+    live = torch.stack(cols["live"], dim=1)
+
+    def block(name):
+        return torch.stack(cols[name], dim=1).masked_fill(~live, 0.0)
+
+    return Rollout(
+        response_ids=torch.stack(cols["tok"], dim=1),
+        response_mask=live,
+        student_logprob=block("slp"),
+        teacher_logprob=block("tlp") if teacher is not None else None,
+        sample_logprob=block("rlp"),
+        threshold=block("thr"),
+    )
