@@ -184,6 +184,11 @@ class Method:
     def terms(self, ctx: Context, prep: Prepared) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def combine(self, cfg: MethodConfig, terms: dict, counts: dict) -> torch.Tensor:
+        """The loss: sum_k weight_k * term_k / count_k (counts: global token counts per term)."""
+        w = self.weights(cfg)
+        return sum(w[k] * terms[k] / max(1.0, float(counts[k])) for k in terms if w.get(k, 0.0) != 0)
+
 
 class SFT(Method):
     """Fine-tune the student on the data's responses (cross-entropy)."""
@@ -321,18 +326,22 @@ class MiniLLM(Method):
         return {"pg": 1.0, "single": 1.0, "nll": cfg.lm_coef}
 
     def rollout(self, ctx: Context, batch: Batch, step: int) -> Batch:
-        """Sample from the teacher-mixed student and attach what the loss needs as extras."""
-        cfg = ctx.cfg
+        """Sample from the teacher-mixed student; the batch carries what the loss needs."""
         sampled, ro = _sample_batch(
-            ctx, batch, unwrap(ctx.student), step, tag=3, teacher=ctx.teacher, alpha=cfg.alpha
+            ctx, batch, unwrap(ctx.student), step, tag=3, teacher=ctx.teacher, alpha=ctx.cfg.alpha
         )
-        m = ro.response_mask
-        reward = (ro.teacher_logprob - ro.student_logprob).masked_fill(~m, 0.0)
+        return self.attach(sampled, ro.student_logprob, ro.teacher_logprob, ctx.cfg)
+
+    @staticmethod
+    def attach(sampled: Batch, student_logprob, teacher_logprob, cfg: MethodConfig) -> Batch:
+        """Rewards, normalised returns, importance weights and old log-probs, as batch extras."""
+        m = sampled.response_mask
+        reward = (teacher_logprob - student_logprob).masked_fill(~m, 0.0)
         sampled.extras = {
-            "old_logprob": ro.student_logprob,
+            "old_logprob": student_logprob.masked_fill(~m, 0.0),
             "reward": reward,
             "returns": normalized_returns(reward, m, cfg.gamma),
-            "weight": importance_weight(ro.student_logprob, ro.teacher_logprob, cfg.alpha).masked_fill(~m, 0.0),
+            "weight": importance_weight(student_logprob, teacher_logprob, cfg.alpha).masked_fill(~m, 0.0),
             "mask": m,
         }
         return sampled
@@ -345,17 +354,21 @@ class MiniLLM(Method):
             # Rollouts of a cycle come from the prompts of the cycle's first step.
             self._cache = {k: v for k, v in self._cache.items() if k[0] == cycle}
             self._cache[key] = self.rollout(ctx, batch, step)
-        sampled = self._cache[key]
-        rows = concat_batches(sampled, batch, ctx.pad_id) if cfg.lm_coef > 0 else sampled
+        return self.assemble(cfg, self._cache[key], batch, ctx.pad_id)
+
+    @staticmethod
+    def assemble(cfg: MethodConfig, sampled: Batch, data: Batch, pad_id: int) -> Prepared:
+        """Rollout rows first, then (for the LM loss) the data rows, in one batch."""
+        rows = concat_batches(sampled, data, pad_id) if cfg.lm_coef > 0 else sampled
         rows.extras = sampled.extras
-        n_roll = int(sampled.response_mask.sum())
+        m = sampled.response_mask
+        n_roll = int(m.sum())
         counts = {"pg": n_roll, "single": n_roll}
         if cfg.lm_coef > 0:
-            counts["nll"] = int(batch.response_mask.sum())
-        m = sampled.response_mask
+            counts["nll"] = int(data.response_mask.sum())
         stats = {
             "reward": (float(sampled.extras["reward"][m].sum()), n_roll),
-            "response_len": (float(m.sum()), m.shape[0]),
+            "response_len": (float(n_roll), m.shape[0]),
         }
         return Prepared(rows, sampled.prompt_ids.shape[0], counts, stats)
 

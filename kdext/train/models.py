@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
+
+# Loading a few small checkpoints should not print progress bars.
+transformers.utils.logging.disable_progress_bar()
 
 from .data import Batch  # noqa: E402
 

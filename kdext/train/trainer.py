@@ -414,7 +414,7 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
         sync = (not dd.enabled) or a == len(preps) - 1
         with contextlib.nullcontext() if sync else s.student.no_sync():
             terms = method.terms(ctx, prep)
-            loss = sum(weights[k] * terms[k] / counts[k] for k in terms if weights[k] != 0)
+            loss = method.combine(ctx.cfg, terms, counts)
             (loss * dd.world).backward()
         for i, k in enumerate(names):
             if k in terms:
@@ -441,7 +441,7 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
     sched.step()
 
     rec = {"step": step + 1, "loss": loss_value, **{f"loss/{k}": v for k, v in values.items()}}
-    rec.update(lr=lr, grad_norm=float(gnorm), tokens=int(sum(counts.values())), epoch=s.schedule.epoch(step + 1))
+    rec.update(lr=lr, grad_norm=float(gnorm), tokens=int(max(counts.values())), epoch=s.schedule.epoch(step + 1))
     for j, k in enumerate(stat_names):
         c = float(vec[len(names) + 2 * j + 1])
         rec[k] = float(vec[len(names) + 2 * j]) / c if c else float("nan")

@@ -1,0 +1,293 @@
+"""``kdext demo``: the whole pipeline on an embedded task, in minutes, with nothing downloaded.
+
+1. build the synthetic instruction task (task.py) and write it as JSONL;
+2. train a byte-level BPE tokenizer on it (``tokenizers``);
+3. train a small Llama-style teacher from scratch (the trainer's ``sft`` method, no teacher);
+4. give a student of under a quarter of the teacher's parameters a short SFT warm start (the
+   usual starting point of MiniLLM and GKD), then continue it with each of the seven methods
+   for the same number of steps;
+5. score the teacher, the warm start and every distilled student on held-out prompts, and write
+   ``report.json``, ``report.md`` and PNG plots; print the table.
+
+Everything goes through the same code as ``kdext distill`` / ``kdext eval`` (in-process, to save
+the start-up time of a subprocess per run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import torch
+
+from . import task
+from .data import write_jsonl
+from .methods import METHODS, MethodConfig
+
+TEMPLATE = "{prompt}\n"
+
+
+@dataclasses.dataclass
+class Budget:
+    """Sizes and step counts; the defaults fit the 10-minute target on 2 CPU cores."""
+
+    n_train: int = 4000
+    n_eval: int = 200
+    vocab_size: int = 400
+    teacher_steps: int = 1500
+    teacher_batch: int = 32
+    teacher_lr: float = 3e-3
+    warmup_steps: int = 150  # student SFT warm start
+    method_steps: int = 150
+    method_batch: int = 16
+    method_lr: float = 1e-3
+    max_new_tokens: int = 8
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        return cls(n_train=300, n_eval=24, teacher_steps=30, warmup_steps=5, method_steps=4, method_batch=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks, also used by the tests
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir: str):
+    """A byte-level BPE tokenizer with <pad> and <eos>, saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, ffn: int, max_pos: int = 128):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
+
+
+def gpt2_config(vocab_size: int, hidden: int, layers: int, heads: int, max_pos: int = 128):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_pos,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+
+
+def save_new_model(config, tokenizer, out_dir: str, seed: int) -> int:
+    """Randomly initialise a causal LM from ``config``, save it with the tokenizer; returns #params."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+def _train(out, method, student, data, budget: Budget, steps, batch, lr, seed, device, teacher=None, **mkw):
+    from .trainer import TrainConfig, train
+
+    mcfg = MethodConfig(max_new_tokens=budget.max_new_tokens, **mkw)
+    cfg = TrainConfig(
+        method=method, student=student, teacher=teacher, data=data, out=out, template=TEMPLATE,
+        max_steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20), max_grad_norm=1.0,
+        max_prompt_len=32, max_response_len=16, seed=seed, device=device, method_cfg=mcfg,
+    )
+    return train(cfg)
+
+
+def _read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False) -> dict:
+    from .data import load_jsonl
+    from .evaluate import evaluate_model
+    from .models import load_model, load_tokenizer
+
+    t_start = time.time()
+    budget = Budget.quick() if quick else Budget()
+    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    os.makedirs(out, exist_ok=True)
+    log = _Logger(os.path.join(out, "demo.log"))
+    log(f"kdext demo -> {out} (device {dev}, {torch.get_num_threads()} CPU threads)")
+
+    # 1-2. data and tokenizer
+    train_recs, eval_recs = task.make_task(budget.n_train, budget.n_eval, seed=seed)
+    data_dir = os.path.join(out, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    train_path, eval_path = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl")
+    write_jsonl(train_path, train_recs)
+    write_jsonl(eval_path, eval_recs)
+    tok = train_tokenizer(task.corpus(), budget.vocab_size, os.path.join(out, "tokenizer"))
+    log(f"task: {len(train_recs)} training examples, {len(eval_recs)} held-out prompts; BPE vocab {len(tok)}")
+
+    # 3. teacher from scratch
+    models_dir = os.path.join(out, "models")
+    t_cfg = llama_config(len(tok), hidden=128, layers=4, heads=4, ffn=384)
+    s_cfg = llama_config(len(tok), hidden=64, layers=2, heads=4, ffn=160)
+    n_teacher = save_new_model(t_cfg, tok, os.path.join(models_dir, "teacher_init"), seed)
+    n_student = save_new_model(s_cfg, tok, os.path.join(models_dir, "student_init"), seed + 1)
+    if n_student * 4 > n_teacher:
+        raise AssertionError(f"student ({n_student}) must have at most 1/4 of the teacher's parameters ({n_teacher})")
+    log(f"teacher {n_teacher:,} parameters, student {n_student:,} ({n_student / n_teacher:.1%})")
+    runs = os.path.join(out, "runs")
+    seconds = {}
+    log("training the teacher ...")
+    r = _train(os.path.join(runs, "teacher"), "sft", os.path.join(models_dir, "teacher_init"), train_path, budget,
+               budget.teacher_steps, budget.teacher_batch, budget.teacher_lr, seed, device)
+    teacher_dir, seconds["teacher"] = r["final"], r["train_seconds"]
+    log(f"teacher trained in {seconds['teacher']:.0f}s")
+
+    # 4. student warm start, then every method from there
+    r = _train(os.path.join(runs, "student_init"), "sft", os.path.join(models_dir, "student_init"), train_path,
+               budget, budget.warmup_steps, budget.method_batch, budget.method_lr, seed, device)
+    start_dir, seconds["student_init"] = r["final"], r["train_seconds"]
+    log(f"student SFT warm start ({budget.warmup_steps} steps) in {seconds['student_init']:.0f}s")
+    finals = {"teacher": teacher_dir, "student_init": start_dir}
+    for m in METHODS:
+        r = _train(os.path.join(runs, m), m, start_dir, train_path, budget, budget.method_steps, budget.method_batch,
+                   budget.method_lr, seed, device, teacher=None if m == "sft" else teacher_dir)
+        finals[m], seconds[m] = r["final"], r["train_seconds"]
+        log(f"{m}: {budget.method_steps} steps in {seconds[m]:.0f}s")
+
+    # 5. evaluation and report
+    eval_examples = load_jsonl(eval_path, TEMPLATE)
+    report = {}
+    for name, folder in finals.items():
+        model = load_model(folder, name, dev, trainable=False)
+        tk = load_tokenizer(folder, name)
+        res = evaluate_model(model, tk, eval_examples, max_new_tokens=budget.max_new_tokens, max_prompt_len=32,
+                             max_response_len=16, seed=seed)
+        report[name] = {
+            "rougeL": round(res["rougeL"], 2),
+            "exact_match": round(res["exact_match"], 2),
+            "ece": round(res["ece"], 4),
+            "train_seconds": round(seconds[name], 1),
+            "params": n_teacher if name == "teacher" else n_student,
+        }
+        with open(os.path.join(out, "runs", name, "eval_samples.json"), "w") as f:
+            json.dump(res["samples"], f, indent=1)
+    total = time.time() - t_start
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    table = report_table(report)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report_markdown(report, budget, total, dev))
+    plot(out, report, runs)
+    log("\n" + table)
+    log(f"demo finished in {time.time() - t_start:.0f}s; report: {os.path.join(out, 'report.md')}")
+    return report
+
+
+def best_student(report: dict) -> str:
+    students = {k: v for k, v in report.items() if k in METHODS}
+    return max(students, key=lambda k: (students[k]["rougeL"], students[k]["exact_match"]))
+
+
+def report_table(report: dict) -> str:
+    rows = ["| model | Rouge-L | exact match (%) | ECE | train s |", "|---|---:|---:|---:|---:|"]
+    for name, r in report.items():
+        rows.append(f"| {name} | {r['rougeL']:.1f} | {r['exact_match']:.1f} | {r['ece']:.3f} | {r['train_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def report_markdown(report: dict, budget: Budget, total: float, dev) -> str:
+    best = best_student(report)
+    return (
+        "# kdext demo report\n\n"
+        f"Device: {dev}; total wall time {total:.0f}s. Teacher {report['teacher']['params']:,} parameters, "
+        f"student {report['sft']['params']:,}. Every method continues the same SFT warm start for "
+        f"{budget.method_steps} steps of batch {budget.method_batch}; scores are on {budget.n_eval} held-out "
+        "prompts with sampled responses (temperature 1), every valid answer a reference.\n\n"
+        + report_table(report)
+        + f"\n\nBest student by Rouge-L: **{best}**.\n"
+    )
+
+
+def plot(out: str, report: dict, runs: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(METHODS)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    curves = ["teacher"] + names
+    for ax, name in zip(axes.flat, curves):
+        recs = [r for r in _read_metrics(os.path.join(runs, name, "metrics.jsonl")) if "loss" in r]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
+        if name == "minillm" and recs and "reward" in recs[0]:
+            ax2 = ax.twinx()
+            ax2.plot([r["step"] for r in recs], [r["reward"] for r in recs], color="tab:orange", lw=1)
+            ax2.set_ylabel("reward (orange)")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+    fig.suptitle("training curves")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "training_curves.png"), dpi=80)
+    plt.close(fig)
+
+    models = list(report)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, label in zip(axes, ("rougeL", "exact_match", "ece"), ("Rouge-L", "exact match (%)", "ECE (lower is better)")):
+        ax.bar(models, [report[m][key] for m in models], color=["gray", "lightgray"] + ["tab:blue"] * len(names))
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "scores.png"), dpi=80)
+    plt.close(fig)
+
+
+class _Logger:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, msg):
+        print(msg, flush=True)
+        with open(self.path, "a") as f:
+            f.write(msg + "\n")

@@ -1,0 +1,61 @@
+"""Tiny Hugging Face models, a tokenizer and data for the trainer tests (built once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kdext.train import task
+from kdext.train.data import write_jsonl
+from kdext.train.demo import gpt2_config, llama_config, save_new_model, train_tokenizer
+
+VOCAB = 300
+
+
+def build(root: str) -> dict:
+    """Write tokenizer, GPT-2 and Llama models (teacher-sized and student-sized) and data under root."""
+    tok = train_tokenizer(task.corpus(), VOCAB, os.path.join(root, "tok"))
+    V = len(tok)
+    paths = {"root": root, "tok": os.path.join(root, "tok")}
+    specs = {
+        "gpt2_teacher": gpt2_config(V, hidden=32, layers=2, heads=2),
+        "gpt2_student": gpt2_config(V, hidden=16, layers=1, heads=2),
+        "llama_teacher": llama_config(V, hidden=32, layers=2, heads=2, ffn=64),
+        "llama_student": llama_config(V, hidden=16, layers=1, heads=2, ffn=32),
+        # A student whose LM head is padded past the tokenizer (as many checkpoints are).
+        "llama_student_padded": llama_config(V + 13, hidden=16, layers=1, heads=2, ffn=32),
+    }
+    for i, (name, cfg) in enumerate(specs.items()):
+        paths[name] = os.path.join(root, name)
+        save_new_model(cfg, tok, paths[name], seed=100 + i)
+    train, evals = task.make_task(48, 8, seed=3)
+    paths["data"] = os.path.join(root, "train.jsonl")
+    paths["eval"] = os.path.join(root, "eval.jsonl")
+    write_jsonl(paths["data"], train)
+    write_jsonl(paths["eval"], evals)
+    return paths
+
+
+def load_state(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def max_param_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def repo_root() -> str:
+    import kdext
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(kdext.__file__)))
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = repo_root() + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
