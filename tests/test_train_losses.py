@@ -19,14 +19,14 @@ from kdext.train.data import concat_batches
 from kdext.train.models import unwrap
 from kdext.train.trainer import TrainConfig, build, micro_batch
 
-from train_fixtures.tiny import build as build_tiny
+from train_fixtures import tiny as fixtures
 
 T = 1.3  # a non-trivial temperature, so its plumbing is checked too
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return build_tiny(str(tmp_path_factory.mktemp("tiny_losses")))
+    return fixtures.get(tmp_path_factory)
 
 
 def make_setup(tiny, method, teacher="gpt2_teacher", student="llama_student", **mkw):

@@ -385,7 +385,7 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
     """One optimizer step (see the module docstring); returns the step's metrics."""
     cfg, dd, method, ctx = s.cfg, s.dd, s.method, s.ctx
     weights = method.weights(ctx.cfg)
-    names = sorted(weights)
+    names = sorted(k for k, w in weights.items() if w)  # terms that are part of the loss
     stat_names: list[str] = []
 
     # 1. prepare every micro-batch (sampling happens here, without gradients)

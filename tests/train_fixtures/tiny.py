@@ -29,12 +29,31 @@ def build(root: str) -> dict:
     for i, (name, cfg) in enumerate(specs.items()):
         paths[name] = os.path.join(root, name)
         save_new_model(cfg, tok, paths[name], seed=100 + i)
+    # Dropout on, so a resumed run only matches if the RNG state was restored.
+    drop = gpt2_config(V, hidden=16, layers=1, heads=2)
+    drop.resid_pdrop = drop.embd_pdrop = drop.attn_pdrop = 0.1
+    paths["gpt2_student_dropout"] = os.path.join(root, "gpt2_student_dropout")
+    save_new_model(drop, tok, paths["gpt2_student_dropout"], seed=7)
+    # A teacher with another tokenizer (different merges, so different ids).
+    other = train_tokenizer(task.corpus()[:300], VOCAB - 20, os.path.join(root, "tok_other"))
+    paths["gpt2_teacher_other_vocab"] = os.path.join(root, "gpt2_teacher_other_vocab")
+    save_new_model(gpt2_config(len(other), hidden=32, layers=2, heads=2), other, paths["gpt2_teacher_other_vocab"], 8)
     train, evals = task.make_task(48, 8, seed=3)
     paths["data"] = os.path.join(root, "train.jsonl")
     paths["eval"] = os.path.join(root, "eval.jsonl")
     write_jsonl(paths["data"], train)
     write_jsonl(paths["eval"], evals)
     return paths
+
+
+_CACHE: dict = {}
+
+
+def get(tmp_path_factory) -> dict:
+    """The tiny models, built once per test session."""
+    if "paths" not in _CACHE:
+        _CACHE["paths"] = build(str(tmp_path_factory.mktemp("tiny")))
+    return _CACHE["paths"]
 
 
 def load_state(folder: str) -> dict:
