@@ -126,14 +126,15 @@ def save_new_model(config, tokenizer, out_dir: str, seed: int) -> int:
 # The demo
 
 
-def _train(out, method, student, data, budget: Budget, steps, batch, lr, seed, device, teacher=None, **mkw):
+def _train(out, method, student, data, budget: Budget, steps, batch, lr, seed, device, teacher=None,
+           progress=True, **mkw):
     from .trainer import TrainConfig, train
 
     mcfg = MethodConfig(max_new_tokens=budget.max_new_tokens, **mkw)
     cfg = TrainConfig(
         method=method, student=student, teacher=teacher, data=data, out=out, template=TEMPLATE,
         max_steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20), max_grad_norm=1.0,
-        max_prompt_len=32, max_response_len=16, seed=seed, device=device, method_cfg=mcfg,
+        max_prompt_len=32, max_response_len=16, seed=seed, device=device, method_cfg=mcfg, progress=progress,
     )
     return train(cfg)
 
@@ -143,17 +144,60 @@ def _read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False) -> dict:
+def _job(job: dict) -> dict:
+    """One pool job: (optionally) distill a student with one method, then evaluate the model.
+
+    Runs in a worker process on CPU (one thread each: these models are too small for
+    intra-op threads to pay, and two single-threaded workers use two cores fully).
+    """
     from .data import load_jsonl
     from .evaluate import evaluate_model
     from .models import load_model, load_tokenizer
 
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    b: Budget = job["budget"]
+    seconds = job.get("seconds", 0.0)
+    folder = job["model"]
+    if job.get("method"):
+        m = job["method"]
+        r = _train(os.path.join(job["runs"], m), m, job["model"], job["train_path"], b, b.method_steps,
+                   b.method_batch, b.method_lr, job["seed"], job["device"],
+                   teacher=None if m == "sft" else job["teacher"], progress=False, **job.get("mkw", {}))
+        folder, seconds = r["final"], r["train_seconds"]
+    dev = torch.device("cuda" if job["device"] == "cuda" else "cpu")
+    model = load_model(folder, job["name"], dev, trainable=False)
+    tok = load_tokenizer(folder, job["name"])
+    res = evaluate_model(model, tok, load_jsonl(job["eval_path"], TEMPLATE), max_new_tokens=b.max_new_tokens,
+                         max_prompt_len=32, max_response_len=16, seed=job["seed"])
+    os.makedirs(os.path.join(job["runs"], job["name"]), exist_ok=True)
+    with open(os.path.join(job["runs"], job["name"], "eval_samples.json"), "w") as f:
+        json.dump(res["samples"], f, indent=1)
+    return {"name": job["name"], "rougeL": round(res["rougeL"], 2), "exact_match": round(res["exact_match"], 2),
+            "ece": round(res["ece"], 4), "train_seconds": round(seconds, 1)}
+
+
+# Rough relative cost of each method (sampling is the expensive part); the pool starts the
+# slowest first so the two workers finish together.
+_COST = {"minillm": 5, "gkd": 3, "seqkd": 3, "kd": 2, "rkl": 2, "distillm": 2, "sft": 1}
+
+# Per-method settings used by the demo (everything else: the trainer's defaults).
+METHOD_KW = {"gkd": {}, "minillm": {}, "distillm": {}, "kd": {}, "rkl": {}, "seqkd": {}, "sft": {}}
+
+
+def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False, workers: int | None = None) -> dict:
     t_start = time.time()
     budget = Budget.quick() if quick else Budget()
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev_name = "cuda" if use_cuda else "cpu"
+    if workers is None:
+        workers = 1 if use_cuda else max(1, min(2, os.cpu_count() or 1))
+    threads = 0 if use_cuda else 1
+    if threads:
+        torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
     log = _Logger(os.path.join(out, "demo.log"))
-    log(f"kdext demo -> {out} (device {dev}, {torch.get_num_threads()} CPU threads)")
+    log(f"kdext demo -> {out} (device {dev_name}; {workers} worker process(es) for the methods)")
 
     # 1-2. data and tokenizer
     train_recs, eval_recs = task.make_task(budget.n_train, budget.n_eval, seed=seed)
@@ -163,7 +207,7 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False)
     write_jsonl(train_path, train_recs)
     write_jsonl(eval_path, eval_recs)
     tok = train_tokenizer(task.corpus(), budget.vocab_size, os.path.join(out, "tokenizer"))
-    log(f"task: {len(train_recs)} training examples, {len(eval_recs)} held-out prompts; BPE vocab {len(tok)}")
+    log(f"task: {len(train_recs)} training examples, {len(eval_recs)} held-out prompts; BPE vocabulary {len(tok)}")
 
     # 3. teacher from scratch
     models_dir = os.path.join(out, "models")
@@ -173,54 +217,66 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False)
     n_student = save_new_model(s_cfg, tok, os.path.join(models_dir, "student_init"), seed + 1)
     if n_student * 4 > n_teacher:
         raise AssertionError(f"student ({n_student}) must have at most 1/4 of the teacher's parameters ({n_teacher})")
-    log(f"teacher {n_teacher:,} parameters, student {n_student:,} ({n_student / n_teacher:.1%})")
+    log(f"teacher {n_teacher:,} parameters, student {n_student:,} ({n_student / n_teacher:.1%} of the teacher)")
     runs = os.path.join(out, "runs")
-    seconds = {}
-    log("training the teacher ...")
+    log(f"training the teacher ({budget.teacher_steps} steps) ...")
     r = _train(os.path.join(runs, "teacher"), "sft", os.path.join(models_dir, "teacher_init"), train_path, budget,
-               budget.teacher_steps, budget.teacher_batch, budget.teacher_lr, seed, device)
-    teacher_dir, seconds["teacher"] = r["final"], r["train_seconds"]
-    log(f"teacher trained in {seconds['teacher']:.0f}s")
+               budget.teacher_steps, budget.teacher_batch, budget.teacher_lr, seed, dev_name)
+    teacher_dir, teacher_s = r["final"], r["train_seconds"]
+    log(f"teacher trained in {teacher_s:.0f}s (final loss {r['last']['loss']:.3f})")
 
-    # 4. student warm start, then every method from there
+    # 4. student warm start
     r = _train(os.path.join(runs, "student_init"), "sft", os.path.join(models_dir, "student_init"), train_path,
-               budget, budget.warmup_steps, budget.method_batch, budget.method_lr, seed, device)
-    start_dir, seconds["student_init"] = r["final"], r["train_seconds"]
-    log(f"student SFT warm start ({budget.warmup_steps} steps) in {seconds['student_init']:.0f}s")
-    finals = {"teacher": teacher_dir, "student_init": start_dir}
-    for m in METHODS:
-        r = _train(os.path.join(runs, m), m, start_dir, train_path, budget, budget.method_steps, budget.method_batch,
-                   budget.method_lr, seed, device, teacher=None if m == "sft" else teacher_dir)
-        finals[m], seconds[m] = r["final"], r["train_seconds"]
-        log(f"{m}: {budget.method_steps} steps in {seconds[m]:.0f}s")
+               budget, budget.warmup_steps, budget.method_batch, budget.method_lr, seed, dev_name)
+    start_dir, start_s = r["final"], r["train_seconds"]
+    log(f"student SFT warm start ({budget.warmup_steps} steps) in {start_s:.0f}s")
 
-    # 5. evaluation and report
-    eval_examples = load_jsonl(eval_path, TEMPLATE)
+    # 5. every method from the warm start, and every evaluation, on the worker pool
+    common = dict(budget=budget, runs=runs, train_path=train_path, eval_path=eval_path, seed=seed,
+                  device=dev_name, threads=threads, teacher=teacher_dir)
+    jobs = [dict(common, name="teacher", model=teacher_dir, seconds=teacher_s),
+            dict(common, name="student_init", model=start_dir, seconds=start_s)]
+    jobs += [dict(common, name=m, method=m, model=start_dir, mkw=METHOD_KW[m]) for m in METHODS]
+    order = sorted(jobs, key=lambda j: -_COST.get(j["name"], 0))
+    log(f"distilling with {', '.join(METHODS)} ({budget.method_steps} steps each) and evaluating ...")
+    results = {}
+    for res in _run_jobs(order, workers):
+        results[res["name"]] = res
+        done = f"trained in {res['train_seconds']:.0f}s, " if res["name"] in METHODS else ""
+        log(f"  {res['name']}: {done}Rouge-L {res['rougeL']:.1f}, exact match {res['exact_match']:.1f}%")
+
+    # 6. report
     report = {}
-    for name, folder in finals.items():
-        model = load_model(folder, name, dev, trainable=False)
-        tk = load_tokenizer(folder, name)
-        res = evaluate_model(model, tk, eval_examples, max_new_tokens=budget.max_new_tokens, max_prompt_len=32,
-                             max_response_len=16, seed=seed)
-        report[name] = {
-            "rougeL": round(res["rougeL"], 2),
-            "exact_match": round(res["exact_match"], 2),
-            "ece": round(res["ece"], 4),
-            "train_seconds": round(seconds[name], 1),
-            "params": n_teacher if name == "teacher" else n_student,
-        }
-        with open(os.path.join(out, "runs", name, "eval_samples.json"), "w") as f:
-            json.dump(res["samples"], f, indent=1)
+    for name in ["teacher", "student_init", *METHODS]:
+        r = dict(results[name])
+        r.pop("name")
+        r["params"] = n_teacher if name == "teacher" else n_student
+        report[name] = r
     total = time.time() - t_start
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    table = report_table(report)
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report_markdown(report, budget, total, dev))
+        f.write(report_markdown(report, budget, total, dev_name))
     plot(out, report, runs)
-    log("\n" + table)
+    log("\n" + report_table(report))
+    log(f"best student by Rouge-L: {best_student(report)}")
     log(f"demo finished in {time.time() - t_start:.0f}s; report: {os.path.join(out, 'report.md')}")
     return report
+
+
+def _run_jobs(jobs: list[dict], workers: int):
+    """Yield job results as they finish: in-process for one worker, else a spawn process pool."""
+    if workers <= 1:
+        for j in jobs:
+            yield _job(j)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_job, j) for j in jobs]
+        for f in cf.as_completed(futures):
+            yield f.result()
 
 
 def best_student(report: dict) -> str:
@@ -235,7 +291,7 @@ def report_table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def report_markdown(report: dict, budget: Budget, total: float, dev) -> str:
+def report_markdown(report: dict, budget: Budget, total: float, dev: str) -> str:
     best = best_student(report)
     return (
         "# kdext demo report\n\n"

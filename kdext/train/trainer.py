@@ -334,6 +334,7 @@ class Setup:
     ctx: M.Context
     examples: list
     schedule: DataSchedule
+    encoded: dict = field(default_factory=dict)  # example index -> Encoded (tokenised once)
 
 
 def build(cfg: TrainConfig) -> Setup:
@@ -377,7 +378,10 @@ def build(cfg: TrainConfig) -> Setup:
 
 def micro_batch(s: Setup, step: int, micro: int):
     idx, pos = s.schedule.rows(step, s.dd.rank, micro)
-    enc = [encode(s.tokenizer, s.examples[i], s.cfg.max_prompt_len, s.cfg.max_response_len) for i in idx]
+    for i in idx:
+        if i not in s.encoded:
+            s.encoded[i] = encode(s.tokenizer, s.examples[i], s.cfg.max_prompt_len, s.cfg.max_response_len)
+    enc = [s.encoded[i] for i in idx]
     return collate(enc, s.tokenizer.pad_token_id, pos).to(s.device)
 
 
