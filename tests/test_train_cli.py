@@ -228,3 +228,23 @@ def test_module_entry_point_subprocess(tiny, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
     assert "sft" in r.stderr  # the progress bar
     assert os.path.isfile(out / "final" / "config.json")
+
+
+def test_demo_quick_writes_the_report(tmp_path, capsys):
+    """The demo pipeline end to end at a toy size (in-process, one worker)."""
+    from kdext.train.demo import run_demo
+
+    out = tmp_path / "demo"
+    report = run_demo(str(out), device="cpu", quick=True, workers=1)
+    names = ["teacher", "student_init", *METHODS]
+    assert list(report) == names
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    for r in report.values():
+        assert {"rougeL", "exact_match", "ece", "train_seconds"} <= set(r)
+        assert 0 <= r["rougeL"] <= 100 and 0 <= r["exact_match"] <= 100 and 0 <= r["ece"] <= 1
+    assert report["student_init"]["params"] * 4 <= report["teacher"]["params"]
+    assert (out / "training_curves.png").stat().st_size > 0 and (out / "scores.png").stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "| minillm |" in md
+    assert "| minillm |" in capsys.readouterr().out
