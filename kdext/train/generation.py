@@ -26,6 +26,10 @@ from .models import VocabAligner, position_ids
 _SEED_MASK = (1 << 62) - 1
 
 
+class NonFiniteLogits(FloatingPointError):
+    """A row had no distribution to sample from (NaN / inf logits): the model has diverged."""
+
+
 def mix_seed(*parts: int) -> int:
     """A well-spread 62-bit seed from integers (splitmix64 steps): nearby inputs, unrelated seeds."""
     x = 0x9E3779B97F4A7C15
@@ -119,6 +123,9 @@ def sample(
             for b in range(B)
         ]
         tok = torch.cat([o.tokens for o in outs]).to(device)
+        if bool((tok < 0).any()):  # the op marks a row without a distribution with -1
+            bad = (tok < 0).nonzero()[:, 0].tolist()
+            raise NonFiniteLogits(f"rows {bad} have NaN/inf logits at generated position {t}; cannot sample")
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         cols["tok"].append(tok)
         cols["live"].append(alive.clone())

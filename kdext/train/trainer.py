@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import methods as M
+from .generation import NonFiniteLogits
 from .data import DataSchedule, collate, encode, load_jsonl, DEFAULT_TEMPLATE
 from .models import (
     ModelError,
@@ -393,7 +394,10 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
     stat_names: list[str] = []
 
     # 1. prepare every micro-batch (sampling happens here, without gradients)
-    preps = [method.prepare(ctx, micro_batch(s, step, a), step) for a in range(cfg.grad_accum)]
+    try:
+        preps = [method.prepare(ctx, micro_batch(s, step, a), step) for a in range(cfg.grad_accum)]
+    except NonFiniteLogits as e:
+        raise TrainingDiverged(f"sampling at step {step + 1} failed: {e}") from None
     for p in preps:
         stat_names += [k for k in p.stats if k not in stat_names]
     stat_names = sorted(stat_names)
