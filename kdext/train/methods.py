@@ -165,6 +165,7 @@ class Method:
 
     name = "?"
     needs_teacher = True
+    stat_keys: tuple[str, ...] = ()  # what Prepared.stats may hold (logged per step)
 
     def main_term(self, cfg: MethodConfig) -> str:
         return "nll"
@@ -265,6 +266,7 @@ class GKD(Method):
     """
 
     name = "gkd"
+    stat_keys = ("on_policy",)
 
     def main_term(self, cfg):
         return "jsd"
@@ -318,6 +320,7 @@ class MiniLLM(Method):
     """
 
     name = "minillm"
+    stat_keys = ("reward", "response_len")
 
     def __init__(self):
         self._cache: dict[tuple[int, int], Batch] = {}  # (cycle, first row index) -> rollout batch

@@ -391,19 +391,17 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
     cfg, dd, method, ctx = s.cfg, s.dd, s.method, s.ctx
     weights = method.weights(ctx.cfg)
     names = sorted(k for k, w in weights.items() if w)  # terms that are part of the loss
-    stat_names: list[str] = []
+    stat_names = sorted(method.stat_keys)  # fixed per method, so every process agrees
 
     # 1. prepare every micro-batch (sampling happens here, without gradients)
+    failure = None
     try:
         preps = [method.prepare(ctx, micro_batch(s, step, a), step) for a in range(cfg.grad_accum)]
-    except NonFiniteLogits as e:
-        raise TrainingDiverged(f"sampling at step {step + 1} failed: {e}") from None
-    for p in preps:
-        stat_names += [k for k in p.stats if k not in stat_names]
-    stat_names = sorted(stat_names)
+    except NonFiniteLogits as e:  # reported below, once every process knows
+        preps, failure = [], str(e)
 
-    # 2. global token counts per term (one small all-reduce); stats ride along
-    vec = torch.zeros(len(names) + 2 * len(stat_names), dtype=torch.float64)
+    # 2. global token counts per term (one small all-reduce); stats and failures ride along
+    vec = torch.zeros(len(names) + 2 * len(stat_names) + 1, dtype=torch.float64)
     for p in preps:
         for i, k in enumerate(names):
             vec[i] += p.counts.get(k, 0)
@@ -411,7 +409,11 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
             if k in p.stats:
                 vec[len(names) + 2 * j] += p.stats[k][0]
                 vec[len(names) + 2 * j + 1] += p.stats[k][1]
+    vec[-1] = failure is not None
     vec = dd.all_sum(vec.to(s.device)).cpu()
+    if vec[-1] > 0:
+        where = failure or "another process could not sample"
+        raise TrainingDiverged(f"sampling at step {step + 1} failed: {where}")
     counts = {k: max(1.0, float(vec[i])) for i, k in enumerate(names)}
 
     # 3. forward/backward per micro-batch; DDP all-reduces gradients on the last one only
