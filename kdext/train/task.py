@@ -35,8 +35,11 @@ def _pick_two(rng: random.Random):
 
 def _name_other(rng: random.Random):
     cat = rng.choice(sorted(CATEGORIES))
-    banned = rng.sample(CATEGORIES[cat], 2)
-    return f"name a {cat} but not {' '.join(banned)}", [w for w in CATEGORIES[cat] if w not in banned]
+    # one or two excluded words from the category, plus distractors from the others
+    k = rng.choice([1, 2])
+    banned = rng.sample(CATEGORIES[cat], k) + rng.sample([w for w in WORDS if CATEGORY_OF[w] != cat], 3 - k)
+    rng.shuffle(banned)
+    return f"name a {cat} not in: {' '.join(banned)}", [w for w in CATEGORIES[cat] if w not in banned]
 
 
 def _which(rng: random.Random):
