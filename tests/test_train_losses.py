@@ -157,6 +157,66 @@ def test_data_method_loss_matches_float64(tiny, method, kind, mkw):
     check(setup, prep, data_loss64(kind, cfg.lm_coef, cfg.beta, cfg.alpha)(batch))
 
 
+def split_rows(batch, k):
+    """(first k rows, the rest) of a batch, as Batches."""
+    from kdext.train.methods import _first_rows
+    from kdext.train.data import Batch
+
+    rest = Batch(batch.prompt_ids[k:], batch.prompt_mask[k:], batch.response_ids[k:], batch.response_mask[k:],
+                 batch.index[k:])
+    return _first_rows(batch, k), rest
+
+
+@pytest.mark.parametrize(
+    "method, mkw",
+    [("seqkd", {}), ("gkd", {"lam": 1.0, "beta": 0.7}), ("gkd", {"lam": 1.0, "lm_coef": 0.4})],
+)
+def test_sampling_method_loss_matches_float64(tiny, method, mkw):
+    """SeqKD (teacher samples) and on-policy GKD (student samples): real rollouts from
+    kdext.top_p_sample, then the loss on them checked by hand."""
+    setup = make_setup(tiny, method, **mkw)
+    cfg = setup.ctx.cfg
+    batch = micro_batch(setup, step=0, micro=0)
+    prep = setup.method.prepare(setup.ctx, batch, step=0)
+    assert prep.n_rollout == batch.prompt_ids.shape[0]
+    roll, data = split_rows(prep.batch, prep.n_rollout)
+    # the samples really replaced the data's responses
+    assert not torch.equal(roll.response_ids, batch.response_ids[:, : roll.response_ids.shape[1]])
+    if method == "seqkd":
+        check(setup, prep, data_loss64("nll")(roll))
+        return
+
+    def hand(s64, t64):
+        total = data_loss64("jsd", beta=cfg.beta)(roll)(s64, t64)
+        if cfg.lm_coef:
+            total = total + data_loss64("nll")(data)(s64, t64) * cfg.lm_coef
+        return total
+
+    check(setup, prep, hand)
+
+
+def test_minillm_real_rollout_loss_matches_float64(tiny):
+    """MiniLLM's prepare() end to end: teacher-mixed samples, then the objective by hand from the
+    rollout's own log-probs (with PPO epochs, so a later step reuses the rollout)."""
+    setup = make_setup(tiny, "minillm", lm_coef=0.3, ppo_epochs=2)
+    cfg = setup.ctx.cfg
+    batch = micro_batch(setup, step=0, micro=0)
+    prep = setup.method.prepare(setup.ctx, batch, step=0)
+    roll, data = split_rows(prep.batch, prep.n_rollout)
+    ex = prep.batch.extras
+    m = ex["mask"]
+    old_l = [ex["old_logprob"][b][m[b]].double() for b in range(m.shape[0])]
+    tlp_l = [ex["teacher_logprob"][b][m[b]].double() for b in range(m.shape[0])]
+    check(setup, prep, minillm_loss64(roll, data, old_l, tlp_l, cfg))
+    # step 1 is in the same PPO cycle: same rollout, fresh data for the LM term
+    prep1 = setup.method.prepare(setup.ctx, micro_batch(setup, step=1, micro=0), step=1)
+    assert prep1.batch.extras is ex
+    assert not torch.equal(split_rows(prep1.batch, prep1.n_rollout)[1].response_ids, data.response_ids)
+    # step 2 starts a new cycle: new samples
+    prep2 = setup.method.prepare(setup.ctx, micro_batch(setup, step=2, micro=0), step=2)
+    assert prep2.batch.extras is not ex
+
+
 def test_padded_student_head_is_masked(tiny):
     """A student whose LM head is wider than the tokenizer: the extra ids get -inf, so the loss
     equals the loss over the real vocabulary (the hand computation drops those columns)."""

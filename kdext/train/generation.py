@@ -14,6 +14,7 @@ resumed run reproduce an uninterrupted one.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,17 +56,23 @@ class Rollout:
     threshold: torch.Tensor  # [B, R] nucleus threshold on r
 
 
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.24 calls the KV cache ``cache`` (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _step(model, ids, mask, cache):
     """One forward: the whole prompt (cache None) or one new column; last position's logits."""
+    name = _cache_kwarg(model)
     out = model(
         input_ids=ids,
         attention_mask=mask.long(),
         position_ids=position_ids(mask)[:, -ids.shape[1] :],
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{name: cache},
     )
-    return out.logits[:, -1, :], out.past_key_values
+    return out.logits[:, -1, :], getattr(out, name)
 
 
 @torch.no_grad()

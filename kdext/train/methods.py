@@ -342,6 +342,7 @@ class MiniLLM(Method):
         reward = (teacher_logprob - student_logprob).masked_fill(~m, 0.0)
         sampled.extras = {
             "old_logprob": student_logprob.masked_fill(~m, 0.0),
+            "teacher_logprob": teacher_logprob.masked_fill(~m, 0.0),
             "reward": reward,
             "returns": normalized_returns(reward, m, cfg.gamma),
             "weight": importance_weight(student_logprob, teacher_logprob, cfg.alpha).masked_fill(~m, 0.0),
