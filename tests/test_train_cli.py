@@ -23,6 +23,11 @@ from kdext.train.trainer import list_checkpoints
 from train_fixtures import tiny as fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from fixtures.one_thread()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return fixtures.get(tmp_path_factory)
@@ -60,14 +65,14 @@ def test_smoke_each_method(tiny, tmp_path, method):
     if method == "gkd":
         extra += ["--lam", "1.0"]  # on-policy every step: exercise student sampling
     if method == "minillm":
-        extra += ["--eval-data", tiny["eval"]]  # and the evaluation path
+        extra += ["--eval-data", tiny["eval"], "--lm-coef", "0.5"]  # and the evaluation path
     rc = distill(tiny, tmp_path, method, *extra, teacher=teacher, student=student)
     assert rc == 0
     recs = [r for r in metrics(tmp_path) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in recs)
     if method == "minillm":
-        assert all("reward" in r and "loss/pg" in r and "loss/single" in r for r in recs)
+        assert all("reward" in r and "loss/pg" in r and "loss/single" in r and "loss/nll" in r for r in recs)
         ev = metrics(tmp_path)[-1]
         assert {"eval/rougeL", "eval/exact_match", "eval/ece"} <= set(ev)
     if method == "gkd":
@@ -102,7 +107,7 @@ def test_eval_command(tiny, tmp_path):
     "method, teacher, student, extra",
     [
         ("kd", "gpt2_teacher", "gpt2_student_dropout", ["--lm-coef", "0.5", "--grad-accum", "2"]),
-        ("minillm", "llama_teacher", "llama_student", ["--ppo-epochs", "2"]),
+        ("minillm", "llama_teacher", "llama_student", ["--ppo-epochs", "2", "--lm-coef", "0.3"]),
         ("gkd", "gpt2_teacher", "gpt2_student_dropout", []),
     ],
 )

@@ -20,6 +20,11 @@ from kdext.train import cli
 from train_fixtures import tiny as fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from fixtures.one_thread()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return fixtures.get(tmp_path_factory)

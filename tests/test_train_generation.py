@@ -13,6 +13,11 @@ from kdext.train.models import VocabAligner, head_width, load_model, load_tokeni
 from train_fixtures import tiny as fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from fixtures.one_thread()
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     paths = fixtures.get(tmp_path_factory)
@@ -115,8 +120,8 @@ def test_nan_logits_raise(env):
             super().__init__()
             self.inner = inner
 
-        def forward(self, **kw):
-            out = self.inner(**kw)
+        def forward(self, cache=None, **kw):
+            out = self.inner(cache=cache, **kw)
             out.logits = out.logits * float("nan")
             return out
 

@@ -24,6 +24,11 @@ from train_fixtures import tiny as fixtures
 T = 1.3  # a non-trivial temperature, so its plumbing is checked too
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from fixtures.one_thread()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return fixtures.get(tmp_path_factory)

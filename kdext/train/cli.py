@@ -58,8 +58,9 @@ def _add_distill(sub):
                    help="minillm: teacher mix in sampling (default 0.2); distillm: skew (default 0.1)")
     g.add_argument("--beta", type=float, default=0.5, help="gkd: JSD beta (0 forward KL, 1 reverse KL)")
     g.add_argument("--lam", type=float, default=0.5, help="gkd: fraction of steps on student samples")
-    g.add_argument("--lm-coef", type=float, default=None,
-                   help="weight of the LM loss on the data (default 0.5 for minillm, 0 otherwise)")
+    g.add_argument("--lm-coef", type=float, default=0.0,
+                   help="weight of an LM loss on the data's responses added to the method's loss "
+                        "(MiniLLM's pretraining-loss term when --data holds LM data)")
     g.add_argument("--skew", default="skew_forward_kl", choices=["skew_forward_kl", "skew_reverse_kl"],
                    help="distillm: which skew divergence")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled rollouts")

@@ -38,7 +38,6 @@ METHODS = ("sft", "kd", "seqkd", "rkl", "gkd", "distillm", "minillm")
 
 # Per-method defaults for options whose meaning depends on the method (see MethodConfig).
 DEFAULT_ALPHA = {"minillm": 0.2, "distillm": 0.1}
-DEFAULT_LM_COEF = {"minillm": 0.5}
 
 
 @dataclass
@@ -47,7 +46,7 @@ class MethodConfig:
     alpha: Optional[float] = None  # minillm: teacher mix in sampling (0.2); distillm: skew (0.1)
     beta: float = 0.5  # gkd: JSD interpolation (0 = forward KL, 1 = reverse KL)
     lam: float = 0.5  # gkd: probability that a step trains on student samples
-    lm_coef: Optional[float] = None  # weight of the LM loss on the data (minillm 0.5, others 0)
+    lm_coef: float = 0.0  # weight of an LM loss on the data's responses, added to the method's loss
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
@@ -64,8 +63,6 @@ class MethodConfig:
         c = dataclasses.replace(self)
         if c.alpha is None:
             c.alpha = DEFAULT_ALPHA.get(method, 0.0)
-        if c.lm_coef is None:
-            c.lm_coef = DEFAULT_LM_COEF.get(method, 0.0)
         checks = [
             (c.temperature > 0, "--temperature must be > 0"),
             (0.0 <= c.alpha < 1.0, "--alpha must be in [0, 1)"),

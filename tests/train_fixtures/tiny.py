@@ -78,3 +78,12 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = repo_root() + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def one_thread():
+    """A fixture body: these models are tiny, so intra-op threads only add synchronisation
+    (and, on a busy machine, spinning); run the trainer tests single-threaded, then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
