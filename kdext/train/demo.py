@@ -293,6 +293,8 @@ def report_table(report: dict) -> str:
 
 def report_markdown(report: dict, budget: Budget, total: float, dev: str) -> str:
     best = best_student(report)
+    em = report[best]["exact_match"]
+    se = 100 * ((em / 100) * (1 - em / 100) / budget.n_eval) ** 0.5
     return (
         "# kdext demo report\n\n"
         f"Device: {dev}; total wall time {total:.0f}s. Teacher {report['teacher']['params']:,} parameters, "
@@ -300,7 +302,8 @@ def report_markdown(report: dict, budget: Budget, total: float, dev: str) -> str
         f"{budget.method_steps} steps of batch {budget.method_batch}; scores are on {budget.n_eval} held-out "
         "prompts with sampled responses (temperature 1), every valid answer a reference.\n\n"
         + report_table(report)
-        + f"\n\nBest student by Rouge-L: **{best}**.\n"
+        + f"\n\nBest student by Rouge-L: **{best}**. One standard error of an exact-match rate near "
+        f"{em:.0f}% on {budget.n_eval} prompts is about {se:.1f} points; smaller gaps are noise.\n"
     )
 
 
@@ -315,11 +318,13 @@ def plot(out: str, report: dict, runs: str) -> None:
     curves = ["teacher"] + names
     for ax, name in zip(axes.flat, curves):
         recs = [r for r in _read_metrics(os.path.join(runs, name, "metrics.jsonl")) if "loss" in r]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1)
+        steps = [r["step"] for r in recs]
+        ax.plot(steps, [r["loss"] for r in recs], lw=0.5, color="tab:blue", alpha=0.35)
+        ax.plot(steps, _smooth([r["loss"] for r in recs]), lw=1.5, color="tab:blue")
         if name == "minillm" and recs and "reward" in recs[0]:
             ax2 = ax.twinx()
-            ax2.plot([r["step"] for r in recs], [r["reward"] for r in recs], color="tab:orange", lw=1)
-            ax2.set_ylabel("reward (orange)")
+            ax2.plot(steps, _smooth([r["reward"] for r in recs]), color="tab:orange", lw=1.5)
+            ax2.set_ylabel("mean reward log p - log q (orange)")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -337,6 +342,15 @@ def plot(out: str, report: dict, runs: str) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "scores.png"), dpi=80)
     plt.close(fig)
+
+
+def _smooth(xs, beta: float = 0.95):
+    """Bias-corrected exponential moving average (the curves are per-step and noisy)."""
+    out, m = [], 0.0
+    for i, x in enumerate(xs, start=1):
+        m = beta * m + (1 - beta) * x
+        out.append(m / (1 - beta**i))
+    return out
 
 
 class _Logger:
