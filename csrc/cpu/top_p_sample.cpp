@@ -29,6 +29,7 @@
 #endif
 
 #include "checks.h"
+#include "top_p_sample_checks.h"
 #include "cpu/row_reduce.h"
 #include "kdext/philox.h"
 #include "kdext/top_p.h"
@@ -310,29 +311,10 @@ RowOut sample_row(const RowIn& in, const Options& o, int64_t row, Scratch& sc) {
   return out;
 }
 
-void check_sample_args(const at::Tensor& logits, const std::optional<at::Tensor>& teacher, double top_p,
-                       int64_t top_k, double temperature, double alpha) {
-  check_logits(logits, "logits");
-  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
-  TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0 turns top-k off), got ", top_k);
-  check_temperature(temperature);
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
-  TORCH_CHECK_VALUE(alpha == 0.0 || teacher.has_value(), "alpha = ", alpha,
-                    " > 0 mixes in the teacher, but teacher_logits is None");
-  if (teacher.has_value()) {
-    check_logits(*teacher, "teacher_logits");
-    check_same_device(logits, "logits", *teacher, "teacher_logits");
-    TORCH_CHECK_VALUE(logits.sizes() == teacher->sizes(), "teacher_logits must have the shape of logits ",
-                      logits.sizes(), ", got ", teacher->sizes());
-  }
-  TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 24), "logits has a vocabulary of ", logits.size(-1),
-                    " entries; top_p_sample supports fewer than 2^24");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
     double temperature, double alpha, int64_t seed, int64_t offset) {
-  check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha);
+  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha);
   const at::Tensor s = as_rows(logits);
   const at::Tensor t = teacher_logits.has_value() ? as_rows(*teacher_logits) : at::Tensor();
   const int64_t rows = s.size(0), V = s.size(1);

@@ -294,22 +294,44 @@ struct ThresholdSearch {
   }
 
   // Takes a round's sums at the pivots v (ascending). F(v_j) = base + sums_j.
+  // (Written without indexing the arrays by a run-time value, so that CUDA
+  // keeps them in registers.)
   template <int K>
   KDEXT_HD void update(const float (&v)[K], const PivotSums<K>& s, float base_mass, float base_count) {
     ++rounds;
-    int j = 0;
-    while (j < K && !below_target(base_mass + s.mass[j], base_count + s.count[j])) ++j;
+    // j = the first pivot with F(v_j) < target (F is non-increasing in v, so
+    // those pivots are a suffix), K if none; and the values at j and j - 1.
+    int j = K;
+    float hv = 0.f, hm = 0.f, hc = 0.f, hb = 0.f, lv = 0.f, lm = 0.f, lc = 0.f, la = 0.f;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int i = K - 1; i >= 0; --i) {
+      const float m = base_mass + s.mass[i], c = base_count + s.count[i];
+      if (below_target(m, c)) {
+        j = i;
+        hv = v[i];
+        hm = m;
+        hc = c;
+        hb = s.max_below[i];
+      } else if (j == i + 1) {
+        lv = v[i];
+        lm = m;
+        lc = c;
+        la = s.min_above[i];
+      }
+    }
     if (j < K) {  // F(v_j) < target: the threshold is <= v_j
-      hi = v[j];
-      hi_mass = base_mass + s.mass[j];
-      hi_count = base_count + s.count[j];
-      hi_data = fmin_(hi_data, fmax_(s.max_below[j], lo_next));
+      hi = hv;
+      hi_mass = hm;
+      hi_count = hc;
+      hi_data = fmin_(hi_data, fmax_(hb, lo_next));
     }
     if (j > 0) {  // F(v_{j-1}) >= target: the threshold is > v_{j-1}
-      lo = v[j - 1];
-      lo_mass = base_mass + s.mass[j - 1];
-      lo_count = base_count + s.count[j - 1];
-      lo_next = fmax_(lo_next, fmin_(s.min_above[j - 1], hi_data));
+      lo = lv;
+      lo_mass = lm;
+      lo_count = lc;
+      lo_next = fmax_(lo_next, fmin_(la, hi_data));
     }
     if (rounds >= kMaxRounds) force_finish();
   }
