@@ -1,0 +1,155 @@
+"""Float64 reference implementations of every kdext op (plain PyTorch).
+
+They follow DESIGN.md's contract: entries with zero probability contribute
+exactly 0 (torch.where on the log-ratio, never 0 * inf), JSD's beta = 0 / 1
+are forward / reverse KL (the TRL convention).
+"""
+
+import math
+
+import torch
+
+# dtype -> (atol, rtol) for values computed by kdext against the float64
+# reference evaluated on the *same* (already rounded) inputs: what is left is
+# float32 accumulation error, the same for every input dtype.
+VALUE_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5),
+             torch.float64: (1e-10, 1e-10)}
+# Gradients come back in the input's dtype, so their rounding adds half an ulp
+# of that dtype: 2^-11 (fp16), 2^-8 (bf16) relative.
+GRAD_TOL = {torch.float32: (1e-6, 1e-4), torch.float16: (1e-6, 1e-3), torch.bfloat16: (1e-6, 8e-3),
+            torch.float64: (1e-12, 1e-10)}
+
+
+def log_probs(x, temperature=1.0):
+    return torch.log_softmax(x.double() / temperature, dim=-1)
+
+
+def kl_from_logs(la, lb):
+    """KL(a || b) from log-probabilities, 0 * log(0 / x) = 0."""
+    a = la.exp()
+    ratio = torch.where(a > 0, la - lb, torch.zeros_like(la))
+    return (a * ratio).sum(-1)
+
+
+def log_mix(la, lb, w):
+    """log(w a + (1 - w) b)."""
+    lw = math.log(w) if w > 0 else -math.inf
+    l1w = math.log1p(-w) if w < 1 else -math.inf
+    # Where both are -inf the mixture is -inf; keep those entries out of
+    # logaddexp, whose gradient there is NaN (exp(-inf - -inf)).
+    both = (la == -math.inf) & (lb == -math.inf)
+    la, lb = torch.where(both, 0.0, la), torch.where(both, 0.0, lb)
+    return torch.where(both, -math.inf, torch.logaddexp(la + lw, lb + l1w))
+
+
+def divergence(s, t, kind, param=0.0, temperature=1.0):
+    """Per-row divergence in float64 (differentiable in s and t)."""
+    ls, lt = log_probs(s, temperature), log_probs(t, temperature)
+    if kind == "jsd" and param == 0.0:
+        kind = "forward_kl"
+    if kind == "jsd" and param == 1.0:
+        kind = "reverse_kl"
+    if kind == "reverse_kl":
+        return kl_from_logs(ls, lt)
+    if kind == "forward_kl":
+        return kl_from_logs(lt, ls)
+    if kind == "jsd":
+        lm = log_mix(lt, ls, param)
+        return param * kl_from_logs(lt, lm) + (1 - param) * kl_from_logs(ls, lm)
+    if kind == "skew_forward_kl":
+        return kl_from_logs(lt, log_mix(lt, ls, param))
+    if kind == "skew_reverse_kl":
+        return kl_from_logs(ls, log_mix(ls, lt, param))
+    if kind == "tvd":
+        return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
+    raise ValueError(kind)
+
+
+def entropy(x, temperature=1.0):
+    lq = log_probs(x, temperature)
+    q = lq.exp()
+    return -(q * torch.where(q > 0, lq, torch.zeros_like(lq))).sum(-1)
+
+
+def logprobs(x, tokens, temperature=1.0):
+    return log_probs(x, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def logsumexp(x, temperature=1.0):
+    return torch.logsumexp(x.double() / temperature, dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Error bounds shared by test_softmax.py and test_logprobs.py
+# ---------------------------------------------------------------------------
+
+
+def unit_roundoff(dtype):
+    """Half an ulp at 1: the relative error of rounding a result to `dtype`."""
+    return torch.finfo(dtype).eps / 2
+
+
+def acc_unit(dtype):
+    """Unit roundoff of the accumulation dtype (float64 for float64 inputs, else float32)."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
+
+
+def underflow_atol(dtype):
+    """Absolute error allowed near zero for a result rounded to `dtype`.
+
+    The spacing of `dtype`'s subnormals, and for float32 accumulation also
+    twice the smallest normal float32: the CPU's vectorized exp flushes results
+    below about 2^-125.5 to zero.
+    """
+    fi = torch.finfo(dtype)
+    sub = fi.tiny * fi.eps
+    acc_tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    return max(sub, 2 * acc_tiny)
+
+
+def log_domain_atol(x, temperature):
+    """Absolute error bound of a log-domain quantity (lse, log q_i, a row value)
+    accumulated in float32 (float64 for float64 inputs).
+
+    Each is a difference of numbers of size about max|x/T| + log V (x/T itself
+    is rounded to the accumulation dtype), and a long sum accumulates a few
+    dozen roundings (two-level summation): 64 roundings of that size.
+    """
+    finite = x.double()[torch.isfinite(x.double())]
+    scale = finite.abs().max().item() / temperature if finite.numel() else 0.0
+    return 64 * acc_unit(x.dtype) * (1 + scale + math.log(x.shape[-1] + 1))
+
+
+def assert_within(got, want, bound, what=""):
+    """|got - want| <= bound elementwise, with infinities and NaNs matched exactly.
+
+    `bound` is a tensor (broadcastable) or a number. Reports the worst entry.
+    """
+    got, want = got.double(), want.double()
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(want)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    nan_got, nan_want = torch.isnan(got), torch.isnan(want)
+    assert torch.equal(nan_got, nan_want), f"{what}: NaN at {nan_got.nonzero().tolist()[:5]}, expected at {nan_want.nonzero().tolist()[:5]}"
+    inf_want = torch.isinf(want)
+    assert torch.equal(got[inf_want], want[inf_want]), f"{what}: infinities differ"
+    finite = ~(nan_want | inf_want)
+    err = (got - want).abs().where(finite, 0.0)
+    excess = (err - bound).where(finite, -math.inf)
+    if excess.numel() and excess.max() > 0:
+        i = int(torch.argmax(excess))
+        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), want.shape))
+        raise AssertionError(
+            f"{what}: |got - want| exceeds the bound at {idx}: got {got[idx].item()!r}, want {want[idx].item()!r}, "
+            f"error {err[idx].item():.3e} > bound {bound[idx].item():.3e} "
+            f"({int((err > bound).sum())} of {finite.sum().item()} entries over)"
+        )
+
+
+def random_logits(gen, shape, dtype, scale=1.0, mask_frac=0.0, device="cpu"):
+    """Normal logits times `scale` in `dtype`; a fraction `mask_frac` set to -inf,
+    keeping entry 0 of every row finite (every row has a distribution)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if mask_frac > 0:
+        x = x.masked_fill(torch.rand(shape, generator=gen, dtype=torch.float64) < mask_frac, -math.inf)
+        x[..., 0] = torch.randn(shape[:-1], generator=gen, dtype=torch.float64) * scale
+    return x.to(dtype=dtype, device=device)
