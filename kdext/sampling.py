@@ -16,7 +16,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.kdext.*)
+from . import _validate
+from ._ops import ops
 
 __all__ = ["SampleResult", "top_p_sample"]
 
@@ -92,20 +93,11 @@ def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generato
 
 
 def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> None:
-    """The C++ adapters' checks, with the same words (so fake tensors fail the same way)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    for name, x in (("logits", logits), ("teacher_logits", teacher_logits)):
-        if x is None:
-            continue
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-        if x.dim() < 1:
-            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-dim tensor")
-        if x.shape[-1] == 0:
-            raise ValueError(f"{name} has an empty vocabulary (last dimension of size 0)")
+    """The C++ adapters' checks (csrc/top_p_sample_checks.h), with the same words, so that fake
+    tensors under torch.compile fail the same way."""
+    _validate.check_logits(logits, "logits")
+    if teacher_logits is not None:
+        _validate.check_logits(teacher_logits, "teacher_logits")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
         raise TypeError(f"top_p must be a float, got {type(top_p).__name__}")
     if not 0.0 < float(top_p) <= 1.0:
@@ -114,11 +106,7 @@ def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> Non
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 turns top-k off), got {top_k}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    t = float(temperature)
-    if not (t > 0.0 and t != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    _validate.check_temperature(temperature)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
     if not 0.0 <= float(alpha) <= 1.0:
@@ -126,9 +114,7 @@ def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> Non
     if float(alpha) != 0.0 and teacher_logits is None:
         raise ValueError(f"alpha = {alpha} > 0 mixes in the teacher, but teacher_logits is None")
     if teacher_logits is not None:
-        if teacher_logits.device != logits.device:
-            raise RuntimeError(f"logits is on {logits.device} but teacher_logits is on {teacher_logits.device}; "
-                               "they must be on the same device")
+        _validate.check_same_device(logits, "logits", teacher_logits, "teacher_logits")
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher_logits must have the shape of logits {list(logits.shape)}, "
                              f"got {list(teacher_logits.shape)}")
@@ -178,7 +164,7 @@ def top_p_sample(
     """
     _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha)
     seed64, offset = _philox_seed_offset(logits.device, generator, seed)
-    out = torch.ops.kdext.top_p_sample(
+    out = ops.top_p_sample(
         logits.detach(),
         None if teacher_logits is None else teacher_logits.detach(),
         float(top_p),

@@ -1,14 +1,15 @@
 """kdext.top_p_sample against a float64, sort-based reference of the sampling contract (DESIGN.md).
 
 Statistical tests draw many rows of the same logits in one call (one draw per row) with fixed
-seeds, so they are deterministic; the chi-square p-value is computed here (no scipy).
+seeds, so they are deterministic; the chi-square p-value is computed here (no scipy). Hypothesis
+settings come from the profile of tests/conftest.py (HYPOTHESIS_PROFILE).
 """
 
 import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import kdext  # noqa: F401
@@ -22,7 +23,6 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a vi
 P_SLACK = 1e-4
 # Relative difference below which two probabilities may be ordered either way in float32.
 R_SLACK = 1e-5
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,6 @@ def sampling_case(draw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(**HYP)
 @given(case=sampling_case())
 def test_matches_reference(device, case):
     s, t, top_p, top_k, temperature, alpha, seed = case
@@ -261,7 +260,6 @@ def test_matches_reference(device, case):
     check_against_reference(res, s, t, top_p, top_k, temperature, alpha)
 
 
-@settings(**HYP)
 @given(V=st.integers(2, 3000), top_p=st.floats(0.01, 1.0), logit_scale=st.floats(0.1, 8.0),
        seed=st.integers(0, 2**31 - 1))
 def test_continuous_logits(V, top_p, logit_scale, seed):

@@ -86,7 +86,7 @@ constexpr int64_t kSumBlock = 512;
 // Pass 2: r into buf (padded to a multiple of Vec::size()) and the row totals.
 top_p::RowTotals write_mixture(const RowIn& in, const top_p::Mixture& mix, float inv_t, Scratch& sc) {
   static_assert(kChunk == kSumBlock, "one block sum per chunk");
-  const Vec zero(0.f), one(1.f), inf(kInf);
+  const Vec zero(0.f), one(1.f), inf(kInf), tiny(std::numeric_limits<float>::min()), vinv_t(inv_t);
   const Vec ws(mix.w_student), wt(mix.w_teacher), ls(mix.lse_student), lt(mix.lse_teacher);
   Vec count(0.f), mx(0.f), mn(kInf);
   double mass = 0.0;
@@ -94,13 +94,16 @@ top_p::RowTotals write_mixture(const RowIn& in, const top_p::Mixture& mix, float
   for (int64_t b = 0; b < in.V; b += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, in.V - b);
     int64_t P = 0;
-    if (mix.use_student) P = load_chunk(in.s, in.s_dtype, b, n, inv_t, sc.s);
-    if (mix.use_teacher) P = load_chunk(in.t, in.t_dtype, b, n, inv_t, sc.t);
+    const float* xs = mix.use_student ? chunk_view(in.s, in.s_dtype, b, n, sc.s, &P) : nullptr;
+    const float* xt = mix.use_teacher ? chunk_view(in.t, in.t_dtype, b, n, sc.t, &P) : nullptr;
     Vec block(0.f);
     for (int64_t i = 0; i < P; i += Vec::size()) {
-      const Vec es = mix.use_student ? (Vec::loadu(sc.s + i) - ls).exp() : zero;
-      const Vec et = mix.use_teacher ? (Vec::loadu(sc.t + i) - lt).exp() : zero;
-      const Vec x = at::vec::fmadd(wt, et, ws * es);  // = top_p::mixture_prob
+      // = top_p::mixture_prob: x = s * (1/T), one exp per side, r = fma(w_t, e_t, w_s e_s),
+      // values below FLT_MIN flushed to 0.
+      const Vec es = xs ? fast_exp(Vec::loadu(xs + i) * vinv_t - ls) : zero;
+      const Vec et = xt ? fast_exp(Vec::loadu(xt + i) * vinv_t - lt) : zero;
+      Vec x = at::vec::fmadd(wt, et, ws * es);
+      x = x & (x >= tiny);
       x.store(r + b + i);
       const Vec pos = x > zero;
       block = block + x;

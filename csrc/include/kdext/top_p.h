@@ -15,7 +15,8 @@
 // a, the threshold, is the smallest value of the row with F(a) < target. Ties
 // are all kept (equal values share F) and the most probable token always is
 // (F(max) = 0 < target). Tokens with r_i = 0 (masked by -inf logits, or
-// underflowed) are never kept: the search only looks at values > 0.
+// below FLT_MIN, see mixture_prob) are never kept: the search only looks at
+// values > 0.
 //
 // ThresholdSearch finds a without sorting, by rounds of K pivots. A round
 // needs, for each pivot v_j, four reductions over the row (PivotSums):
@@ -118,14 +119,18 @@ struct Mixture {
 // eight lanes at a time). The rounding is pinned (one product, one fused
 // multiply-add, no contraction left to the compiler) so that the CUDA kernel,
 // which recomputes r on every pass, sees the very same value each time.
+// Probabilities below FLT_MIN (~1.2e-38) are flushed to 0 (such a token is
+// never drawn), so that backends whose exp flushes subnormals (the CPU's
+// vectorized exp) and those that keep them (CUDA's expf) keep the same tokens.
 KDEXT_HD float mixture_prob(const Mixture& m, float x, float y) {
   const float es = m.use_student ? MathOps<float>::exp(x - m.lse_student) : 0.f;
   const float et = m.use_teacher ? MathOps<float>::exp(y - m.lse_teacher) : 0.f;
 #if defined(__CUDA_ARCH__)
-  return __fmaf_rn(m.w_teacher, et, __fmul_rn(m.w_student, es));
+  const float r = __fmaf_rn(m.w_teacher, et, __fmul_rn(m.w_student, es));
 #else
-  return ::fmaf(m.w_teacher, et, m.w_student * es);
+  const float r = ::fmaf(m.w_teacher, et, m.w_student * es);
 #endif
+  return r >= std::numeric_limits<float>::min() ? r : 0.f;
 }
 
 // Reductions of a row's r over everything > 0: the start of every search.
