@@ -28,14 +28,19 @@ R_SLACK = 1e-5
 # ---------------------------------------------------------------------------------------------
 # float64 reference (sorts, unlike the kernel)
 # ---------------------------------------------------------------------------------------------
+FLT_MIN = torch.finfo(torch.float32).tiny
+
+
 def ref_mixture(logits, teacher, temperature, alpha):
+    """r in float64; probabilities below float32's normal range count as 0 (the contract's
+    float32 r, see kdext/top_p.h mixture_prob)."""
     q = torch.softmax(logits.double() / temperature, -1)
     if alpha == 0.0:
-        return q
-    p = torch.softmax(teacher.double() / temperature, -1)
-    if alpha == 1.0:
-        return p
-    return (1 - alpha) * q + alpha * p
+        r = q
+    else:
+        p = torch.softmax(teacher.double() / temperature, -1)
+        r = p if alpha == 1.0 else (1 - alpha) * q + alpha * p
+    return torch.where(r >= FLT_MIN, r, torch.zeros_like(r))
 
 
 def _above(r, keep, rel=0.0):
@@ -362,6 +367,16 @@ def test_masked_tokens_never_drawn(device):
     # alpha = 1: student-masked tokens are drawable, teacher-masked ones are not.
     res = top_p_sample(s2.to(device), teacher_logits=t.to(device), alpha=1.0, seed=4)
     assert not (res.tokens.cpu() == 1).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probabilities_below_float32_range_are_zero(device):
+    # q = e^-200 / Z is below FLT_MIN: such tokens are never drawn, on every device alike.
+    s = torch.tensor([[0.0, -200.0, 0.0, -80.0]]).expand(2000, 4).contiguous()
+    res = top_p_sample(s.to(device), top_p=1.0, seed=3)
+    tok = res.tokens.cpu()
+    assert not (tok == 1).any() and (tok == 3).sum() <= 5
+    torch.testing.assert_close(res.threshold.cpu(), torch.softmax(s, -1)[:, 3])
 
 
 @pytest.mark.parametrize("device", DEVICES)

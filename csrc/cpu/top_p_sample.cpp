@@ -9,7 +9,8 @@
 //   3. the threshold search of kdext/top_p.h (top-k by count, then top-p by
 //      mass), each round one vectorized pass at 6 pivots (mass and count above
 //      each). Before a round, the values in the bracket (lo, hi] are compacted
-//      into a second buffer whenever they are fewer than those scanned, and the
+//      into a second buffer whenever they are clearly fewer than those scanned,
+//      and the
 //      round scans only that list (with F(hi) carried as a base), so only the
 //      first round reads the whole row;
 //   4. the inverse-CDF draw in vocabulary order at u * kept_mass, u from
@@ -201,7 +202,8 @@ int64_t compact(const float* x, int64_t n, float lo, float hi, float* out, float
 
 // Runs a search to the end over the row's r (length `padded`). Before each
 // round, the values in the window (lo, hi] are compacted into sc.list when
-// they are fewer than those scanned, so a round costs what its window holds;
+// they are clearly fewer than those scanned, so a round costs what its window
+// holds;
 // F(v) = F(hi at the compaction) + the list's sum above v. Compaction also
 // gives the window's smallest and largest values, which end the search as
 // soon as they coincide (a threshold shared by any number of ties).
@@ -210,7 +212,7 @@ void run_search(top_p::ThresholdSearch& st, const float* r, int64_t padded, Scra
   int64_t n = padded;
   float base_mass = 0.f, base_count = 0.f;
   while (!st.done()) {
-    if (st.window_count() < static_cast<float>(n)) {
+    if (st.window_count() < 0.75f * static_cast<float>(n)) {  // (a copy of most of the list would not pay)
       float wmin, wmax;
       n = compact(x, n, st.lo, st.hi, sc.list.get(), &wmin, &wmax);
       x = sc.list.get();

@@ -44,8 +44,30 @@
 // Within one round F is monotone in the pivot (a fixed-order sum of
 // non-negative terms), so the bracket update never contradicts itself.
 //
+// Summation: the backends keep F accurate to a few float32 ulps of the row's
+// mass by summing short chains (CPU: 64 values per lane, block sums added in
+// double; CUDA: per-thread chains, then a tree); one float chain over 128K
+// values would drift by ~1e-4 and move the cut.
+//
 // The draw then inverts the CDF of the kept tokens, in vocabulary order, at
 // u * kept_mass(), u from Philox (kdext/philox.h) at (seed, row, offset).
+//
+// Vocab-parallel use (each rank holds logits[..., lo:hi] of every row):
+//   1. softmax states per shard, merged with online_softmax.h's merge() over
+//      ranks (all-gather of (max, sum), O(rows));
+//   2. r_i = mixture_prob(Mixture::make(alpha, lse_s, lse_t), x_i, y_i) on the
+//      local shard; RowTotals per shard, all-reduced (sum, sum, max, min);
+//   3. each search round: pivots() on every rank (identical state), local
+//      PivotSums<K> over the shard with base 0 (or over the window only, with
+//      base = F(hi), as the CUDA kernel does), all-reduce of the 4K floats
+//      (SUM for mass and count, MIN for min_above, MAX for max_below; or one
+//      MIN over (min_above, -max_below)), update(); bounded by the round count
+//      above, so at most ~12 all-reduces of 32 floats per row and search;
+//   4. the draw: each rank sums its kept mass (r >= threshold()); an exclusive
+//      prefix over ranks (all-gather of one float per row) tells the rank whose
+//      interval holds u * kept_mass(); it inverts its local CDF at the
+//      remainder and the token is shared by an all-reduce MAX (others give -1).
+//      u is philox_block(seed, global row, offset).v[0] on every rank.
 #pragma once
 
 #include <cstdint>
