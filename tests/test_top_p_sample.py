@@ -6,7 +6,11 @@ settings come from the profile of tests/conftest.py (HYPOTHESIS_PROFILE).
 """
 
 import math
+import os
+import shutil
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -640,3 +644,86 @@ def test_opcheck(device):
     torch.library.opcheck(op, (s.to(torch.bfloat16), t.to(torch.float16), 1.0, 0, 1.0, 0.0, -5, 7))
     res = op(s, None, 0.5, 0, 1.0, 0.0, 1, 2)
     assert torch.isnan(res[2]).all() and (res[0] >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel's logic without a GPU: csrc/include/kdext/top_p_sample.cuh compiled for the CPU
+# simulator of tests/cpp/cuda_sim (fibers for threads; 64 threads a block and a 512-value list, so
+# that these small rows go through every phase: global rounds, compaction, shared-memory rounds).
+# ---------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cuda_sim(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CUDA kernel simulator")
+    exe = str(tmp_path_factory.mktemp("cuda_sim") / "sim_top_p_sample")
+    subprocess.run([cxx, "-std=c++20", "-O2", "-ffp-contract=off", "-DKDEXT_TOP_P_SAMPLE_BLOCK=64",
+                    "-DKDEXT_TOP_P_SAMPLE_LIST_CAP=512", "-I" + os.path.join(ROOT, "tests", "cpp", "cuda_sim"),
+                    "-I" + os.path.join(ROOT, "csrc", "include"),
+                    os.path.join(ROOT, "tests", "cpp", "sim_top_p_sample.cpp"), "-o", exe],
+                   check=True, capture_output=True)
+
+    def run(s, t, top_p, top_k, temperature, alpha, seed, offset=0):
+        rows, V = s.shape
+        code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[s.dtype]
+        data = np.array([rows, V, code, t is not None, top_k, seed, offset], dtype=np.int64).tobytes()
+        data += np.array([top_p, temperature, alpha], dtype=np.float64).tobytes()
+        for x in (s, t):
+            if x is not None:
+                x = x.to(s.dtype).contiguous()
+                data += x.view(torch.int32 if x.dtype == torch.float32 else torch.int16).numpy().tobytes()
+        out = subprocess.run([exe, "/dev/stdin", "/dev/stdout"], input=data, check=True, capture_output=True).stdout
+        tok = torch.from_numpy(np.frombuffer(out[: 8 * rows], dtype=np.int64).copy())
+        f = torch.from_numpy(np.frombuffer(out[8 * rows:], dtype=np.float32).copy()).reshape(4, rows)
+        return SampleResult(tok, f[0], f[1], f[2], f[3])
+
+    return run
+
+
+SIM_CASES = [
+    # rows, V, dtype, logits scale, grid, top_p, top_k, temperature, alpha, with teacher
+    (4, 20000, torch.float32, 2.0, False, 0.9, 0, 1.0, 0.0, False),
+    (3, 9000, torch.float32, 3.0, False, 0.8, 50, 0.7, 0.3, True),
+    (3, 6000, torch.bfloat16, 2.0, True, 0.5, 0, 1.0, 0.5, True),
+    (3, 5000, torch.float16, 1.0, True, 1.0, 300, 1.3, 0.0, True),
+    (2, 3000, torch.float32, 0.0, True, 0.3, 0, 1.0, 0.0, False),  # every token tied
+    (3, 7000, torch.float32, 4.0, False, 1e-7, 0, 1.0, 1.0, True),  # greedy on the teacher
+    (3, 2500, torch.float32, 2.0, False, 1.0, 0, 1.0, 0.0, False),
+]
+
+
+@pytest.mark.parametrize("case", SIM_CASES)
+def test_cuda_kernel_simulated(cuda_sim, case):
+    rows, V, dtype, scale, grid, top_p, top_k, temperature, alpha, with_teacher = case
+    g = torch.Generator().manual_seed(V)
+    s = torch.randn(rows, V, generator=g) * scale
+    t = torch.randn(rows, V, generator=g) * scale
+    if grid:
+        s, t = (s * 4).round() / 4, (t * 4).round() / 4
+    s[0, ::3] = -math.inf  # masked tokens in one row
+    s, t = s.to(dtype), t.to(dtype)
+    t = t if with_teacher else None
+    sim = cuda_sim(s, t, top_p, top_k, temperature, alpha, seed=11, offset=3)
+    cpu = torch.ops.kdext.top_p_sample(s, t, top_p, top_k, temperature, alpha, 11, 3)
+    check_against_reference(sim, s, t, top_p, top_k, temperature, alpha)
+    torch.testing.assert_close(sim.threshold, cpu[4], rtol=1e-5, atol=0)
+    torch.testing.assert_close(sim.student_logprob, cpu[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sim.teacher_logprob, cpu[2], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(sim.sample_logprob, cpu[3], rtol=1e-5, atol=1e-5)
+    assert (sim.tokens == cpu[0]).sum() >= rows - 1  # same u; CDFs agree up to float rounding
+
+
+def test_cuda_kernel_simulated_rows_without_distribution(cuda_sim):
+    s = torch.randn(4, 700)
+    s[1] = -math.inf
+    s[2, 5] = math.nan
+    sim = cuda_sim(s, None, 0.9, 0, 1.0, 0.0, seed=1)
+    assert sim.tokens[[1, 2]].tolist() == [-1, -1] and (sim.tokens[[0, 3]] >= 0).all()
+    assert torch.isnan(sim.threshold[[1, 2]]).all() and torch.isfinite(sim.threshold[[0, 3]]).all()
+    # Philox: the same stream as the CPU kernel, row by row.
+    two = torch.zeros(64, 2)
+    sim = cuda_sim(two, None, 1.0, 0, 1.0, 0.0, seed=2**40 + 3, offset=5)
+    assert sim.tokens.tolist() == [int(_philox_word0(2**40 + 3, 5, row) >> 31) for row in range(64)]

@@ -36,12 +36,21 @@
 namespace kdext {
 namespace top_p_cuda {
 
-constexpr int kBlock = 512;
+// The two macros exist only so that the CPU simulator (tests/cpp/cuda_sim) can
+// run the kernel with fewer threads and a smaller list; builds use the defaults.
+#ifndef KDEXT_TOP_P_SAMPLE_BLOCK
+#define KDEXT_TOP_P_SAMPLE_BLOCK 512
+#endif
+#ifndef KDEXT_TOP_P_SAMPLE_LIST_CAP
+#define KDEXT_TOP_P_SAMPLE_LIST_CAP 4096
+#endif
+constexpr int kBlock = KDEXT_TOP_P_SAMPLE_BLOCK;
 constexpr int kWarps = kBlock / 32;
 constexpr int kItems = 8;  // consecutive values per thread per tile
 constexpr int kTile = kBlock * kItems;
 constexpr int kPivots = 8;
-constexpr int kListCap = 4096;
+constexpr int kListCap = KDEXT_TOP_P_SAMPLE_LIST_CAP;
+static_assert(kBlock % 32 == 0 && kBlock >= 4 * kPivots, "whole warps, and a thread per reduced value");
 
 struct Params {
   const void* s;  // [rows, V], unit stride in V
