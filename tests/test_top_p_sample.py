@@ -586,6 +586,8 @@ def test_bad_tensors():
         (lambda: top_p_sample(s, generator=5), TypeError, "generator"),
         (lambda: top_p_sample(s, top_k=2.5), TypeError, "top_k"),
         (lambda: top_p_sample([1.0, 2.0]), TypeError, "logits"),
+        (lambda: top_p_sample(s, teacher_logits=torch.randn(2, 10, device="meta"), alpha=0.5), RuntimeError,
+         "same device"),
     ]
     for fn, exc, word in cases:
         with pytest.raises(exc, match=word):

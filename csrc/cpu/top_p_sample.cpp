@@ -57,13 +57,34 @@ struct Options {
 };
 
 // Per-thread buffers. r and list hold V values padded with zeros to a whole
-// number of vectors (zeros are never in a search window, which is > 0).
-struct Scratch {
+// number of vectors (zeros are never in a search window, which is > 0). They
+// are kept per thread between calls (grown, never shrunk: 8 bytes per
+// vocabulary entry and thread), so that a call does not map and fault in fresh
+// pages for them.
+struct ThreadBuffers {
   std::unique_ptr<float[]> r, list;
+  int64_t capacity = 0;
+
+  void reserve(int64_t padded) {
+    if (padded <= capacity) return;
+    r.reset(new float[padded]);
+    list.reset(new float[padded + Vec::size()]);
+    capacity = padded;
+  }
+};
+
+struct Scratch {
+  float* r;
+  float* list;
   alignas(64) float s[kChunk];
   alignas(64) float t[kChunk];
 
-  explicit Scratch(int64_t padded) : r(new float[padded]), list(new float[padded + Vec::size()]) {}
+  explicit Scratch(int64_t padded) {
+    static thread_local ThreadBuffers buffers;
+    buffers.reserve(padded);
+    r = buffers.r.get();
+    list = buffers.list.get();
+  }
 };
 
 struct RowIn {
@@ -91,7 +112,7 @@ top_p::RowTotals write_mixture(const RowIn& in, const top_p::Mixture& mix, float
   const Vec ws(mix.w_student), wt(mix.w_teacher), ls(mix.lse_student), lt(mix.lse_teacher);
   Vec count(0.f), mx(0.f), mn(kInf);
   double mass = 0.0;
-  float* r = sc.r.get();
+  float* r = sc.r;
   for (int64_t b = 0; b < in.V; b += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, in.V - b);
     int64_t P = 0;
@@ -214,8 +235,8 @@ void run_search(top_p::ThresholdSearch& st, const float* r, int64_t padded, Scra
   while (!st.done()) {
     if (st.window_count() < 0.75f * static_cast<float>(n)) {  // (a copy of most of the list would not pay)
       float wmin, wmax;
-      n = compact(x, n, st.lo, st.hi, sc.list.get(), &wmin, &wmax);
-      x = sc.list.get();
+      n = compact(x, n, st.lo, st.hi, sc.list, &wmin, &wmax);
+      x = sc.list;
       base_mass = st.hi_mass;
       base_count = st.hi_count;
       st.tighten(wmin, wmax);
@@ -283,7 +304,7 @@ RowOut sample_row(const RowIn& in, const Options& o, int64_t row, Scratch& sc) {
   const int64_t padded = (in.V + Vec::size() - 1) / Vec::size() * Vec::size();
   const top_p::RowTotals tot = write_mixture(in, mix, o.inv_t, sc);
   if (!(tot.count > 0.f) || !(tot.mass > 0.f)) return out;
-  const float* r = sc.r.get();
+  const float* r = sc.r;
 
   // Top-k (by count), then top-p (by mass) over what top-k kept.
   float threshold = tot.min_pos, kept_mass = tot.mass;
