@@ -1,1 +1,29 @@
-"""kdext: fused, exact kernels for knowledge distillation of language models."""
+"""kdext: fused, exact kernels for knowledge distillation of language models.
+
+The ops live under ``torch.ops.kdext``; this package registers their fake
+kernels and autograd formulas and exposes the Python API.
+"""
+
+from ._ops import BUILD_INFO, ops
+from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
+from .logprobs import logprobs
+from .softmax import entropy, log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILD_INFO",
+    "distill_loss",
+    "entropy",
+    "forward_kl",
+    "jsd",
+    "log_softmax",
+    "logprobs",
+    "logsumexp",
+    "ops",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "softmax",
+    "tvd",
+]

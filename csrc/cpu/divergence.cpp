@@ -133,8 +133,10 @@ void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const D
                   acc_t scale, void* gs, c10::ScalarType gs_dtype, void* gt, c10::ScalarType gt_dtype,
                   Buffers<acc_t>& buf) {
   const RowKind kind = classify_row(st.lse_s, st.lse_t);
-  if (kind != RowKind::Normal) {
-    const acc_t fill = kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  // A zero upstream gradient (an ignored row) gives a zero gradient even for a
+  // NaN row, as autograd treats "no gradient"; empty rows always get zeros.
+  if (kind != RowKind::Normal || scale == acc_t(0)) {
+    const acc_t fill = (kind == RowKind::Poisoned && scale != acc_t(0)) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
     std::fill(buf.out, buf.out + kChunk, fill);
     for (int64_t b = 0; b < row.V; b += kChunk) {
       const int64_t n = std::min<int64_t>(kChunk, row.V - b);

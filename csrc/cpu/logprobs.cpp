@@ -1,0 +1,123 @@
+// CPU kernels for the log-probability of given tokens:
+//   logprobs_forward:  log softmax(x/T)[token] = x_token/T - lse (and the lse),
+//   logprobs_backward: g (onehot(token) - softmax(x/T)) / T,
+// one pass over each row for each.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/row_reduce.h"
+
+namespace kdext {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+void check_tokens(const at::Tensor& tokens, const at::Tensor& logits) {
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt,
+                   "tokens must be int64 or int32, got ", tokens.scalar_type());
+  check_same_device(tokens, "tokens", logits, "logits");
+  auto rows = row_shape(logits);
+  TORCH_CHECK_VALUE(tokens.sizes() == c10::IntArrayRef(rows), "tokens must have shape ", c10::IntArrayRef(rows),
+                    " (the logits' leading dims), got ", tokens.sizes());
+}
+
+template <typename acc_t>
+acc_t load_one(const void* row, c10::ScalarType dtype, int64_t i) {
+  alignas(64) acc_t v[Vec<acc_t>::size()];  // load_chunk pads to a whole vector
+  load_chunk(row, dtype, i, 1, acc_t(1), v);
+  return v[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens,
+                                                    double temperature) {
+  check_logits(logits, "logits");
+  check_temperature(temperature);
+  check_tokens(tokens, logits);
+  const at::Tensor x = as_rows(logits);
+  const int64_t rows = x.size(0), V = x.size(1);
+  const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
+  const int64_t* tp = tok.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < V, "tokens[", r, "] = ", tp[r], " is outside the vocabulary [0, ", V,
+                      ")");
+  }
+  const auto acc = acc_dtype(logits);
+  at::Tensor out = at::empty({rows}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::logprobs_forward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    acc_t *o = out.data_ptr<acc_t>(), *l = lse.data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const void* row = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
+        l[r] = log_sum_exp(row_softmax_state(row, x.scalar_type(), V, inv_t, buf));
+        o[r] = load_one<acc_t>(row, x.scalar_type(), tp[r]) * inv_t - l[r];
+      }
+    });
+  });
+  const auto shape = row_shape(logits);
+  return {out.view(shape), lse.view(shape)};
+}
+
+at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
+                             const at::Tensor& lse, double temperature) {
+  check_logits(logits, "logits");
+  check_temperature(temperature);
+  check_tokens(tokens, logits);
+  const at::Tensor x = as_rows(logits);
+  const int64_t rows = x.size(0), V = x.size(1);
+  TORCH_CHECK_VALUE(grad.numel() == rows && lse.numel() == rows, "grad and lse must have one entry per row (", rows,
+                    ")");
+  const auto acc = acc_dtype(logits);
+  const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
+  const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
+  const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
+  at::Tensor out = at::empty({rows, V}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::logprobs_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    const int64_t* tp = tok.const_data_ptr<int64_t>();
+    const acc_t *gp = g.const_data_ptr<acc_t>(), *lp = l.const_data_ptr<acc_t>();
+    at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const void* row = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
+        void* orow = static_cast<char*>(out.data_ptr()) + r * V * out.element_size();
+        const RowKind kind = classify_row(lp[r], acc_t(0));
+        const acc_t scale = gp[r] * inv_t;
+        const Vec<acc_t> vlse(lp[r]), vscale(-scale);
+        for (int64_t b = 0; b < V; b += kChunk) {
+          const int64_t n = std::min<int64_t>(kChunk, V - b);
+          if (kind != RowKind::Normal) {
+            std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+          } else {
+            const int64_t P = load_chunk(row, x.scalar_type(), b, n, inv_t, buf);
+            for (int64_t i = 0; i < P; i += Vec<acc_t>::size())
+              (vscale * (Vec<acc_t>::loadu(buf + i) - vlse).exp()).store(buf + i);
+            // Tokens outside [0, V) (a vocab shard's foreign tokens) add no one-hot term.
+            if (tp[r] >= b && tp[r] < b + n) buf[tp[r] - b] += scale;
+          }
+          store_chunk(buf, n, out.scalar_type(), orow, b);
+        }
+      }
+    });
+  });
+  return out.view(logits.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdext, CPU, m) {
+  m.impl("logprobs_forward", &logprobs_forward);
+  m.impl("logprobs_backward", &logprobs_backward);
+}
+
+}  // namespace cpu
+}  // namespace kdext

@@ -1,0 +1,280 @@
+// CPU kernels of the softmax family: softmax, log_softmax (with temperature),
+// their backward, logsumexp, and entropy (forward, shard partial, backward).
+//
+// Each is one or two streamed passes over a row (cpu/vec.h), with the online
+// softmax state of csrc/include/kdext/online_softmax.h.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/row_reduce.h"
+
+namespace kdext {
+namespace cpu {
+namespace {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// A validated [rows, V] view of one logits tensor.
+struct RowsInput {
+  at::Tensor x;
+  int64_t rows, V;
+
+  RowsInput(const at::Tensor& logits, const char* name) {
+    check_logits(logits, name);
+    x = as_rows(logits);
+    rows = x.size(0);
+    V = x.size(1);
+  }
+  const void* row(int64_t r) const {
+    return static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
+  }
+};
+
+void* mutable_row(const at::Tensor& x2d, int64_t r) {
+  return static_cast<char*>(x2d.data_ptr()) + r * x2d.stride(0) * x2d.element_size();
+}
+
+template <typename F>
+void for_each_chunk(int64_t V, F&& f) {
+  for (int64_t b = 0; b < V; b += kChunk) f(b, std::min<int64_t>(kChunk, V - b));
+}
+
+// softmax(x/T) or log_softmax(x/T), in the input's dtype.
+at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) {
+  RowsInput in(logits, "logits");
+  check_temperature(temperature);
+  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::softmax", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const auto dtype = in.x.scalar_type();
+        const acc_t lse = log_sum_exp(row_softmax_state(in.row(r), dtype, in.V, inv_t, buf));
+        const Vec<acc_t> vlse(lse);
+        for_each_chunk(in.V, [&](int64_t b, int64_t n) {
+          const int64_t P = load_chunk(in.row(r), dtype, b, n, inv_t, buf);
+          for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+            const auto y = Vec<acc_t>::loadu(buf + i) - vlse;
+            (log ? y : y.exp()).store(buf + i);
+          }
+          store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
+        });
+      }
+    });
+  });
+  return out.view(logits.sizes());
+}
+
+at::Tensor softmax(const at::Tensor& logits, double temperature) { return softmax_impl(logits, temperature, false); }
+at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
+  return softmax_impl(logits, temperature, true);
+}
+
+// d/dx of softmax(x/T) (y = output): y (g - sum g y) / T;
+// of log_softmax(x/T): (g - exp(y) sum g) / T.
+at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
+  RowsInput y(output, "output");
+  check_temperature(temperature);
+  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
+                    " but output has shape ", output.sizes());
+  check_same_device(grad_output, "grad_output", output, "output");
+  RowsInput g(grad_output, "grad_output");
+  at::Tensor grad = at::empty({y.rows, y.V}, output.options());
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(output), "kdext::softmax_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    at::parallel_for(0, y.rows, row_grain(y.V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t gb[kChunk];
+      alignas(64) acc_t yb[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        // Padding is -inf in both buffers; zero it out of the dot products.
+        Vec<acc_t> acc(acc_t(0));
+        const Vec<acc_t> zero(acc_t(0));
+        for_each_chunk(y.V, [&](int64_t b, int64_t n) {
+          const int64_t P = load_chunk(g.row(r), g.x.scalar_type(), b, n, acc_t(1), gb);
+          load_chunk(y.row(r), y.x.scalar_type(), b, n, acc_t(1), yb);
+          for (int64_t i = 0; i < n; ++i) yb[i] = log ? yb[i] : gb[i] * yb[i];
+          for (int64_t i = n; i < P; ++i) yb[i] = gb[i] = 0;
+          const acc_t* src = log ? gb : yb;
+          for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) acc = acc + Vec<acc_t>::loadu(src + i);
+        });
+        const acc_t dot = reduce_sum(acc);
+        for_each_chunk(y.V, [&](int64_t b, int64_t n) {
+          const int64_t P = load_chunk(g.row(r), g.x.scalar_type(), b, n, acc_t(1), gb);
+          load_chunk(y.row(r), y.x.scalar_type(), b, n, acc_t(1), yb);
+          const Vec<acc_t> vdot(dot), vinv(inv_t);
+          for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+            const auto gv = Vec<acc_t>::loadu(gb + i), yv = Vec<acc_t>::loadu(yb + i);
+            const auto d = log ? (gv - yv.exp() * vdot) : yv * (gv - vdot);
+            (d * vinv).store(gb + i);
+          }
+          store_chunk(gb, n, grad.scalar_type(), mutable_row(grad, r), b);
+        });
+      }
+    });
+  });
+  return grad.view(output.sizes());
+}
+
+at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
+  RowsInput in(logits, "logits");
+  check_temperature(temperature);
+  at::Tensor out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "kdext::logsumexp", [&] {
+    using acc_t = scalar_t;
+    acc_t* o = out.data_ptr<acc_t>();
+    at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r)
+        o[r] = log_sum_exp(row_softmax_state(in.row(r), in.x.scalar_type(), in.V, acc_t(1.0 / temperature), buf));
+    });
+  });
+  return out.view(row_shape(logits));
+}
+
+// Entropy in one pass, with the weighted sum centred on the running max,
+//   B = sum_i e^{x_i - m} (x_i - m) <= 0,   H = log Z - B / Z,
+// so that large logits do not cancel catastrophically (H = lse - E_q[x]).
+// When the max rises from m to m', B' = e^{m - m'} (B + (m - m') Z).
+template <typename acc_t>
+std::pair<acc_t, acc_t> row_entropy(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t* buf) {
+  LaneSoftmax<acc_t> st;
+  Vec<acc_t> centred(acc_t(0));
+  const Vec<acc_t> zero(acc_t(0));
+  for_each_chunk(V, [&](int64_t b, int64_t n) {
+    const int64_t P = load_chunk(row, dtype, b, n, inv_t, buf);
+    const acc_t old_max = st.max;
+    const Vec<acc_t> old_sum = st.sum;
+    acc_t factor;
+    if (!st.raise_max(chunk_max(buf, P), &factor)) return;
+    if (factor != acc_t(1)) {
+      const acc_t shift = old_max == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : old_max - st.max;
+      centred = Vec<acc_t>(factor) * (centred + Vec<acc_t>(shift) * old_sum);
+    }
+    const Vec<acc_t> m(st.max);
+    for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+      const auto d = Vec<acc_t>::loadu(buf + i) - m;
+      const auto e = d.exp();
+      st.sum = st.sum + e;
+      centred = centred + Vec<acc_t>::blendv(zero, e * d, e > zero);
+    }
+  });
+  const auto s = st.finish();
+  const acc_t lse = log_sum_exp(s);
+  if (classify_row(lse, acc_t(0)) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
+  return {MathOps<acc_t>::log(s.sum) - reduce_sum(centred) / s.sum, lse};
+}
+
+// A vocab shard's part of the entropy, -sum_i q_i log q_i, given the global lse.
+template <typename acc_t>
+acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t lse, acc_t* buf) {
+  if (classify_row(lse, acc_t(0)) != RowKind::Normal) return std::numeric_limits<acc_t>::quiet_NaN();
+  Vec<acc_t> acc(acc_t(0));
+  const Vec<acc_t> zero(acc_t(0)), vlse(lse);
+  for_each_chunk(V, [&](int64_t b, int64_t n) {
+    const int64_t P = load_chunk(row, dtype, b, n, inv_t, buf);
+    for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+      const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
+      const auto q = lq.exp();
+      acc = acc - Vec<acc_t>::blendv(zero, q * lq, q > zero);
+    }
+  });
+  return reduce_sum(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, double temperature,
+                                                   const std::optional<at::Tensor>& lse) {
+  RowsInput in(logits, "logits");
+  check_temperature(temperature);
+  const auto acc = acc_dtype(logits);
+  at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
+  at::Tensor lse_out;
+  if (lse.has_value()) {
+    TORCH_CHECK_VALUE(lse->numel() == in.rows, "lse must have one entry per row (", in.rows, "), got shape ",
+                      lse->sizes());
+    check_same_device(*lse, "lse", logits, "logits");
+    lse_out = lse->to(acc).contiguous().reshape({-1});
+  } else {
+    lse_out = at::empty({in.rows}, logits.options().dtype(acc));
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_forward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    acc_t* e = ent.data_ptr<acc_t>();
+    acc_t* l = lse_out.data_ptr<acc_t>();
+    const bool partial = lse.has_value();
+    at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        if (partial) {
+          e[r] = row_entropy_partial(in.row(r), in.x.scalar_type(), in.V, inv_t, l[r], buf);
+        } else {
+          std::tie(e[r], l[r]) = row_entropy(in.row(r), in.x.scalar_type(), in.V, inv_t, buf);
+        }
+      }
+    });
+  });
+  const auto shape = row_shape(logits);
+  return {ent.view(shape), lse_out.view(shape)};
+}
+
+// dH/dx_j = -q_j (log q_j + H) / T.
+at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
+                            const at::Tensor& lse, double temperature) {
+  RowsInput in(logits, "logits");
+  check_temperature(temperature);
+  const auto acc = acc_dtype(logits);
+  TORCH_CHECK_VALUE(grad.numel() == in.rows && entropy.numel() == in.rows && lse.numel() == in.rows,
+                    "grad, entropy and lse must have one entry per row (", in.rows, ")");
+  const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
+  const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
+  const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
+  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_backward", [&] {
+    using acc_t = scalar_t;
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    const acc_t *gp = g.const_data_ptr<acc_t>(), *hp = h.const_data_ptr<acc_t>(), *lp = l.const_data_ptr<acc_t>();
+    at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t r = begin; r < end; ++r) {
+        const RowKind kind = classify_row(lp[r], acc_t(0));
+        const Vec<acc_t> zero(acc_t(0)), vlse(lp[r]), vh(hp[r]), vscale(-gp[r] * inv_t);
+        for_each_chunk(in.V, [&](int64_t b, int64_t n) {
+          if (kind != RowKind::Normal) {
+            std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+          } else {
+            const int64_t P = load_chunk(in.row(r), in.x.scalar_type(), b, n, inv_t, buf);
+            for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
+              const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
+              const auto q = lq.exp();
+              Vec<acc_t>::blendv(zero, vscale * q * (lq + vh), q > zero).store(buf + i);
+            }
+          }
+          store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
+        });
+      }
+    });
+  });
+  return out.view(logits.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdext, CPU, m) {
+  m.impl("softmax", &softmax);
+  m.impl("log_softmax", &log_softmax);
+  m.impl("softmax_backward", &softmax_backward);
+  m.impl("logsumexp", &logsumexp);
+  m.impl("entropy_forward", &entropy_forward);
+  m.impl("entropy_backward", &entropy_backward);
+}
+
+}  // namespace cpu
+}  // namespace kdext

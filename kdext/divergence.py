@@ -1,0 +1,255 @@
+"""The divergence family: per-row ops and the fused distillation loss.
+
+Per-row ops (each returns ``logits.shape[:-1]`` in float32, float64 for
+float64 inputs, and is differentiable in both logits):
+
+    reverse_kl(s, t)        KL(q || p)
+    forward_kl(s, t)        KL(p || q)
+    jsd(s, t, beta)         beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    skew_forward_kl(s, t, alpha)   KL(p || alpha p + (1 - alpha) q)
+    skew_reverse_kl(s, t, alpha)   KL(q || (1 - alpha) p + alpha q)
+    tvd(s, t)               1/2 sum |p - q|
+
+with q = softmax(s / T) the student and p = softmax(t / T) the teacher. Their
+backward is one pass over each row using the statistics the forward saved.
+
+``distill_loss`` reduces any of them over rows, with ignored rows, and computes
+the student's gradient in the same kernel pass as the loss.
+"""
+
+import torch
+
+from . import _validate
+from ._ops import ops
+
+# ---------------------------------------------------------------------------
+# Fake kernels (shapes only; for torch.compile and meta tensors)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.register_fake("kdext::divergence_forward")
+def _divergence_forward_fake(student_logits, teacher_logits, divergence, param, temperature):
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_divergence(divergence, param)
+    _validate.check_temperature(temperature)
+    rows = _validate.rows_shape(student_logits)
+    acc = _validate.acc_dtype(student_logits)
+    return student_logits.new_empty(rows, dtype=acc), student_logits.new_empty(rows + (4,), dtype=acc)
+
+
+@torch.library.register_fake("kdext::divergence_backward")
+def _divergence_backward_fake(
+    grad_values, student_logits, teacher_logits, stats, divergence, param, temperature, student_grad, teacher_grad
+):
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    s_shape = student_logits.shape if student_grad else (0,)
+    t_shape = teacher_logits.shape if teacher_grad else (0,)
+    return student_logits.new_empty(s_shape), teacher_logits.new_empty(t_shape)
+
+
+@torch.library.register_fake("kdext::divergence_loss")
+def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature):
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_divergence(divergence, param)
+    _validate.check_temperature(temperature)
+    acc = _validate.acc_dtype(student_logits)
+    return student_logits.new_empty((), dtype=acc), student_logits.new_empty(student_logits.shape)
+
+
+@torch.library.register_fake("kdext::divergence_partial")
+def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teacher_lse, divergence, param, temperature):
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_divergence(divergence, param)
+    rows = _validate.rows_shape(student_logits)
+    return student_logits.new_empty(rows + (3,), dtype=_validate.acc_dtype(student_logits))
+
+
+@torch.library.register_fake("kdext::scale_")
+def _scale_fake(self, factor):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------
+
+
+def _forward_setup_context(ctx, inputs, output):
+    student_logits, teacher_logits, divergence, param, temperature = inputs
+    _, stats = output
+    ctx.save_for_backward(student_logits, teacher_logits, stats)
+    ctx.mark_non_differentiable(stats)
+    ctx.args = (divergence, param, temperature)
+
+
+def _forward_backward(ctx, grad_values, _grad_stats):
+    student_logits, teacher_logits, stats = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_s, grad_t = ops.divergence_backward(
+        grad_values, student_logits, teacher_logits, stats, *ctx.args, need_s, need_t
+    )
+    return (grad_s if need_s else None), (grad_t if need_t else None), None, None, None
+
+
+torch.library.register_autograd("kdext::divergence_forward", _forward_backward, setup_context=_forward_setup_context)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+    ctx.consumed = False
+
+
+def _loss_backward(ctx, grad_loss, _grad_grad):
+    # The kernel already wrote d(loss)/d(student); the chain rule only scales it
+    # by the upstream gradient, in place (a no-op on the device when it is 1).
+    (grad,) = ctx.saved_tensors
+    if ctx.consumed:
+        raise RuntimeError(
+            "distill_loss: backward was called twice through the fused loss, whose gradient buffer is scaled in "
+            "place; use fused=False if you need retain_graph=True"
+        )
+    ctx.consumed = True
+    ops.scale_(grad, grad_loss.to(grad.dtype))
+    return grad, None, None, None, None, None
+
+
+torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def reverse_kl(student_logits, teacher_logits, temperature=1.0):
+    """Per-row KL(q || p), q = softmax(student_logits / T), p = softmax(teacher_logits / T)."""
+    return ops.reverse_kl(student_logits, teacher_logits, temperature)
+
+
+def forward_kl(student_logits, teacher_logits, temperature=1.0):
+    """Per-row KL(p || q)."""
+    return ops.forward_kl(student_logits, teacher_logits, temperature)
+
+
+def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
+    """Per-row generalized JSD(beta) (GKD/TRL convention: beta=0 is forward KL, beta=1 reverse KL)."""
+    return ops.jsd(student_logits, teacher_logits, beta, temperature)
+
+
+def skew_forward_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
+    """Per-row KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
+    return ops.skew_forward_kl(student_logits, teacher_logits, alpha, temperature)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
+    """Per-row KL(q || (1 - alpha) p + alpha q) (DistiLLM's skew reverse KL)."""
+    return ops.skew_reverse_kl(student_logits, teacher_logits, alpha, temperature)
+
+
+def tvd(student_logits, teacher_logits, temperature=1.0):
+    """Per-row total variation distance 1/2 sum |p - q|."""
+    return ops.tvd(student_logits, teacher_logits, temperature)
+
+
+def divergence_param(kind, beta, alpha):
+    """The op-level parameter of a divergence: beta for jsd, alpha for the skew KLs, else unused."""
+    if kind == "jsd":
+        return beta
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        return alpha
+    return 0.0
+
+
+def row_mask(student_logits, labels, ignore_index, mask):
+    """Boolean [rows...] mask of the rows that count, from labels and/or an explicit mask."""
+    rows = _validate.rows_shape(student_logits)
+    keep = None
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if tuple(labels.shape) != rows:
+            raise ValueError(f"labels must have shape {list(rows)} (the logits' leading dims), got {list(labels.shape)}")
+        _validate.check_same_device(labels, "labels", student_logits, "student_logits")
+        keep = labels != ignore_index
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a boolean torch.Tensor (True = the row counts)")
+        if tuple(mask.shape) != rows:
+            raise ValueError(f"mask must have shape {list(rows)} (the logits' leading dims), got {list(mask.shape)}")
+        _validate.check_same_device(mask, "mask", student_logits, "student_logits")
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def distill_loss(
+    student_logits,
+    teacher_logits,
+    kind="reverse_kl",
+    labels=None,
+    ignore_index=-100,
+    temperature=1.0,
+    reduction="mean",
+    beta=0.5,
+    alpha=0.1,
+    mask=None,
+    fused=True,
+):
+    """Distillation loss between student and teacher logits, reduced over rows.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` logits (fp32/fp16/bf16; may differ in dtype).
+        kind: one of ``reverse_kl``, ``forward_kl``, ``jsd``, ``skew_forward_kl``, ``skew_reverse_kl``, ``tvd``.
+        labels: optional ``[...]`` tensor; rows whose label equals ``ignore_index`` are ignored.
+        mask: optional boolean ``[...]`` tensor; rows where it is False are ignored.
+        temperature: softmax temperature T > 0 applied to both sides.
+        reduction: ``"mean"`` (over the rows that count; NaN when none does, like
+            ``torch.nn.functional.cross_entropy``), ``"sum"``, or ``"none"`` (per-row values,
+            ignored rows 0).
+        beta: the JSD's beta; alpha: the skew KLs' alpha.
+        fused: compute the student's gradient inside the forward kernel (the default). The
+            backward is then only a scale of that buffer. Used whenever the teacher needs no
+            gradient and reduction is not ``"none"``; otherwise the per-row ops are used.
+
+    Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
+    """
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_temperature(temperature)
+    param = divergence_param(kind, beta, alpha)
+    _validate.check_divergence(kind, param)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    keep = row_mask(student_logits, labels, ignore_index, mask)
+    acc = _validate.acc_dtype(student_logits)
+
+    if reduction == "none" or not fused or teacher_logits.requires_grad:
+        return _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc)
+
+    if keep is None:
+        rows = student_logits.numel() // student_logits.shape[-1]
+        weights = student_logits.new_ones(_validate.rows_shape(student_logits), dtype=acc)
+        if reduction == "mean":
+            weights = weights / rows
+    else:
+        weights = keep.to(acc)
+        if reduction == "mean":
+            weights = weights / keep.sum()
+    loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
+    return loss
+
+
+def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc):
+    values, _ = ops.divergence_forward(student_logits, teacher_logits, kind, param, temperature)
+    if keep is not None:
+        values = torch.where(keep, values, values.new_zeros(()))
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    count = values.numel() if keep is None else keep.sum()
+    return total / count
