@@ -368,9 +368,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The rule of the CPU kernels (row_backward in csrc/cpu/divergence.cpp) for
+// rows whose gradient is a constant: a row that is not Normal, or whose scale
+// (upstream gradient / T) is 0, gets NaN when it is poisoned and the scale is
+// nonzero, else 0. Returns false when the row's gradient must be computed.
+template <typename Acc>
+__device__ __forceinline__ bool grad_fill(RowKind kind, Acc scale, Acc* fill) {
+  if (kind == RowKind::Normal && scale != Acc(0)) return false;
+  *fill = (kind == RowKind::Poisoned && scale != Acc(0)) ? quiet_nan<Acc>() : Acc(0);
+  return true;
+}
+
 // The gradient pass. Per row: scale = grad_values[r] / T (backward) or
-// weights[r] / T (loss; weight 0 writes zeros). Empty rows get zeros,
-// poisoned rows NaN, exactly as the CPU kernels.
+// weights[r] / T (loss; weight 0 writes zeros); constant rows as grad_fill.
 template <typename S, typename T, typename Acc, Divergence D>
 __global__ void __launch_bounds__(kThreads)
     pair_grad_kernel(PairArgs<Acc> a, const Acc* __restrict__ stats, const Acc* __restrict__ grad_values,
@@ -392,18 +402,12 @@ __global__ void __launch_bounds__(kThreads)
     chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
 
     Acc fill = Acc(0);
-    bool do_fill = false;
+    bool do_fill = true;
     Acc scale = Acc(0);
-    if (weights != nullptr && weights[r] == Acc(0)) {
-      do_fill = true;
-    } else {
+    if (weights == nullptr || weights[r] != Acc(0)) {  // weight 0: an ignored row, zeros
       const Acc* st = stats + r * kStatsColumns;
-      const RowKind kind = classify_row(st[0], st[1]);
-      if (kind != RowKind::Normal) {
-        do_fill = true;
-        fill = kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
-      }
       scale = (weights != nullptr ? weights[r] : grad_values[r]) / a.temperature;
+      do_fill = grad_fill(classify_row(st[0], st[1]), scale, &fill);
     }
     if (do_fill) {
       for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
@@ -590,8 +594,9 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
     }
 
     if (loss) {  // Pass 3: the gradient, from shared memory to global memory.
-      if (kind == RowKind::Normal) {
-        const Acc scale = o.weights[r] / a.temperature;
+      const Acc scale = o.weights[r] / a.temperature;
+      Acc fill;
+      if (!grad_fill(kind, scale, &fill)) {
         for (int64_t jj = tid; jj < cnt; jj += kThreads) {
           const int64_t st0 = L.base + (k0 + jj) * N;
           Acc xs[N], xt[N], out[N];
@@ -604,7 +609,6 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
           store_pack<S, Acc, N>(g, L, st0, out);
         }
       } else {
-        const Acc fill = kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
         for (int64_t jj = tid; jj < cnt; jj += kThreads) fill_pack<S, Acc, N>(g, L, L.base + (k0 + jj) * N, fill);
       }
     }
