@@ -79,10 +79,13 @@ def _forward_setup_context(ctx, inputs, output):
     _, stats = output
     ctx.save_for_backward(student_logits, teacher_logits, stats)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the stats output
     ctx.args = (divergence, param, temperature)
 
 
 def _forward_backward(ctx, grad_values, _grad_stats):
+    if grad_values is None:
+        return None, None, None, None, None
     student_logits, teacher_logits, stats = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_s, grad_t = ops.divergence_backward(
@@ -98,12 +101,17 @@ def _loss_setup_context(ctx, inputs, output):
     _, grad = output
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
+    # Without this, autograd would zero-fill a [rows, V] "gradient" for the
+    # gradient output on every backward: a full extra pass over memory.
+    ctx.set_materialize_grads(False)
     ctx.consumed = False
 
 
 def _loss_backward(ctx, grad_loss, _grad_grad):
     # The kernel already wrote d(loss)/d(student); the chain rule only scales it
     # by the upstream gradient, in place (a no-op on the device when it is 1).
+    if grad_loss is None:
+        return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if ctx.consumed:
         raise RuntimeError(

@@ -36,10 +36,13 @@ def _setup(ctx, inputs, output):
     _, lse = output
     ctx.save_for_backward(logits, tokens, lse)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.temperature = temperature
 
 
 def _backward(ctx, grad, _grad_lse):
+    if grad is None:
+        return None, None, None
     logits, tokens, lse = ctx.saved_tensors
     return ops.logprobs_backward(grad, logits, tokens, lse, ctx.temperature), None, None
 

@@ -91,11 +91,14 @@ def _entropy_setup(ctx, inputs, output):
     entropy, lse_out = output
     ctx.save_for_backward(logits, entropy, lse_out)
     ctx.mark_non_differentiable(lse_out)
+    ctx.set_materialize_grads(False)
     ctx.temperature = temperature
     ctx.partial = lse is not None
 
 
 def _entropy_backward(ctx, grad, _grad_lse):
+    if grad is None:
+        return None, None, None
     if ctx.partial:
         raise RuntimeError("entropy_forward with a given lse (a vocab shard's partial sum) is not differentiable")
     logits, entropy, lse = ctx.saved_tensors

@@ -10,10 +10,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 #include "kdext/divergence.h"
 
@@ -40,10 +40,17 @@ struct RowPair {
   int64_t V;
   acc_t inv_t;
 
-  // Loads chunk [b, b + n) of both rows, scaled by 1/T; returns the padded length.
-  int64_t load(int64_t b, int64_t n, Buffers<acc_t>& buf) const {
-    load_chunk(t, t_dtype, b, n, inv_t, buf.t);
-    return load_chunk(s, s_dtype, b, n, inv_t, buf.s);
+  // Chunk [b, b + n) of both rows, raw (callers scale by 1/T), padded to whole vectors.
+  struct Chunk {
+    const acc_t* s;
+    const acc_t* t;
+    int64_t padded;
+  };
+  Chunk load(int64_t b, int64_t n, Buffers<acc_t>& buf) const {
+    Chunk c;
+    c.t = chunk_view(t, t_dtype, b, n, buf.t, &c.padded);
+    c.s = chunk_view(s, s_dtype, b, n, buf.s, &c.padded);
+    return c;
   }
 };
 
@@ -53,27 +60,27 @@ template <typename acc_t, bool kWeighted>
 ReverseKLState<acc_t> pair_state(const RowPair<acc_t>& row, Buffers<acc_t>& buf) {
   LaneSoftmax<acc_t> s, t;
   Vec<acc_t> weighted(acc_t(0));
-  const Vec<acc_t> zero(acc_t(0));
+  const Vec<acc_t> zero(acc_t(0)), inv(row.inv_t);
   for (int64_t b = 0; b < row.V; b += kChunk) {
-    const int64_t P = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    const auto c = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
     acc_t factor;
-    if (s.raise_max(chunk_max(buf.s, P), &factor)) {
+    if (s.raise_max(chunk_max(c.s, c.padded) * row.inv_t, &factor)) {
       if (kWeighted) weighted = weighted * Vec<acc_t>(factor);
       const Vec<acc_t> m(s.max);
-      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-        const auto xs = Vec<acc_t>::loadu(buf.s + i);
-        const auto e = (xs - m).exp();
-        s.sum = s.sum + e;
+      Vec<acc_t> zs(acc_t(0)), a(acc_t(0));  // per-chunk partial sums (two-level summation)
+      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+        const auto xs = Vec<acc_t>::loadu(c.s + i) * inv;
+        const auto e = fast_exp(xs - m);
+        zs = zs + e;
         if (kWeighted) {
-          const auto xt = Vec<acc_t>::loadu(buf.t + i);
-          weighted = weighted + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
+          const auto xt = Vec<acc_t>::loadu(c.t + i) * inv;
+          a = a + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
         }
       }
+      s.sum = s.sum + zs;
+      if (kWeighted) weighted = weighted + a;
     }
-    if (t.raise_max(chunk_max(buf.t, P), &factor)) {
-      const Vec<acc_t> m(t.max);
-      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) t.sum = t.sum + (Vec<acc_t>::loadu(buf.t + i) - m).exp();
-    }
+    t.add(c.t, c.padded, row.inv_t);
   }
   return {s.finish(), t.finish(), reduce_sum(weighted)};
 }
@@ -84,15 +91,20 @@ template <typename acc_t, Divergence D>
 DivergenceSums<acc_t> row_sums(const RowPair<acc_t>& row, acc_t lse_s, acc_t lse_t,
                                const DivergenceParam<acc_t>& prm, Buffers<acc_t>& buf) {
   Vec<acc_t> value(acc_t(0)), cs(acc_t(0)), ct(acc_t(0));
-  const Vec<acc_t> vls(lse_s), vlt(lse_t);
+  const Vec<acc_t> vls(lse_s), vlt(lse_t), inv(row.inv_t);
   for (int64_t b = 0; b < row.V; b += kChunk) {
-    const int64_t P = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
-    for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-      const auto e = DivergenceMath<D>::terms(Vec<acc_t>::loadu(buf.s + i) - vls, Vec<acc_t>::loadu(buf.t + i) - vlt, prm);
-      value = value + e.value;
-      cs = cs + e.student_c;
-      ct = ct + e.teacher_c;
+    const auto c = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    Vec<acc_t> v_part(acc_t(0)), cs_part(acc_t(0)), ct_part(acc_t(0));
+    for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+      const auto e = DivergenceMath<D>::terms(Vec<acc_t>::loadu(c.s + i) * inv - vls,
+                                              Vec<acc_t>::loadu(c.t + i) * inv - vlt, prm);
+      v_part = v_part + e.value;
+      cs_part = cs_part + e.student_c;
+      ct_part = ct_part + e.teacher_c;
     }
+    value = value + v_part;
+    cs = cs + cs_part;
+    ct = ct + ct_part;
   }
   return {reduce_sum(value), reduce_sum(cs), reduce_sum(ct)};
 }
@@ -145,25 +157,90 @@ void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const D
     }
     return;
   }
-  const Vec<acc_t> vls(st.lse_s), vlt(st.lse_t), vscale(scale);
+  const Vec<acc_t> vls(st.lse_s), vlt(st.lse_t), vscale(scale), inv(row.inv_t);
   for (int64_t b = 0; b < row.V; b += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, row.V - b);
-    const int64_t P = row.load(b, n, buf);
+    const auto c = row.load(b, n, buf);
     if (gs) {
-      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(buf.s + i) - vls, lt = Vec<acc_t>::loadu(buf.t + i) - vlt;
-        (DivergenceMath<D>::student_grad(ls, lt, prm, st.cs) * vscale).store(buf.out + i);
+      acc_t* out = chunk_out(gs, gs_dtype, b, n, buf.out);
+      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
+        (DivergenceMath<D>::student_grad(ls, lt, prm, st.cs) * vscale).store(out + i);
       }
-      store_chunk(buf.out, n, gs_dtype, gs, b);
+      finish_chunk(out, buf.out, n, gs_dtype, gs, b);
     }
     if (gt) {
-      for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(buf.s + i) - vls, lt = Vec<acc_t>::loadu(buf.t + i) - vlt;
-        (DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct) * vscale).store(buf.out + i);
+      acc_t* out = chunk_out(gt, gt_dtype, b, n, buf.out);
+      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
+        (DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct) * vscale).store(out + i);
       }
-      store_chunk(buf.out, n, gt_dtype, gt, b);
+      finish_chunk(out, buf.out, n, gt_dtype, gt, b);
     }
   }
+}
+
+// The fused reverse-KL loss row in two passes and two exps per entry. Pass 1
+// is the online state of DESIGN.md, and it also keeps e_j = exp(x_j - m_c)
+// (m_c: the running max when chunk c was seen) in `scratch`, a row-sized
+// per-thread buffer that stays in L2. Pass 2 then needs no exp at all:
+// q_j = e_j exp(m_c - m_s) / Z_s, and the student gradient is
+// q_j (log q_j - log p_j - KL) scale. Returns the row's KL (NaN for a row
+// without a distribution, whose gradient is then 0, or NaN when poisoned).
+template <typename acc_t>
+acc_t row_loss_reverse_kl(const RowPair<acc_t>& row, acc_t scale, void* gs, c10::ScalarType gs_dtype,
+                          Buffers<acc_t>& buf, acc_t* scratch, acc_t* chunk_max_used) {
+  LaneSoftmax<acc_t> s, t;
+  Vec<acc_t> weighted(acc_t(0));
+  const Vec<acc_t> zero(acc_t(0)), inv(row.inv_t);
+  for (int64_t b = 0, c = 0; b < row.V; b += kChunk, ++c) {
+    const auto ch = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    acc_t factor;
+    chunk_max_used[c] = -std::numeric_limits<acc_t>::infinity();
+    if (s.raise_max(chunk_max(ch.s, ch.padded) * row.inv_t, &factor)) {
+      weighted = weighted * Vec<acc_t>(factor);
+      chunk_max_used[c] = s.max;
+      const Vec<acc_t> m(s.max);
+      Vec<acc_t> zs(acc_t(0)), a(acc_t(0));
+      for (int64_t i = 0; i < ch.padded; i += Vec<acc_t>::size()) {
+        const auto xs = Vec<acc_t>::loadu(ch.s + i) * inv;
+        const auto xt = Vec<acc_t>::loadu(ch.t + i) * inv;
+        const auto e = fast_exp(xs - m);
+        e.store(scratch + b + i);
+        zs = zs + e;
+        a = a + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
+      }
+      s.sum = s.sum + zs;
+      weighted = weighted + a;
+    }
+    t.add(ch.t, ch.padded, row.inv_t);
+  }
+  const ReverseKLState<acc_t> st{s.finish(), t.finish(), reduce_sum(weighted)};
+  RowResult<acc_t> res;
+  res.lse_s = log_sum_exp(st.student);
+  res.lse_t = log_sum_exp(st.teacher);
+  res.ct = acc_t(0);
+  if (classify_row(res.lse_s, res.lse_t) != RowKind::Normal) {
+    res.value = res.cs = std::numeric_limits<acc_t>::quiet_NaN();
+    row_backward<acc_t, Divergence::ReverseKL>(row, res, DivergenceParam<acc_t>{}, scale, gs, gs_dtype, nullptr,
+                                               gs_dtype, buf);
+    return res.value;
+  }
+  res.value = res.cs = reverse_kl_value(st);
+  const Vec<acc_t> shift(res.lse_t - res.lse_s - res.value), vscale(scale);
+  for (int64_t b = 0, c = 0; b < row.V; b += kChunk, ++c) {
+    const int64_t n = std::min<int64_t>(kChunk, row.V - b);
+    const auto ch = row.load(b, n, buf);
+    acc_t* out = chunk_out(gs, gs_dtype, b, n, buf.out);
+    const Vec<acc_t> to_q(rescale_factor(chunk_max_used[c], st.student.max) / st.student.sum);
+    for (int64_t i = 0; i < ch.padded; i += Vec<acc_t>::size()) {
+      const auto q = Vec<acc_t>::loadu(scratch + b + i) * to_q;
+      const auto d = (Vec<acc_t>::loadu(ch.s + i) - Vec<acc_t>::loadu(ch.t + i)) * inv + shift;
+      Vec<acc_t>::blendv(zero, q * d * vscale, q > zero).store(out + i);
+    }
+    finish_chunk(out, buf.out, n, gs_dtype, gs, b);
+  }
+  return res.value;
 }
 
 // Shared setup of the adapters: validated [rows, V] views of both inputs.
@@ -244,8 +321,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
   check_same_device(stats, "stats", student, "student_logits");
   const at::Tensor g = grad_values.to(acc).contiguous().reshape({-1});
   const at::Tensor st = stats.to(acc).contiguous().reshape({-1, kStatsColumns});
-  at::Tensor gs = student_grad ? at::empty_like(in.s) : at::empty({0}, student.options());
-  at::Tensor gt = teacher_grad ? at::empty_like(in.t) : at::empty({0}, teacher.options());
+  at::Tensor gs = student_grad ? empty_output({in.rows, in.V}, student.options()) : at::empty({0}, student.options());
+  at::Tensor gt = teacher_grad ? empty_output({in.rows, in.V}, teacher.options()) : at::empty({0}, teacher.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_backward", [&] {
     using acc_t = scalar_t;
     const auto prm = DivergenceParam<acc_t>::make(param);
@@ -279,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
                     "), got shape ", row_weights.sizes());
   check_same_device(row_weights, "row_weights", student, "student_logits");
   const at::Tensor w = row_weights.to(acc).contiguous().reshape({-1});
-  at::Tensor grad = at::empty_like(in.s);
+  at::Tensor grad = empty_output({in.rows, in.V}, student.options());
   at::Tensor row_loss = at::empty({in.rows}, student.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_loss", [&] {
     using acc_t = scalar_t;
@@ -290,11 +367,21 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
       constexpr Divergence D = decltype(tag)::value;
       at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
         Buffers<acc_t> buf;
+        std::vector<acc_t> scratch, chunk_maxes;
+        if (D == Divergence::ReverseKL) {
+          scratch.resize((in.V + kChunk - 1) / kChunk * kChunk);
+          chunk_maxes.resize((in.V + kChunk - 1) / kChunk);
+        }
         for (int64_t r = begin; r < end; ++r) {
           const auto row = in.row<acc_t>(r, temperature);
           if (wp[r] == acc_t(0)) {  // an ignored row: no work, no NaN leaks in
             lp[r] = acc_t(0);
             std::memset(row_ptr(grad, r), 0, in.V * grad.element_size());
+            continue;
+          }
+          if (D == Divergence::ReverseKL) {
+            lp[r] = wp[r] * row_loss_reverse_kl(row, wp[r] / acc_t(temperature), row_ptr(grad, r),
+                                                grad.scalar_type(), buf, scratch.data(), chunk_maxes.data());
             continue;
           }
           const auto res = row_forward<acc_t, D>(row, prm, buf);

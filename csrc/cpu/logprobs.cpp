@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 
 namespace kdext {
@@ -79,7 +80,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
   const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
-  at::Tensor out = at::empty({rows, V}, logits.options());
+  at::Tensor out = empty_output({rows, V}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::logprobs_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -100,7 +101,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
           } else {
             const int64_t P = load_chunk(row, x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size())
-              (vscale * (Vec<acc_t>::loadu(buf + i) - vlse).exp()).store(buf + i);
+              (vscale * fast_exp(Vec<acc_t>::loadu(buf + i) - vlse)).store(buf + i);
             // Tokens outside [0, V) (a vocab shard's foreign tokens) add no one-hot term.
             if (tp[r] >= b && tp[r] < b + n) buf[tp[r] - b] += scale;
           }

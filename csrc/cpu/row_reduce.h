@@ -41,11 +41,14 @@ struct LaneSoftmax {
     return true;
   }
 
-  void add(const acc_t* x, int64_t padded) {
+  // Adds a chunk of raw values x (the state is of x * inv_t).
+  void add(const acc_t* x, int64_t padded, acc_t inv_t) {
     acc_t factor;
-    if (!raise_max(chunk_max(x, padded), &factor)) return;
-    const Vec vm(max);
-    for (int64_t i = 0; i < padded; i += Vec::size()) sum = sum + (Vec::loadu(x + i) - vm).exp();
+    if (!raise_max(chunk_max(x, padded) * inv_t, &factor)) return;
+    const Vec vm(max), vinv(inv_t);
+    Vec part(acc_t(0));  // two-level sum: error grows with V / kChunk, not V
+    for (int64_t i = 0; i < padded; i += Vec::size()) part = part + fast_exp(Vec::loadu(x + i) * vinv - vm);
+    sum = sum + part;
   }
 
   SoftmaxState<acc_t> finish() const { return {max, reduce_sum(sum)}; }
@@ -56,8 +59,9 @@ template <typename acc_t>
 SoftmaxState<acc_t> row_softmax_state(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t* buf) {
   LaneSoftmax<acc_t> st;
   for (int64_t b = 0; b < V; b += kChunk) {
-    const int64_t n = std::min<int64_t>(kChunk, V - b);
-    st.add(buf, load_chunk(row, dtype, b, n, inv_t, buf));
+    int64_t padded;
+    const acc_t* x = chunk_view(row, dtype, b, std::min<int64_t>(kChunk, V - b), buf, &padded);
+    st.add(x, padded, inv_t);
   }
   return st.finish();
 }

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 
 namespace kdext {
@@ -48,7 +49,7 @@ void for_each_chunk(int64_t V, F&& f) {
 at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) {
   RowsInput in(logits, "logits");
   check_temperature(temperature);
-  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
+  at::Tensor out = empty_output({in.rows, in.V}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::softmax", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -62,7 +63,7 @@ at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) 
           const int64_t P = load_chunk(in.row(r), dtype, b, n, inv_t, buf);
           for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
             const auto y = Vec<acc_t>::loadu(buf + i) - vlse;
-            (log ? y : y.exp()).store(buf + i);
+            (log ? y : fast_exp(y)).store(buf + i);
           }
           store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
         });
@@ -86,7 +87,7 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
                     " but output has shape ", output.sizes());
   check_same_device(grad_output, "grad_output", output, "output");
   RowsInput g(grad_output, "grad_output");
-  at::Tensor grad = at::empty({y.rows, y.V}, output.options());
+  at::Tensor grad = empty_output({y.rows, y.V}, output.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(output), "kdext::softmax_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -112,7 +113,7 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
           const Vec<acc_t> vdot(dot), vinv(inv_t);
           for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
             const auto gv = Vec<acc_t>::loadu(gb + i), yv = Vec<acc_t>::loadu(yb + i);
-            const auto d = log ? (gv - yv.exp() * vdot) : yv * (gv - vdot);
+            const auto d = log ? (gv - fast_exp(yv) * vdot) : yv * (gv - vdot);
             (d * vinv).store(gb + i);
           }
           store_chunk(gb, n, grad.scalar_type(), mutable_row(grad, r), b);
@@ -159,12 +160,15 @@ std::pair<acc_t, acc_t> row_entropy(const void* row, c10::ScalarType dtype, int6
       centred = Vec<acc_t>(factor) * (centred + Vec<acc_t>(shift) * old_sum);
     }
     const Vec<acc_t> m(st.max);
+    Vec<acc_t> z(acc_t(0)), c(acc_t(0));
     for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
       const auto d = Vec<acc_t>::loadu(buf + i) - m;
-      const auto e = d.exp();
-      st.sum = st.sum + e;
-      centred = centred + Vec<acc_t>::blendv(zero, e * d, e > zero);
+      const auto e = fast_exp(d);
+      z = z + e;
+      c = c + Vec<acc_t>::blendv(zero, e * d, e > zero);
     }
+    st.sum = st.sum + z;
+    centred = centred + c;
   });
   const auto s = st.finish();
   const acc_t lse = log_sum_exp(s);
@@ -180,11 +184,13 @@ acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc
   const Vec<acc_t> zero(acc_t(0)), vlse(lse);
   for_each_chunk(V, [&](int64_t b, int64_t n) {
     const int64_t P = load_chunk(row, dtype, b, n, inv_t, buf);
+    Vec<acc_t> part(acc_t(0));
     for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
       const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
-      const auto q = lq.exp();
-      acc = acc - Vec<acc_t>::blendv(zero, q * lq, q > zero);
+      const auto q = fast_exp(lq);
+      part = part - Vec<acc_t>::blendv(zero, q * lq, q > zero);
     }
+    acc = acc + part;
   });
   return reduce_sum(acc);
 }
@@ -236,7 +242,7 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
   const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
-  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
+  at::Tensor out = empty_output({in.rows, in.V}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -253,7 +259,7 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
             const int64_t P = load_chunk(in.row(r), in.x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
               const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
-              const auto q = lq.exp();
+              const auto q = fast_exp(lq);
               Vec<acc_t>::blendv(zero, vscale * q * (lq + vh), q > zero).store(buf + i);
             }
           }
