@@ -8,7 +8,8 @@
 #   4. runs compute-sanitizer memcheck on a small case of every kernel (bench/sanitize_cuda.py)
 #   5. benchmarks every op against torch eager, torch.compile and Liger (bench/bench_gpu.py),
 #      measuring the device-to-device copy bandwidth first, and prints ONE table
-#   6. if time is left: racecheck on the on-chip (cluster) kernels, the rows x V > 2^31 test
+#   6. if time is left: racecheck on the on-chip (cluster) kernels, the device-parametrized
+#      property tests of tests/ on CUDA, the rows x V > 2^31 test
 #
 # Everything goes under $OUT (summary.txt, one log per stage, bench_gpu.{md,csv,json}).
 # Every stage runs under `timeout`, within an overall deadline (KDEXT_CHECK_DEADLINE_S,
@@ -102,6 +103,9 @@ if [ -n "$SAN" ]; then
   stage racecheck 45 bash -c "cd '$OUT' && '$SAN' --tool racecheck --error-exitcode 9 --print-limit 20 \
     '$PY' '$ROOT/bench/sanitize_cuda.py' --only onchip"
 fi
+# The CPU property tests parametrized over devices (tests/conftest.py `device` fixture), on CUDA only.
+stage tests_property 90 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests' -q -k cuda -p no:cacheprovider \
+  --ignore='$ROOT/tests/test_cuda_kernels.py'; rc=\$?; [ \$rc -eq 5 ] && echo 'no cuda-parametrized tests' && exit 0; exit \$rc"
 stage tests_large 40 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q -m slow \
   --import-mode=importlib -p no:cacheprovider"
 

@@ -123,7 +123,7 @@ __device__ __forceinline__ GroupPos group_pos(const RowGrid& g, int64_t b) {
 }
 
 // The packs [begin, end) of chunk c out of `chunks` over P packs (balanced).
-__device__ __forceinline__ void chunk_range(int64_t P, int c, int chunks, int64_t* begin, int64_t* end) {
+__host__ __device__ __forceinline__ void chunk_range(int64_t P, int c, int chunks, int64_t* begin, int64_t* end) {
   *begin = P * c / chunks;
   *end = P * (c + 1) / chunks;
 }

@@ -104,13 +104,13 @@ __device__ __forceinline__ bool row_skipped(const RowSink<Acc>& sk, int64_t r) {
 }
 
 template <typename Acc>
-__device__ __forceinline__ void sink_lse(const RowSink<Acc>& sk, int64_t r, Acc lse_s, Acc lse_t) {
+__host__ __device__ __forceinline__ void sink_lse(const RowSink<Acc>& sk, int64_t r, Acc lse_s, Acc lse_t) {
   if (sk.lse_s) sk.lse_s[r * sk.lse_stride] = lse_s;
   if (sk.lse_t) sk.lse_t[r * sk.lse_stride] = lse_t;
 }
 
 template <typename Acc>
-__device__ __forceinline__ void sink_sums(const RowSink<Acc>& sk, int64_t r, const DivergenceSums<Acc>& v) {
+__host__ __device__ __forceinline__ void sink_sums(const RowSink<Acc>& sk, int64_t r, const DivergenceSums<Acc>& v) {
   if (sk.value) sk.value[r * sk.value_stride] = sk.weights ? sk.weights[r] * v.value : v.value;
   if (sk.cs) sk.cs[r * sk.c_stride] = v.student_c;
   if (sk.ct) sk.ct[r * sk.c_stride] = v.teacher_c;
@@ -123,7 +123,7 @@ __device__ __forceinline__ void sink_skipped(const RowSink<Acc>& sk, int64_t r) 
 }
 
 template <typename Acc>
-__device__ __forceinline__ DivergenceSums<Acc> nan_sums() {
+__host__ __device__ __forceinline__ DivergenceSums<Acc> nan_sums() {
   const Acc n = quiet_nan<Acc>();
   return {n, n, n};
 }
@@ -148,7 +148,7 @@ struct AddSums {
 // entry seen is -inf. `factor` is what the sum was rescaled by (companion sums
 // scale by it too). NaN propagates: a NaN max stays NaN and poisons the sum.
 template <typename Acc, int N>
-__device__ __forceinline__ bool raise_max(SoftmaxState<Acc>& st, const Acc (&x)[N], Acc* factor) {
+__host__ __device__ __forceinline__ bool raise_max(SoftmaxState<Acc>& st, const Acc (&x)[N], Acc* factor) {
   using M = MathOps<Acc>;
   Acc pm = x[0];
 #pragma unroll
@@ -167,7 +167,7 @@ __device__ __forceinline__ bool raise_max(SoftmaxState<Acc>& st, const Acc (&x)[
 // The online update of DESIGN.md for one pack of x = s/T and y = t/T: one exp
 // per entry per distribution, plus one per pack when a max moves.
 template <typename Acc, int N, bool kWeighted>
-__device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const Acc (&xs)[N], const Acc (&xt)[N]) {
+__host__ __device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const Acc (&xs)[N], const Acc (&xt)[N]) {
   using M = MathOps<Acc>;
   Acc f;
   if (raise_max<Acc, N>(st.student, xs, &f)) {
@@ -188,7 +188,7 @@ __device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const A
 }
 
 template <Divergence D, typename Acc, int N>
-__device__ __forceinline__ void accumulate_sums(DivergenceSums<Acc>& acc, const Acc (&xs)[N], const Acc (&xt)[N],
+__host__ __device__ __forceinline__ void accumulate_sums(DivergenceSums<Acc>& acc, const Acc (&xs)[N], const Acc (&xt)[N],
                                                 Acc lse_s, Acc lse_t, const DivergenceParam<Acc>& prm) {
 #pragma unroll
   for (int l = 0; l < N; ++l) {
@@ -201,7 +201,7 @@ __device__ __forceinline__ void accumulate_sums(DivergenceSums<Acc>& acc, const 
 
 // A finished pair state: writes both lse and, for reverse KL, the row's sums.
 template <typename Acc, bool kRKL>
-__device__ __forceinline__ void finalize_state(const RowSink<Acc>& sk, int64_t r, const ReverseKLState<Acc>& st) {
+__host__ __device__ __forceinline__ void finalize_state(const RowSink<Acc>& sk, int64_t r, const ReverseKLState<Acc>& st) {
   const Acc ls = log_sum_exp(st.student), lt = log_sum_exp(st.teacher);
   sink_lse(sk, r, ls, lt);
   if (kRKL) {

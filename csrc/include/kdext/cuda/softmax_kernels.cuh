@@ -86,12 +86,12 @@ struct EntropyState {
 };
 
 template <typename Acc>
-__device__ __forceinline__ Acc centred_shift(Acc from, Acc to) {
+__host__ __device__ __forceinline__ Acc centred_shift(Acc from, Acc to) {
   return from == neg_inf<Acc>() ? Acc(0) : from - to;
 }
 
 template <typename Acc>
-__device__ __forceinline__ EntropyState<Acc> merge(const EntropyState<Acc>& a, const EntropyState<Acc>& b) {
+__host__ __device__ __forceinline__ EntropyState<Acc> merge(const EntropyState<Acc>& a, const EntropyState<Acc>& b) {
   const Acc m = MathOps<Acc>::maximum(a.sm.max, b.sm.max);
   if (m == neg_inf<Acc>()) return EntropyState<Acc>::empty();
   const Acc fa = rescale_factor(a.sm.max, m), fb = rescale_factor(b.sm.max, m);
@@ -118,7 +118,7 @@ struct AddAcc {
 
 // The online update for one pack; with kEntropy also the centred sum.
 template <typename Acc, int N, bool kEntropy>
-__device__ __forceinline__ void accumulate_row(EntropyState<Acc>& st, const Acc (&x)[N]) {
+__host__ __device__ __forceinline__ void accumulate_row(EntropyState<Acc>& st, const Acc (&x)[N]) {
   using M = MathOps<Acc>;
   Acc pm = x[0];
 #pragma unroll

@@ -150,12 +150,12 @@ struct PackLayout {
 };
 
 // Entry offset (0 <= h < 16 / esize) at which `p` becomes 16-byte aligned.
-__device__ __forceinline__ int align_head(const void* p, int esize) {
+__host__ __device__ __forceinline__ int align_head(const void* p, int esize) {
   const unsigned mis = static_cast<unsigned>(reinterpret_cast<uintptr_t>(p) & 15u);
   return static_cast<int>(((16u - mis) & 15u) / static_cast<unsigned>(esize));
 }
 
-__device__ __forceinline__ bool aligned_at(const void* p, int esize, int64_t head) {
+__host__ __device__ __forceinline__ bool aligned_at(const void* p, int esize, int64_t head) {
   return ((reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(head * esize)) & 15u) == 0;
 }
 
@@ -168,7 +168,7 @@ struct RowPtrs {
 };
 
 template <int N>
-__device__ __forceinline__ PackLayout make_layout(int64_t n, const RowPtrs& ptrs) {
+__host__ __device__ __forceinline__ PackLayout make_layout(int64_t n, const RowPtrs& ptrs) {
   int head = align_head(ptrs.p[0], ptrs.esize[0]);
   bool vec = (reinterpret_cast<uintptr_t>(ptrs.p[0]) % ptrs.esize[0]) == 0;
 #pragma unroll
@@ -183,7 +183,7 @@ __device__ __forceinline__ PackLayout make_layout(int64_t n, const RowPtrs& ptrs
   return L;
 }
 
-__device__ __forceinline__ bool pack_inside(const PackLayout& L, int64_t start, int N) {
+__host__ __device__ __forceinline__ bool pack_inside(const PackLayout& L, int64_t start, int N) {
   return start >= 0 && start + N <= L.n;
 }
 
