@@ -106,11 +106,15 @@ PATHS = {
 
 
 def poison(nbytes_list, byte):
-    """Fill the caching allocator's free blocks with `byte` so unwritten outputs are visible."""
+    """Fill the caching allocator's free memory with `byte` so unwritten outputs are visible.
+
+    Large outputs (> 1 MiB) reuse a freed block of at least their size; small
+    ones are carved from 2 MiB small-pool segments, which are filled whole
+    (two 1 MiB blocks each)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     blocks = [torch.empty(int(n) + 512, dtype=torch.uint8, device=DEV).fill_(byte) for n in nbytes_list]
-    blocks += [torch.empty(4096, dtype=torch.uint8, device=DEV).fill_(byte) for _ in range(64)]
+    blocks += [torch.empty(2**20, dtype=torch.uint8, device=DEV).fill_(byte) for _ in range(8)]
     del blocks
     torch.cuda.synchronize()
 
