@@ -465,10 +465,13 @@ __device__ __forceinline__ X cluster_fold(const X& v, X& slot, X& result, int C,
     cg::cluster_group cl = cg::this_cluster();
     if (threadIdx.x == 0) slot = v;
     cl.sync();
-    if (threadIdx.x == 0) {
-      X acc = *cl.map_shared_rank(&slot, 0);
-      for (int q = 1; q < C; ++q) acc = op(acc, *cl.map_shared_rank(&slot, q));
-      result = acc;
+    if (threadIdx.x < 32) {  // lane q reads rank q's slot (one round trip), lane 0 folds in rank order
+      const int lane = threadIdx.x;
+      X mine = v;
+      if (lane < C) mine = *cl.map_shared_rank(&slot, lane);
+      X acc = shfl_pod(mine, 0);
+      for (int q = 1; q < C; ++q) acc = op(acc, shfl_pod(mine, q));
+      if (lane == 0) result = acc;
     }
     __syncthreads();
     return result;
