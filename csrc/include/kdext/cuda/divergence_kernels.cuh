@@ -690,10 +690,51 @@ struct OnchipPlan {
   size_t smem = 0;
 };
 
+// Whether a cluster of c blocks with `smem` bytes of dynamic shared memory
+// each can be resident (sets the kernel attributes that launch needs).
+template <typename K>
+bool onchip_resident(K kernel, int c, size_t smem) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (c > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (c == 1) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return blocks >= 1;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(c, 1, 1);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = c;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return clusters >= 1;
+}
+
 // Picks the smallest cluster whose per-block slice fits a preferred shared
 // memory budget (about three resident blocks per SM, so one block's loads
-// overlap another's gradient writes), else the smallest that fits at all, and
-// checks with the occupancy API that such a cluster can be resident.
+// overlap another's gradient writes), else the smallest that fits at all,
+// taking the first candidate the occupancy API says can be resident (the
+// non-portable size 16 may not be).
 // KDEXT_CUDA_ONCHIP=0 disables the path; KDEXT_CUDA_CLUSTER=<c> forces c.
 template <typename S, typename T, typename Acc, Divergence D>
 OnchipPlan plan_onchip(int64_t V) {
@@ -719,57 +760,34 @@ OnchipPlan plan_onchip(int64_t V) {
   const size_t budget_max = optin > 0 ? size_t(optin) - attr.sharedSizeBytes - 1024 : 0;
   const size_t budget_pref = 72 * 1024;
   const int max_cluster = cluster_launch ? 16 : 1;
-  int chosen = 0;
+  // Candidates in order of preference: the cluster sizes whose slice fits the
+  // preferred budget, then those that fit at all (smallest first).
+  int candidates[10];
+  int count = 0;
   if (forced > 0) {
     if ((forced & (forced - 1)) == 0 && forced <= max_cluster &&
         size_t((p_max + forced - 1) / forced) * per_pack <= budget_max)
-      chosen = forced;
+      candidates[count++] = forced;
   } else {
-    for (int c = 1; c <= max_cluster && chosen == 0; c <<= 1)
-      if (size_t((p_max + c - 1) / c) * per_pack <= budget_pref) chosen = c;
-    for (int c = 1; c <= max_cluster && chosen == 0; c <<= 1)
-      if (size_t((p_max + c - 1) / c) * per_pack <= budget_max) chosen = c;
-  }
-  if (chosen == 0) return plan;
-  plan.cluster = chosen;
-  plan.packs_per_block = (p_max + chosen - 1) / chosen;
-  plan.smem = size_t(plan.packs_per_block) * per_pack;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)) !=
-      cudaSuccess) {
-    cudaGetLastError();
-    return plan;
-  }
-  if (chosen > 8 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    cudaGetLastError();
-    return plan;
-  }
-  if (chosen == 1) {
-    int blocks = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, plan.smem) != cudaSuccess ||
-        blocks < 1) {
-      cudaGetLastError();
-      return plan;
+    for (int c = 1; c <= max_cluster; c <<= 1)
+      if (size_t((p_max + c - 1) / c) * per_pack <= budget_pref) candidates[count++] = c;
+    for (int c = 1; c <= max_cluster; c <<= 1) {
+      const size_t bytes = size_t((p_max + c - 1) / c) * per_pack;
+      if (bytes > budget_pref && bytes <= budget_max) candidates[count++] = c;
     }
-  } else {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(chosen, 1, 1);
-    cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = plan.smem;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = chosen;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
-      cudaGetLastError();
+  }
+  for (int i = 0; i < count; ++i) {
+    const int c = candidates[i];
+    const int64_t ppb = (p_max + c - 1) / c;
+    const size_t smem = size_t(ppb) * per_pack;
+    if (onchip_resident(kernel, c, smem)) {
+      plan.cluster = c;
+      plan.packs_per_block = ppb;
+      plan.smem = smem;
+      plan.ok = true;
       return plan;
     }
   }
-  plan.ok = true;
   return plan;
 }
 
