@@ -136,26 +136,13 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
 }
 
 // self *= factor, skipped when factor == 1. The factor is read on the device,
-// inside the kernel, so that no host synchronisation happens (a CPU factor is
-// read on the host, which costs nothing).
+// inside the kernel, so that no host synchronisation happens.
 void scale_(at::Tensor& self, const at::Tensor& factor) {
   TORCH_CHECK_VALUE(factor.numel() == 1, "factor must have exactly one element, got shape ", factor.sizes());
+  check_same_device(factor, "factor", self, "self");
   if (self.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(self.device());
   const bool fast = self.is_contiguous() && is_supported_float(self.scalar_type());
-  if (factor.is_cpu()) {
-    const double f = factor.item<double>();
-    if (f == 1.0) return;
-    if (!fast) {
-      self.mul_(f);
-      return;
-    }
-    C10_CUDA_CHECK(kdext::cuda::scale_inplace(self.data_ptr(), to_dtype(self.scalar_type()), self.numel(), nullptr,
-                                              kdext::cuda::DType::Float32, f, current_stream()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  check_same_device(factor, "factor", self, "self");
   if (!fast) {  // still no sync; x * 1 == x, so skipping is only an optimisation
     self.mul_(factor.reshape({}));
     return;

@@ -93,10 +93,10 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, dou
     TORCH_CHECK_VALUE(lse->numel() == in.rows, "lse must have one entry per row (", in.rows, "), got shape ",
                       lse->sizes());
     check_same_device(*lse, "lse", logits, "logits");
-    lse_out = lse->to(acc).contiguous().reshape({-1});
-    if (lse_out.is_alias_of(*lse)) lse_out = lse_out.clone();  // an output never aliases an input
+    // float64 for every input dtype, and a copy: an output never aliases an input.
+    lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
   } else {
-    lse_out = at::empty({in.rows}, logits.options().dtype(acc));
+    lse_out = at::empty({in.rows}, logits.options().dtype(at::kDouble));
   }
   WorkspaceHolder ws(logits.device());
   C10_CUDA_CHECK(kdext::cuda::entropy_forward(in.tensor(), temperature,
@@ -120,7 +120,7 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
-  const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
+  const at::Tensor l = lse.to(at::kDouble).contiguous().reshape({-1});
   at::Tensor out = at::empty({in.rows, in.V}, logits.options());
   C10_CUDA_CHECK(kdext::cuda::entropy_backward(in.tensor(), temperature, g.const_data_ptr(), h.const_data_ptr(),
                                                l.const_data_ptr(), out.data_ptr(), current_stream()));

@@ -12,10 +12,10 @@
 //                         chunk of it; finishes the row (lse, entropy, the
 //                         log-prob of a token) when the row is not split.
 //   row_state_merge_kernel merges the chunk states of split rows in order.
-//   softmax_kernel        softmax / log_softmax: with one chunk per row the
-//                         group computes the lse and then writes the row (the
-//                         second read is served mostly from L2); with split
-//                         rows it writes from the merged lse.
+//   softmax_kernel        softmax / log_softmax as (x/T - max) - log Z: with one
+//                         chunk per row the group computes the state and then
+//                         writes the row (a second read of the row); with
+//                         split rows it writes from the merged state.
 //   softmax_bwd_kernel    the same shape for the backward: a dot product per
 //                         row, then the elementwise write.
 //   entropy_partial_kernel  -sum q log q of a vocab shard given the global lse.
@@ -143,28 +143,69 @@ __host__ __device__ __forceinline__ void accumulate_row(EntropyState<Acc>& st, c
 // Where a finished row state goes (null pointers: not wanted).
 template <typename Acc>
 struct StateSink {
-  Acc* lse = nullptr;
+  Acc* lse = nullptr;      // logsumexp, logprobs_forward
+  Acc* max = nullptr;      // softmax of split rows: the row max ...
+  Acc* logz = nullptr;     // ... and log Z (sum relative to the max)
+  double* lse64 = nullptr;  // entropy_forward: the lse in float64 (as the CPU kernel)
   Acc* entropy = nullptr;
   const int64_t* tokens = nullptr;  // logprobs_forward: the token of each row
   Acc* logprob = nullptr;
 };
 
+// log Z of a state relative to its max (-inf for the empty state).
+template <typename Acc>
+__host__ __device__ __forceinline__ Acc log_z(const SoftmaxState<Acc>& st) {
+  return st.max == neg_inf<Acc>() ? st.max : MathOps<Acc>::log(st.sum);
+}
+
+// The lse in float64 from a float32 state, as csrc/cpu/softmax.cpp's row_entropy.
+template <typename Acc>
+__host__ __device__ __forceinline__ double lse_f64(const SoftmaxState<Acc>& st) {
+  return log_sum_exp(SoftmaxState<double>{double(st.max), double(st.sum)});
+}
+
 template <typename X, typename Acc, bool kEntropy>
 __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, const RowArgs<Acc>& a, int64_t r,
                                                    const EntropyState<Acc>& st) {
-  const Acc lse = log_sum_exp(st.sm);
-  if (sk.lse) sk.lse[r] = lse;
-  if (kEntropy && sk.entropy) {
-    sk.entropy[r] = classify_row(lse, Acc(0)) != RowKind::Normal
-                        ? quiet_nan<Acc>()
-                        : MathOps<Acc>::log(st.sm.sum) - st.centred / st.sm.sum;
+  if (sk.lse) sk.lse[r] = log_sum_exp(st.sm);
+  if (sk.max) sk.max[r] = st.sm.max;
+  if (sk.logz) sk.logz[r] = log_z(st.sm);
+  if (kEntropy) {
+    const double lse = lse_f64(st.sm);
+    if (sk.lse64) sk.lse64[r] = lse;
+    if (sk.entropy) {
+      sk.entropy[r] = classify_row(lse, 0.0) != RowKind::Normal
+                          ? quiet_nan<Acc>()
+                          : MathOps<Acc>::log(st.sm.sum) - st.centred / st.sm.sum;
+    }
   }
   if (sk.logprob) {
-    // A token outside [0, V) is never read: its log-prob is NaN (the CPU raises).
+    // (x/T - max) - log Z, exact in the difference (csrc/cpu/logprobs.cpp). A
+    // token outside [0, V) is never read: its log-prob is NaN (the CPU raises).
     const int64_t tok = sk.tokens[r];
     const X* row = row_ptr<X>(a.x, r, a.stride);
-    sk.logprob[r] = (tok >= 0 && tok < a.V) ? to_acc<Acc>(row[tok]) * a.inv_t - lse : quiet_nan<Acc>();
+    sk.logprob[r] = (tok >= 0 && tok < a.V) ? (mul_rn(to_acc<Acc>(row[tok]), a.inv_t) - st.sm.max) - log_z(st.sm)
+                                            : quiet_nan<Acc>();
   }
+}
+
+// log q = x/T - lse with a float64 lse: split into hi + lo floats so that
+// (x - hi) - lo keeps full precision (csrc/cpu/softmax.cpp, SplitLse).
+template <typename Acc>
+struct SplitLse {
+  Acc hi, lo;
+};
+
+__device__ __forceinline__ SplitLse<float> split_lse(double lse, float) {
+  const float hi = static_cast<float>(lse);
+  const float lo = isfinite(lse) ? static_cast<float>(lse - double(hi)) : 0.0f;
+  return {hi, lo};
+}
+__device__ __forceinline__ SplitLse<double> split_lse(double lse, double) { return {lse, 0.0}; }
+
+template <typename Acc>
+__device__ __forceinline__ Acc log_q(Acc x, const SplitLse<Acc>& l) {
+  return (x - l.hi) - l.lo;
 }
 
 // Accumulates packs [k0, k1) of a row, `G` threads apart starting at k0 + lane.
@@ -227,11 +268,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// softmax(x/T) (kLog false) or log_softmax(x/T) into out ([rows, V] contiguous).
-// lse_in null: the row is not split, the group computes its lse first.
+// softmax(x/T) (kLog false) or log_softmax(x/T) into out ([rows, V] contiguous),
+// as (x/T - max) - log Z (csrc/cpu/softmax.cpp). max_in/logz_in null: the row is
+// not split, the group computes its state first.
 template <typename X, typename Acc, bool kLog>
 __global__ void __launch_bounds__(kThreads)
-    softmax_kernel(RowArgs<Acc> a, const Acc* __restrict__ lse_in, X* __restrict__ out) {
+    softmax_kernel(RowArgs<Acc> a, const Acc* __restrict__ max_in, const Acc* __restrict__ logz_in,
+                   X* __restrict__ out) {
   constexpr int N = 16 / sizeof(X);
   __shared__ ReduceScratch<EntropyState<Acc>> scratch;
   const RowGrid g = a.grid;
@@ -245,14 +288,16 @@ __global__ void __launch_bounds__(kThreads)
       L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
       chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
     }
-    Acc lse;
-    if (lse_in == nullptr) {
+    Acc mx, logz;
+    if (max_in == nullptr) {
       EntropyState<Acc> st = EntropyState<Acc>::empty();
       if (pos.active) accumulate_range<X, Acc, N, false>(st, row, L, k0, k1, pos.lane, g.G, a.inv_t);
       st = group_allreduce(st, MergeEntropy<Acc>{}, g.G, scratch);
-      lse = log_sum_exp(st.sm);
+      mx = st.sm.max;
+      logz = MathOps<Acc>::log(st.sm.sum);
     } else {
-      lse = pos.active ? lse_in[pos.row] : Acc(0);
+      mx = pos.active ? max_in[pos.row] : Acc(0);
+      logz = pos.active ? logz_in[pos.row] : Acc(0);
     }
     if (!pos.active) continue;  // nothing block-wide follows
     for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
@@ -261,7 +306,7 @@ __global__ void __launch_bounds__(kThreads)
       load_pack<Acc, X, N>(row, L, start, a.inv_t, neg_inf<Acc>(), v);
 #pragma unroll
       for (int l = 0; l < N; ++l) {
-        const Acc y = v[l] - lse;
+        const Acc y = (v[l] - mx) - logz;
         v[l] = kLog ? y : MathOps<Acc>::exp(y);
       }
       store_pack<X, Acc, N>(orow, L, start, v);
@@ -355,7 +400,7 @@ __global__ void __launch_bounds__(kThreads)
 // -sum_i q_i log q_i over the row (or chunk) given the global lse; NaN for a
 // row whose lse is not finite. Chunks write partial sums (NaN rows: NaN).
 template <typename X, typename Acc>
-__global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> a, const Acc* __restrict__ lse,
+__global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> a, const double* __restrict__ lse,
                                                                    Acc* __restrict__ partial, Acc* __restrict__ out) {
   constexpr int N = 16 / sizeof(X);
   __shared__ ReduceScratch<Acc> scratch;
@@ -365,8 +410,9 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
     Acc acc = Acc(0);
     bool normal = false;
     if (pos.active) {
-      const Acc l = lse[pos.row];
-      normal = classify_row(l, Acc(0)) == RowKind::Normal;
+      const double l64 = lse[pos.row];
+      const SplitLse<Acc> l = split_lse(l64, Acc(0));
+      normal = classify_row(l64, 0.0) == RowKind::Normal;
       if (normal) {
         const X* row = row_ptr<X>(a.x, pos.row, a.stride);
         const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, nullptr));
@@ -377,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
           load_pack<Acc, X, N>(row, L, L.base + k * N, a.inv_t, neg_inf<Acc>(), v);
 #pragma unroll
           for (int l2 = 0; l2 < N; ++l2) {
-            const Acc lq = v[l2] - l;
+            const Acc lq = log_q(v[l2], l);
             const Acc q = MathOps<Acc>::exp(lq);
             acc -= q > Acc(0) ? q * lq : Acc(0);
           }
@@ -411,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename X, typename Acc>
 __global__ void __launch_bounds__(kThreads)
     entropy_bwd_kernel(RowArgs<Acc> a, const Acc* __restrict__ grad, const Acc* __restrict__ entropy,
-                       const Acc* __restrict__ lse, X* __restrict__ out) {
+                       const double* __restrict__ lse, X* __restrict__ out) {
   constexpr int N = 16 / sizeof(X);
   const RowGrid g = a.grid;
   for (int64_t b = blockIdx.x; b < g.blocks(); b += gridDim.x) {
@@ -423,8 +469,9 @@ __global__ void __launch_bounds__(kThreads)
     const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
     int64_t k0, k1;
     chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-    const Acc l = lse[r], h = entropy[r], scale = -grad[r] * a.inv_t;
-    const RowKind kind = classify_row(l, Acc(0));
+    const SplitLse<Acc> l = split_lse(lse[r], Acc(0));
+    const Acc h = entropy[r], scale = -grad[r] * a.inv_t;
+    const RowKind kind = classify_row(lse[r], 0.0);
     for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
       const int64_t start = L.base + k * N;
       Acc v[N];
@@ -436,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
         load_pack<Acc, X, N>(row, L, start, a.inv_t, neg_inf<Acc>(), v);
 #pragma unroll
         for (int l2 = 0; l2 < N; ++l2) {
-          const Acc lq = v[l2] - l;
+          const Acc lq = log_q(v[l2], l);
           const Acc q = MathOps<Acc>::exp(lq);
           v[l2] = q > Acc(0) ? scale * q * (lq + h) : Acc(0);
         }
@@ -479,21 +526,25 @@ inline cudaError_t softmax_forward(const RowTensor& in, double temperature, bool
     constexpr int N = 16 / sizeof(X);
     RowArgs<Acc> a = row_args<Acc>(in, temperature);
     a.grid = plan_row_grid(in.rows, (in.V + N - 1) / N + 1);
-    const Acc* lse = nullptr;
-    if (a.grid.chunks > 1) {  // split rows: the lse first (state + merge), then the write
-      Acc* l = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
-      if (l == nullptr) return cudaErrorMemoryAllocation;
+    const Acc* mx = nullptr;
+    const Acc* logz = nullptr;
+    if (a.grid.chunks > 1) {  // split rows: the state first (partials + merge), then the write
+      Acc* m = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
+      Acc* z = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
+      if (m == nullptr || z == nullptr) return cudaErrorMemoryAllocation;
       StateSink<Acc> sink;
-      sink.lse = l;
+      sink.max = m;
+      sink.logz = z;
       const cudaError_t err = launch_row_state<X, Acc, false>(a, sink, ws, stream);
       if (err != cudaSuccess) return err;
-      lse = l;
+      mx = m;
+      logz = z;
     }
     const unsigned grid = grid_size(a.grid.blocks());
     if (log) {
-      softmax_kernel<X, Acc, true><<<grid, kThreads, 0, stream>>>(a, lse, static_cast<X*>(out));
+      softmax_kernel<X, Acc, true><<<grid, kThreads, 0, stream>>>(a, mx, logz, static_cast<X*>(out));
     } else {
-      softmax_kernel<X, Acc, false><<<grid, kThreads, 0, stream>>>(a, lse, static_cast<X*>(out));
+      softmax_kernel<X, Acc, false><<<grid, kThreads, 0, stream>>>(a, mx, logz, static_cast<X*>(out));
     }
     return cudaGetLastError();
   });
@@ -555,7 +606,8 @@ inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out,
 
 // Without `lse_in`: entropy and lse of each row (one pass). With `lse_in` (the
 // global lse of a vocab shard's rows): the shard's partial entropy; lse_out is
-// then not written (the adapter returns lse_in).
+// then not written (the adapter returns a copy of lse_in). lse_in and lse_out
+// are float64 [rows] for every input dtype (as the CPU kernel).
 inline cudaError_t entropy_forward(const RowTensor& in, double temperature, const void* lse_in, void* entropy,
                                    void* lse_out, const Workspace& ws, cudaStream_t stream) {
   if (in.rows == 0) return cudaSuccess;
@@ -566,7 +618,7 @@ inline cudaError_t entropy_forward(const RowTensor& in, double temperature, cons
     RowArgs<Acc> a = row_args<Acc>(in, temperature);
     if (lse_in == nullptr) {
       StateSink<Acc> sink;
-      sink.lse = static_cast<Acc*>(lse_out);
+      sink.lse64 = static_cast<double*>(lse_out);
       sink.entropy = static_cast<Acc*>(entropy);
       return launch_row_state<X, Acc, true>(a, sink, ws, stream);
     }
@@ -577,7 +629,7 @@ inline cudaError_t entropy_forward(const RowTensor& in, double temperature, cons
       if (partial == nullptr) return cudaErrorMemoryAllocation;
     }
     entropy_partial_kernel<X, Acc><<<grid_size(a.grid.blocks()), kThreads, 0, stream>>>(
-        a, static_cast<const Acc*>(lse_in), partial, static_cast<Acc*>(entropy));
+        a, static_cast<const double*>(lse_in), partial, static_cast<Acc*>(entropy));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess || a.grid.chunks == 1) return err;
     sum_chunks_kernel<Acc><<<detail::per_row_grid(in.rows), kThreads, 0, stream>>>(partial, a.grid.chunks, in.rows,
@@ -586,7 +638,7 @@ inline cudaError_t entropy_forward(const RowTensor& in, double temperature, cons
   });
 }
 
-// grad, entropy, lse: [rows] accumulation dtype; out: [rows, V] contiguous, dtype of the logits.
+// grad, entropy: [rows] accumulation dtype; lse: [rows] float64; out: [rows, V] contiguous, dtype of the logits.
 inline cudaError_t entropy_backward(const RowTensor& in, double temperature, const void* grad, const void* entropy,
                                     const void* lse, void* out, cudaStream_t stream) {
   if (in.rows == 0) return cudaSuccess;
@@ -597,7 +649,7 @@ inline cudaError_t entropy_backward(const RowTensor& in, double temperature, con
     RowArgs<Acc> a = row_args<Acc>(in, temperature);
     a.grid = plan_row_grid(in.rows, (in.V + N - 1) / N + 1);
     entropy_bwd_kernel<X, Acc><<<grid_size(a.grid.blocks()), kThreads, 0, stream>>>(
-        a, static_cast<const Acc*>(grad), static_cast<const Acc*>(entropy), static_cast<const Acc*>(lse),
+        a, static_cast<const Acc*>(grad), static_cast<const Acc*>(entropy), static_cast<const double*>(lse),
         static_cast<X*>(out));
     return cudaGetLastError();
   });

@@ -209,18 +209,24 @@ __device__ __forceinline__ void load_raw(const X* __restrict__ row, const PackLa
   }
 }
 
+// x * scale rounded on its own, never fused into a following add (the CPU
+// kernels are built with -ffp-contract=off): x/T - max is then exactly 0 at
+// the max, whichever expression consumes the product.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Converts a raw pack to Acc times `scale`; lanes outside the row become `pad`.
 template <typename Acc, typename X, int N>
 __device__ __forceinline__ void convert(const RawPack<X, N>& raw, const PackLayout& L, int64_t start, Acc scale,
                                         Acc pad, Acc (&out)[N]) {
   if (pack_inside(L, start, N)) {
 #pragma unroll
-    for (int l = 0; l < N; ++l) out[l] = to_acc<Acc>(raw.v[l]) * scale;
+    for (int l = 0; l < N; ++l) out[l] = mul_rn(to_acc<Acc>(raw.v[l]), scale);
   } else {
 #pragma unroll
     for (int l = 0; l < N; ++l) {
       const int64_t i = start + l;
-      out[l] = (i >= 0 && i < L.n) ? to_acc<Acc>(raw.v[l]) * scale : pad;
+      out[l] = (i >= 0 && i < L.n) ? mul_rn(to_acc<Acc>(raw.v[l]), scale) : pad;
     }
   }
 }
