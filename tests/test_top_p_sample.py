@@ -649,7 +649,7 @@ def test_opcheck(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CUDA kernel's logic without a GPU: csrc/include/kdext/top_p_sample.cuh compiled for the CPU
+# The CUDA kernel's logic without a GPU: csrc/include/kdext/cuda/top_p_sample_kernels.cuh compiled for the CPU
 # simulator of tests/cpp/cuda_sim (fibers for threads; 64 threads a block and a 512-value list, so
 # that these small rows go through every phase: global rounds, compaction, shared-memory rounds).
 # ---------------------------------------------------------------------------------------------
@@ -698,7 +698,7 @@ SIM_CASES = [
 
 
 @pytest.mark.parametrize("case", SIM_CASES)
-def test_cuda_kernel_simulated(cuda_sim, case):
+def test_kernel_logic_simulated(cuda_sim, case):
     rows, V, dtype, scale, grid, top_p, top_k, temperature, alpha, with_teacher = case
     g = torch.Generator().manual_seed(V)
     s = torch.randn(rows, V, generator=g) * scale
@@ -718,7 +718,7 @@ def test_cuda_kernel_simulated(cuda_sim, case):
     assert (sim.tokens == cpu[0]).sum() >= rows - 1  # same u; CDFs agree up to float rounding
 
 
-def test_cuda_kernel_simulated_rows_without_distribution(cuda_sim):
+def test_kernel_logic_simulated_rows_without_distribution(cuda_sim):
     s = torch.randn(4, 700)
     s[1] = -math.inf
     s[2, 5] = math.nan

@@ -1,6 +1,6 @@
 // CUDA adapter of kdext::top_p_sample: checks the inputs, lays them out as
 // [rows, V] with unit stride, picks the device and stream and launches the
-// kernel of csrc/include/kdext/top_p_sample.cuh (one block per row).
+// kernel of csrc/include/kdext/cuda/top_p_sample_kernels.cuh (one block per row).
 //
 // Student and teacher are read in one dtype: when they differ, both are
 // converted to the promoted type once (fp16 + bf16 -> fp32); float64 logits are
@@ -13,15 +13,16 @@
 #include <torch/library.h>
 
 #include "checks.h"
-#include "kdext/top_p_sample.cuh"
+#include "cuda/adapter_utils.h"
+#include "kdext/cuda/top_p_sample_kernels.cuh"
 #include "top_p_sample_checks.h"
 
 namespace kdext {
-namespace cuda {
+namespace cuda_adapter {
 namespace {
 
 template <typename scalar_t>
-void launch(const top_p_cuda::Params& p, int64_t rows, cudaStream_t stream) {
+void launch_top_p_sample(const top_p_cuda::Params& p, int64_t rows, cudaStream_t stream) {
   top_p_cuda::top_p_sample_kernel<scalar_t><<<static_cast<unsigned>(rows), top_p_cuda::kBlock, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -69,16 +70,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   p.sample_logprob = out_x.data_ptr<float>();
   p.threshold = out_thr.data_ptr<float>();
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  const cudaStream_t stream = current_stream();  // of the guarded device
   switch (dtype) {
     case c10::kFloat:
-      launch<float>(p, rows, stream);
+      launch_top_p_sample<float>(p, rows, stream);
       break;
     case c10::kHalf:
-      launch<__half>(p, rows, stream);
+      launch_top_p_sample<__half>(p, rows, stream);
       break;
     case c10::kBFloat16:
-      launch<__nv_bfloat16>(p, rows, stream);
+      launch_top_p_sample<__nv_bfloat16>(p, rows, stream);
       break;
     default:
       TORCH_CHECK_TYPE(false, "logits must be float32, float16, bfloat16 or float64, got ", dtype);
@@ -90,5 +91,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) { m.impl("top_p_sample", &top_p_sample); }
 
-}  // namespace cuda
+}  // namespace cuda_adapter
 }  // namespace kdext

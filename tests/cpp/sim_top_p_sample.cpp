@@ -1,6 +1,6 @@
-// Runs the CUDA kernel of kdext::top_p_sample (csrc/include/kdext/top_p_sample.cuh)
+// Runs the CUDA kernel of kdext::top_p_sample (csrc/include/kdext/cuda/top_p_sample_kernels.cuh)
 // on the CPU through the simulator in tests/cpp/cuda_sim/, for machines without
-// a GPU. Driven by tests/test_top_p_sample.py::test_cuda_kernel_simulated:
+// a GPU. Driven by tests/test_top_p_sample.py::test_kernel_logic_simulated:
 //
 //   g++ -std=c++20 -O2 -ffp-contract=off -pthread -Itests/cpp/cuda_sim -Icsrc/include \
 //       tests/cpp/sim_top_p_sample.cpp -o sim_top_p_sample
@@ -17,7 +17,7 @@
 #include <fstream>
 #include <vector>
 
-#include "kdext/top_p_sample.cuh"
+#include "kdext/cuda/top_p_sample_kernels.cuh"
 
 using namespace kdext::top_p_cuda;
 

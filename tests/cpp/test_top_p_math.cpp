@@ -5,7 +5,7 @@
 //           list (tighten) whenever it is smaller than what is scanned;
 //   cuda:   all four reductions over the values inside (lo, hi] only, base =
 //           F(hi), then a compacted list once the window holds <= 4096 values
-//           (what csrc/include/kdext/top_p_sample.cuh does per block);
+//           (what csrc/include/kdext/cuda/top_p_sample_kernels.cuh does per block);
 //   shards: the vocab-parallel way: the row cut into unequal shards, each
 //           reducing all four sums over all its values, merged (the all-reduce),
 //           no compaction.

@@ -1,4 +1,4 @@
-// A CPU simulator of the small part of CUDA that csrc/include/kdext/top_p_sample.cuh
+// A CPU simulator of the small part of CUDA that csrc/include/kdext/cuda/top_p_sample_kernels.cuh
 // uses, so that the kernel's logic (barriers, shuffles, block scans,
 // compaction, the draw) can be run and checked on a machine without a GPU.
 //

@@ -1,6 +1,13 @@
 // The CUDA kernel of kdext::top_p_sample, framework-free (raw pointers, CUDA
 // types and CUB only); the adapter is csrc/cuda/top_p_sample.cu.
 //
+// It keeps its own block reduction (an array of floats per thread, reduced by
+// a fixed shuffle butterfly and a fixed-order fold over warps) rather than
+// kdext/cuda/block_reduce.cuh's group_allreduce, because that header also
+// holds host launch code (<<<...>>>), and this one must also compile as plain
+// C++ for the CPU simulator of tests/cpp/cuda_sim, which is how its logic is
+// tested on machines without a GPU.
+//
 // One thread block per row (kBlock threads). The row is never stored: every
 // pass reads the logits and recomputes r_i with top_p::mixture_prob, whose
 // rounding is pinned, so each pass sees bit-identical values.
