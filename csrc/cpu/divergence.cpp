@@ -67,15 +67,18 @@ ReverseKLState<acc_t> pair_state(const RowPair<acc_t>& row, Buffers<acc_t>& buf)
     if (s.raise_max(chunk_max(c.s, c.padded) * row.inv_t, &factor)) {
       if (kWeighted) weighted = weighted * Vec<acc_t>(factor);
       const Vec<acc_t> m(s.max);
+      Vec<acc_t> zs(acc_t(0)), a(acc_t(0));  // per-chunk partial sums (two-level summation)
       for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
         const auto xs = Vec<acc_t>::loadu(c.s + i) * inv;
         const auto e = fast_exp(xs - m);
-        s.sum = s.sum + e;
+        zs = zs + e;
         if (kWeighted) {
           const auto xt = Vec<acc_t>::loadu(c.t + i) * inv;
-          weighted = weighted + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
+          a = a + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
         }
       }
+      s.sum = s.sum + zs;
+      if (kWeighted) weighted = weighted + a;
     }
     t.add(c.t, c.padded, row.inv_t);
   }
@@ -91,13 +94,17 @@ DivergenceSums<acc_t> row_sums(const RowPair<acc_t>& row, acc_t lse_s, acc_t lse
   const Vec<acc_t> vls(lse_s), vlt(lse_t), inv(row.inv_t);
   for (int64_t b = 0; b < row.V; b += kChunk) {
     const auto c = row.load(b, std::min<int64_t>(kChunk, row.V - b), buf);
+    Vec<acc_t> v_part(acc_t(0)), cs_part(acc_t(0)), ct_part(acc_t(0));
     for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
       const auto e = DivergenceMath<D>::terms(Vec<acc_t>::loadu(c.s + i) * inv - vls,
                                               Vec<acc_t>::loadu(c.t + i) * inv - vlt, prm);
-      value = value + e.value;
-      cs = cs + e.student_c;
-      ct = ct + e.teacher_c;
+      v_part = v_part + e.value;
+      cs_part = cs_part + e.student_c;
+      ct_part = ct_part + e.teacher_c;
     }
+    value = value + v_part;
+    cs = cs + cs_part;
+    ct = ct + ct_part;
   }
   return {reduce_sum(value), reduce_sum(cs), reduce_sum(ct)};
 }
@@ -194,14 +201,17 @@ acc_t row_loss_reverse_kl(const RowPair<acc_t>& row, acc_t scale, void* gs, c10:
       weighted = weighted * Vec<acc_t>(factor);
       chunk_max_used[c] = s.max;
       const Vec<acc_t> m(s.max);
+      Vec<acc_t> zs(acc_t(0)), a(acc_t(0));
       for (int64_t i = 0; i < ch.padded; i += Vec<acc_t>::size()) {
         const auto xs = Vec<acc_t>::loadu(ch.s + i) * inv;
         const auto xt = Vec<acc_t>::loadu(ch.t + i) * inv;
         const auto e = fast_exp(xs - m);
         e.store(scratch + b + i);
-        s.sum = s.sum + e;
-        weighted = weighted + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
+        zs = zs + e;
+        a = a + Vec<acc_t>::blendv(zero, e * (xs - xt), e > zero);
       }
+      s.sum = s.sum + zs;
+      weighted = weighted + a;
     }
     t.add(ch.t, ch.padded, row.inv_t);
   }

@@ -46,7 +46,9 @@ struct LaneSoftmax {
     acc_t factor;
     if (!raise_max(chunk_max(x, padded) * inv_t, &factor)) return;
     const Vec vm(max), vinv(inv_t);
-    for (int64_t i = 0; i < padded; i += Vec::size()) sum = sum + fast_exp(Vec::loadu(x + i) * vinv - vm);
+    Vec part(acc_t(0));  // two-level sum: error grows with V / kChunk, not V
+    for (int64_t i = 0; i < padded; i += Vec::size()) part = part + fast_exp(Vec::loadu(x + i) * vinv - vm);
+    sum = sum + part;
   }
 
   SoftmaxState<acc_t> finish() const { return {max, reduce_sum(sum)}; }

@@ -160,12 +160,15 @@ std::pair<acc_t, acc_t> row_entropy(const void* row, c10::ScalarType dtype, int6
       centred = Vec<acc_t>(factor) * (centred + Vec<acc_t>(shift) * old_sum);
     }
     const Vec<acc_t> m(st.max);
+    Vec<acc_t> z(acc_t(0)), c(acc_t(0));
     for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
       const auto d = Vec<acc_t>::loadu(buf + i) - m;
       const auto e = fast_exp(d);
-      st.sum = st.sum + e;
-      centred = centred + Vec<acc_t>::blendv(zero, e * d, e > zero);
+      z = z + e;
+      c = c + Vec<acc_t>::blendv(zero, e * d, e > zero);
     }
+    st.sum = st.sum + z;
+    centred = centred + c;
   });
   const auto s = st.finish();
   const acc_t lse = log_sum_exp(s);
@@ -181,11 +184,13 @@ acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc
   const Vec<acc_t> zero(acc_t(0)), vlse(lse);
   for_each_chunk(V, [&](int64_t b, int64_t n) {
     const int64_t P = load_chunk(row, dtype, b, n, inv_t, buf);
+    Vec<acc_t> part(acc_t(0));
     for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
       const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
       const auto q = fast_exp(lq);
-      acc = acc - Vec<acc_t>::blendv(zero, q * lq, q > zero);
+      part = part - Vec<acc_t>::blendv(zero, q * lq, q > zero);
     }
+    acc = acc + part;
   });
   return reduce_sum(acc);
 }
