@@ -28,8 +28,9 @@ logsumexp           gather 1                                none                
 softmax             gather 1                                sum 1 (sum g*y)        2a
 log_softmax         gather 1                                sum 1 (sum g)          2a
 entropy             gather 1 (lse); sum 1 (partial H)       none                   2a
-logprobs            gather W shard sizes (int64);           none                   2a + 8W/rows
-                    gather 2 (lse, picked logit)
+logprobs            gather the W shard sizes (int64, 8 B    none                   2a
+                    per rank per call); gather 2 (lse,
+                    the owner's logit)
 ==================  ======================================  =====================  ==========
 
 (payload = bytes this rank contributes per row; an all-gather hands every rank
@@ -343,7 +344,7 @@ def _check(logits, temperature, group):
 def _scaled(x, temperature):
     """x / T in the accumulation dtype, as the kernels compute it (x * (1/T))."""
     acc = _validate.acc_dtype(x)
-    return x.to(acc) * torch.tensor(1.0 / temperature, dtype=acc)
+    return x.to(acc) * torch.tensor(1.0 / temperature, dtype=acc)  # a new tensor (callers modify it)
 
 
 class _LogSumExp(torch.autograd.Function):
@@ -372,8 +373,8 @@ class _Softmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, temperature, group, log):
         lse = _global_lse(x, temperature, group)
-        z = _scaled(x, temperature) - lse.unsqueeze(-1)
-        y = (z if log else torch.exp(z)).to(x.dtype)
+        z = _scaled(x, temperature).sub_(lse.unsqueeze(-1))
+        y = (z if log else z.exp_()).to(x.dtype)
         ctx.save_for_backward(y)
         ctx.args = (temperature, group, log)
         return y
