@@ -220,8 +220,9 @@ def distill_loss(
             ignored rows 0).
         beta: the JSD's beta; alpha: the skew KLs' alpha.
         fused: compute the student's gradient inside the forward kernel (the default). The
-            backward is then only a scale of that buffer. Used whenever the teacher needs no
-            gradient and reduction is not ``"none"``; otherwise the per-row ops are used.
+            backward is then only a scale of that buffer. Used whenever the student needs a
+            gradient, the teacher does not, and reduction is not ``"none"``; otherwise the
+            per-row ops are used (same values).
 
     Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
     """
@@ -234,7 +235,8 @@ def distill_loss(
     keep = row_mask(student_logits, labels, ignore_index, mask)
     acc = _validate.acc_dtype(student_logits)
 
-    if reduction == "none" or not fused or teacher_logits.requires_grad:
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if reduction == "none" or not fused or not needs_grad or teacher_logits.requires_grad:
         return _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc)
 
     if keep is None:
