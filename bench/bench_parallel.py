@@ -297,18 +297,23 @@ def print_nccl_formula(world=8, vocab=128 * 1024, elem_bytes=2):
         )
 
 
-def machine():
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core {model}, {gpu}"
+def write_csv(path, rows, args):
+    """The table as CSV, with bench/common.py's header comment (command, machine, date)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write(f"# command: {common.command_line()}\n")
+        cpu = common.machine_description("cpu").rsplit(",", 1)[0]  # the ranks' threads are below
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        f.write(f"# machine: {cpu}, {gpu}; torch {torch.__version__}; Gloo, {args.threads} torch thread(s) per rank\n")
+        f.write(f"# date: {datetime.date.today().isoformat()}\n")
+        f.write("# bytes per rank per row (in: put into collectives; recv: received); ms: median of the slowest rank\n")
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def main():
@@ -330,14 +335,7 @@ def main():
     print_table(rows)
     print_nccl_formula()
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            f.write(f"# command: python bench/bench_parallel.py {' '.join(sys.argv[1:])}\n")
-            f.write(f"# machine: {machine()}; torch {torch.__version__}; Gloo, {args.threads} thread(s) per rank\n")
-            f.write("# bytes are per rank per row (in: put into collectives; recv: received); ms: median slowest rank\n")
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-
+        write_csv(args.csv, rows, args)
 
 if __name__ == "__main__":
     main()
