@@ -126,7 +126,7 @@ def _record(name, x):
 
 
 def _all_gather_fn():
-    # torch >= 2.10 renamed all_gather_into_tensor to all_gather_single.
+    # Recent torch deprecates all_gather_into_tensor in favour of all_gather_single (same call).
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
