@@ -42,6 +42,8 @@ def _divergence_backward_fake(
     grad_values, student_logits, teacher_logits, stats, divergence, param, temperature, student_grad, teacher_grad
 ):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(grad_values, "grad_values", student_logits, "student_logits")
+    _validate.check_same_device(stats, "stats", student_logits, "student_logits")
     s_shape = student_logits.shape if student_grad else (0,)
     t_shape = teacher_logits.shape if teacher_grad else (0,)
     return student_logits.new_empty(s_shape), teacher_logits.new_empty(t_shape)
@@ -50,6 +52,7 @@ def _divergence_backward_fake(
 @torch.library.register_fake("kdext::divergence_loss")
 def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(row_weights, "row_weights", student_logits, "student_logits")
     _validate.check_divergence(divergence, param)
     _validate.check_temperature(temperature)
     acc = _validate.acc_dtype(student_logits)
@@ -59,6 +62,8 @@ def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergenc
 @torch.library.register_fake("kdext::divergence_partial")
 def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teacher_lse, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(student_lse, "student_lse", student_logits, "student_logits")
+    _validate.check_same_device(teacher_lse, "teacher_lse", student_logits, "student_logits")
     _validate.check_divergence(divergence, param)
     rows = _validate.rows_shape(student_logits)
     return student_logits.new_empty(rows + (3,), dtype=_validate.acc_dtype(student_logits))
@@ -66,6 +71,7 @@ def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teache
 
 @torch.library.register_fake("kdext::scale_")
 def _scale_fake(self, factor):
+    _validate.check_same_device(factor, "factor", self, "self")
     return None
 
 
@@ -119,8 +125,20 @@ def _loss_backward(ctx, grad_loss, _grad_grad):
             "place; use fused=False if you need retain_graph=True"
         )
     ctx.consumed = True
+    if _tracing(grad):
+        # Under torch.compile / AOT tracing the buffer is also a forward output
+        # of the graph, which a backward must not mutate: scale out of place.
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
     ops.scale_(grad, grad_loss.to(grad.dtype))
     return grad, None, None, None, None, None
+
+
+def _tracing(t):
+    """Whether autograd runs under a tracer (torch.compile, AOT autograd, fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_context=_loss_setup_context)
@@ -226,6 +244,8 @@ def distill_loss(
 
     Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
     """
+    if kind not in _validate.DIVERGENCES:
+        raise ValueError(f"kind must be one of {', '.join(_validate.DIVERGENCES)}, got {kind!r}")
     _validate.check_logit_pair(student_logits, teacher_logits)
     _validate.check_temperature(temperature)
     param = divergence_param(kind, beta, alpha)
