@@ -43,19 +43,20 @@ OPS = ["reverse_kl", "jsd", "tvd", "distill_loss", "softmax", "log_softmax", "en
 PAIR_OPS = {"reverse_kl", "jsd", "tvd", "distill_loss"}  # take student and teacher logits
 SLICED_OPS = {"softmax", "log_softmax"}  # return the local slice
 
-# kdext's collective schedule, forward and backward together: op -> [(collective, numbers
-# per row)]; the numbers are float32 (float64 for float64 logits). logprobs also gathers the
-# W shard sizes once per call (8 bytes per rank, not per row).
-DIVERGENCE_SCHEDULE = [("all_gather", 2), ("all_reduce", 3)]
+# kdext's collective schedule for float32 / bf16 / fp16 logits, forward and backward together:
+# op -> [(collective, bytes per row this rank puts in)]. The divergences exchange float32
+# statistics; the softmax family and logprobs their lse's in float64 (kdext/parallel.py).
+# logprobs also gathers the W shard sizes once per call (8 bytes per rank, not per row).
+DIVERGENCE_SCHEDULE = [("all_gather", 2 * 4), ("all_reduce", 3 * 4)]
 SCHEDULE = {
     "reverse_kl": DIVERGENCE_SCHEDULE,
     "jsd": DIVERGENCE_SCHEDULE,
     "tvd": DIVERGENCE_SCHEDULE,
     "distill_loss": DIVERGENCE_SCHEDULE,
-    "softmax": [("all_gather", 1), ("all_reduce", 1)],
-    "log_softmax": [("all_gather", 1), ("all_reduce", 1)],
-    "entropy": [("all_gather", 1), ("all_reduce", 1)],
-    "logprobs": [("all_gather", 2)],
+    "softmax": [("all_gather", 8), ("all_reduce", 4)],
+    "log_softmax": [("all_gather", 8), ("all_reduce", 4)],
+    "entropy": [("all_gather", 8), ("all_reduce", 4)],
+    "logprobs": [("all_gather", 2 * 8)],
 }
 
 
@@ -66,12 +67,10 @@ def received(collective, nbytes, world):
     return 2 * (world - 1) / world * nbytes  # ring all-reduce
 
 
-def kdext_bytes_per_row(op, world, acc_bytes=4):
-    """(in, recv) bytes per row for kdext's schedule."""
+def kdext_bytes_per_row(op, world):
+    """(in, recv) bytes per row for kdext's schedule (float32 / bf16 / fp16 logits)."""
     sched = SCHEDULE[op]
-    bytes_in = sum(n * acc_bytes for _, n in sched)
-    recv = sum(received(c, n * acc_bytes, world) for c, n in sched)
-    return bytes_in, recv
+    return sum(n for _, n in sched), sum(received(c, n, world) for c, n in sched)
 
 
 def allgather_tensors(op):
@@ -213,7 +212,6 @@ def _worker(rank, world, init_file, args, out_path):
         diff = (result["kdext"][2].float() - result["allgather"][2].float()).abs().max()
         diff_t = torch.tensor([diff.item()])
         dist.all_reduce(diff_t, op=dist.ReduceOp.MAX)
-        acc_bytes = 8 if dtype == torch.float64 else 4
         rows.append(
             {
                 "world": world,
@@ -222,7 +220,7 @@ def _worker(rank, world, init_file, args, out_path):
                 "vocab": args.vocab,
                 "dtype": args.dtype,
                 "kdext_in_B_per_row": result["kdext"][1] / args.rows,
-                "kdext_recv_B_per_row": kdext_bytes_per_row(op, world, acc_bytes)[1],
+                "kdext_recv_B_per_row": kdext_bytes_per_row(op, world)[1] if dtype != torch.float64 else float("nan"),
                 "allgather_in_B_per_row": result["allgather"][1] / args.rows,
                 "allgather_recv_B_per_row": (world - 1) * result["allgather"][1] / args.rows,
                 "kdext_ms": 1e3 * result["kdext"][0],
@@ -284,13 +282,13 @@ def print_table(rows):
 
 def print_nccl_formula(world=8, vocab=128 * 1024, elem_bytes=2):
     print(
-        f"\nNCCL, W = {world}, V = {vocab} ({vocab // world} per rank), bf16 logits, float32 statistics: bytes each "
+        f"\nNCCL, W = {world}, V = {vocab} ({vocab // world} per rank), bf16 logits: bytes each "
         "rank receives per row (all-gather of n bytes: (W-1) n; ring all-reduce: 2 (W-1)/W n)"
     )
     for op in ("reverse_kl", "distill_loss", "softmax", "entropy", "logprobs"):
         _, k_recv = kdext_bytes_per_row(op, world)
         _, a_recv = allgather_bytes_per_row(op, world, vocab, elem_bytes)
-        terms = " + ".join(f"{'(W-1)' if c == 'all_gather' else '2(W-1)/W'}*{n}*4" for c, n in SCHEDULE[op])
+        terms = " + ".join(f"{'(W-1)' if c == 'all_gather' else '2(W-1)/W'}*{n}" for c, n in SCHEDULE[op])
         print(
             f"  {op:<13} kdext {terms} = {k_recv:.1f} B;  all-gather {allgather_tensors(op)}*(W-1)/W*V*2 "
             f"= {a_recv:,.0f} B  ({a_recv / k_recv:,.0f}x)"

@@ -24,17 +24,21 @@ op                  forward                                 backward            
 divergences         gather 2 (lse_s, lse_t); sum 3          none                   5a
   (value, c_s, c_t)
 distill_loss        as the divergences                      none                   5a
-logsumexp           gather 1                                none                   a
-softmax             gather 1                                sum 1 (sum g*y)        2a
-log_softmax         gather 1                                sum 1 (sum g)          2a
-entropy             gather 1 (lse); sum 1 (partial H)       none                   2a
-logprobs            gather the W shard sizes (int64, 8 B    none                   2a
+logsumexp           gather 1 (lse, float64)                 none                   8
+softmax             gather 1 (lse, float64)                 sum 1 (sum g*y)        8 + a
+log_softmax         gather 1 (lse, float64)                 sum 1 (sum g)          8 + a
+entropy             gather 1 (lse, float64); sum 1          none                   8 + a
+                    (the shard's -sum q log q)
+logprobs            gather the W shard sizes (int64, 8 B    none                   16
                     per rank per call); gather 2 (lse,
-                    the owner's logit)
+                    the owner's x_token/T; float64)
 ==================  ======================================  =====================  ==========
 
 (payload = bytes this rank contributes per row; an all-gather hands every rank
-W times its input.) The shard offsets, which only ``logprobs`` and
+W times its input.) The divergences exchange float32 lse's, as precise as the
+float32 statistics their single-device kernels keep; the softmax family and
+log-probs exchange them in float64, because their single-device kernels form
+(x/T - max) - log Z, exact however large the logits. The shard offsets, which only ``logprobs`` and
 ``top_p_sample`` need (token ids are global), come from one all-gather of the W
 shard sizes per call: O(W) bytes, independent of rows and V. They are not
 cached, so nothing can go stale when a caller changes the split.
@@ -197,9 +201,37 @@ def _merge_lse(parts):
     return shift + torch.log(torch.exp(parts - shift).sum(dim=0))
 
 
-def _global_lse(x, temperature, group):
-    """The row's log-normaliser over the whole vocabulary: one all-gather of the local lse."""
-    return _merge_lse(_all_gather(ops.logsumexp(x, temperature), group))
+def _local_lse64(x, temperature):
+    """This shard's log-normaliser m + log Z in float64, in one pass over the shard.
+
+    entropy_forward returns the row's lse in float64 for every input dtype
+    (csrc/cpu/softmax.cpp, SplitLse): a float32 lse rounds at the size of the
+    logits (1e-3 absolute at 1e4), which the single-device softmax, log-probs and
+    entropy avoid by forming (x/T - max) - log Z; the float64 lse keeps that
+    precision through the merge.
+    """
+    return ops.entropy_forward(x, temperature)[1]
+
+
+def _global_lse64(x, temperature, group):
+    """The row's log-normaliser over the whole vocabulary, float64: one all-gather of 8 bytes per row."""
+    return _merge_lse(_all_gather(_local_lse64(x, temperature), group))
+
+
+def _log_q(z, lse64):
+    """log softmax from z = x/T (accumulation dtype) and the float64 lse, as precise as the kernels.
+
+    For float32, lse is split into hi + lo (two floats) and (z - hi) - lo formed,
+    so that the difference keeps full precision however large the logits
+    (the SplitLse of csrc/cpu/softmax.cpp). A non-finite lse gives z - lse.
+    """
+    if z.dtype == torch.float64:
+        return z.sub_(lse64.unsqueeze(-1)) if z.dim() > lse64.dim() else z.sub_(lse64)
+    hi = lse64.to(z.dtype)
+    lo = torch.where(torch.isfinite(lse64), lse64 - hi.to(torch.float64), torch.zeros_like(lse64)).to(z.dtype)
+    if z.dim() > lse64.dim():
+        hi, lo = hi.unsqueeze(-1), lo.unsqueeze(-1)
+    return z.sub_(hi).sub_(lo)
 
 
 def _no_grads(n):
@@ -350,21 +382,21 @@ def _scaled(x, temperature):
 class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, temperature, group):
-        lse = _global_lse(x, temperature, group)
+        lse = _global_lse64(x, temperature, group)
         ctx.save_for_backward(x, lse)
         ctx.temperature = temperature
-        return lse
+        return lse.to(_validate.acc_dtype(x))
 
     @staticmethod
     def backward(ctx, grad):
         # d lse / dx_j = softmax(x/T)_j / T: local, given the global lse.
         x, lse = ctx.saved_tensors
-        probs = torch.exp(_scaled(x, ctx.temperature) - lse.unsqueeze(-1))
+        probs = _log_q(_scaled(x, ctx.temperature), lse).exp_()
         return (probs * (grad / ctx.temperature).unsqueeze(-1)).to(x.dtype), None, None
 
 
 def logsumexp(logits, temperature=1.0, group=None):
-    """Per-row log sum_i exp(x_i / T) over the whole vocabulary (one all-gather of the local lse)."""
+    """Per-row log sum_i exp(x_i / T) over the whole vocabulary (one all-gather of the local lse's)."""
     _check(logits, temperature, group)
     return _LogSumExp.apply(logits, float(temperature), group)
 
@@ -372,8 +404,7 @@ def logsumexp(logits, temperature=1.0, group=None):
 class _Softmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, temperature, group, log):
-        lse = _global_lse(x, temperature, group)
-        z = _scaled(x, temperature).sub_(lse.unsqueeze(-1))
+        z = _log_q(_scaled(x, temperature), _global_lse64(x, temperature, group))
         y = (z if log else z.exp_()).to(x.dtype)
         ctx.save_for_backward(y)
         ctx.args = (temperature, group, log)
@@ -417,7 +448,7 @@ def log_softmax(logits, temperature=1.0, group=None):
 class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, temperature, group):
-        lse = _global_lse(x, temperature, group)
+        lse = _global_lse64(x, temperature, group)
         partial, _ = ops.entropy_forward(x, temperature, lse)
         entropy = _all_reduce_sum(partial, group)
         ctx.save_for_backward(x, entropy, lse)
@@ -453,18 +484,21 @@ class _LogProbs(torch.autograd.Function):
                 r = int(bad[0])
                 v = int(tokens.reshape(-1)[r])
                 raise IndexError(f"tokens[{r}] = {v} is outside the vocabulary [0, {vocab})")
-        local = tokens - lo  # the kernels' convention: ids outside [0, V_local) are not ours
-        own = (local >= 0) & (local < x.shape[-1])
-        index = torch.where(own, local, torch.zeros_like(local)).to(torch.int64).unsqueeze(-1)
+        local_tokens = tokens - lo  # the kernels' convention: ids outside [0, V_local) are not ours
+        own = (local_tokens >= 0) & (local_tokens < x.shape[-1])
+        index = torch.where(own, local_tokens, torch.zeros_like(local_tokens)).to(torch.int64).unsqueeze(-1)
         picked = _scaled(x.gather(-1, index).squeeze(-1), temperature)
         picked = torch.where(own, picked, picked.new_full((), -math.inf))
-        both = _all_gather(torch.stack((ops.logsumexp(x, temperature), picked), dim=-1), group)
+        # float64 for both columns: the lse for precision, x_token / T exactly
+        local = torch.stack((_local_lse64(x, temperature), picked.to(torch.float64)), dim=-1)
+        both = _all_gather(local, group)
         lse = _merge_lse(both[..., 0])
-        out = both[..., 1].amax(dim=0) - lse  # the owner's x_token / T (NaN propagates)
+        # the owner's x_token / T (the others sent -inf; NaN propagates), minus the lse
+        out = _log_q(both[..., 1].amax(dim=0).to(picked.dtype), lse)
         if tokens.device.type != "cpu":
             # As the CUDA kernel, which cannot raise without a sync: NaN for such rows.
             out = torch.where((tokens >= 0) & (tokens < vocab), out, out.new_full((), math.nan))
-        ctx.save_for_backward(x, local, lse)
+        ctx.save_for_backward(x, local_tokens, lse)
         ctx.temperature = temperature
         return out
 

@@ -319,6 +319,30 @@ def check_softmax_family(ctx):
         compare_rowwise(ctx, name, s, 1.0, what="masked")
 
 
+def check_large_logits(ctx):
+    """Logits around 1e4: the single-device softmax, log-probs and entropy form
+    (x/T - max) - log Z, exact for any shift; the vocab-parallel ops must keep that
+    precision (a float32 lse would be off by ulp(1e4) / 2 ~ 5e-4 in every log-prob).
+    T is a power of two so that x / T is exact."""
+    import kdext
+    import kdext.parallel as P
+
+    g = ctx.gen(12)
+    x = logits((4, 97), g) + 1e4
+    x[1, : shard_sizes(97, ctx.world)[0]] -= 30.0  # rank 0's shard far below the max in this row
+    for name in ("softmax", "log_softmax", "logsumexp", "entropy"):
+        for temperature in (1.0, 0.5):
+            compare_rowwise(ctx, name, x, temperature, what="x + 1e4")
+    tokens = torch.randint(0, 97, (4,), generator=g)
+    x_loc, x_ref = ctx.shard(x).requires_grad_(), x.clone().requires_grad_()
+    got, ref = P.logprobs(x_loc, tokens, 0.5), kdext.logprobs(x_ref, tokens, 0.5)
+    assert_close(got, ref, what="logprobs x + 1e4")
+    got.sum().backward()
+    ref.sum().backward()
+    lo, hi = ctx.bounds(97)
+    assert_close(x_loc.grad, x_ref.grad[..., lo:hi], what="logprobs x + 1e4 grad")
+
+
 def check_logprobs(ctx):
     import kdext
     import kdext.parallel as P
@@ -555,15 +579,19 @@ def op_runners(ctx, rows, vocab, dtype):
 
 
 def expected_bytes(name, rows, a, world):
-    """Payload bytes per op that the module docstring's schedule promises: (forward, backward)."""
+    """Payload bytes (forward, backward) that the module docstring's schedule promises.
+
+    ``a``: bytes of the accumulation dtype; the softmax family and logprobs exchange
+    their lse's in float64 (8 bytes) whatever the input dtype.
+    """
     if name == "logprobs":
-        return 8 + 2 * a * rows, 0
+        return 8 + 16 * rows, 0  # the W shard sizes (one int64 each), then (lse, x_token / T)
     if name in ("softmax", "log_softmax"):
-        return a * rows, a * rows
+        return 8 * rows, a * rows
     if name == "logsumexp":
-        return a * rows, 0
+        return 8 * rows, 0
     if name == "entropy":
-        return 2 * a * rows, 0
+        return 8 * rows + a * rows, 0
     return 5 * a * rows, 0  # divergences and distill_loss: gather 2 + sum 3 per row
 
 
@@ -605,6 +633,7 @@ CHECKS = [
     check_divergences_masked,
     check_distill_loss,
     check_softmax_family,
+    check_large_logits,
     check_logprobs,
     check_shard_range,
     check_validation,
