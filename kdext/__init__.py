@@ -8,6 +8,7 @@ from ._ops import BUILD_INFO, ops
 from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
 from .logprobs import logprobs
 from .softmax import entropy, log_softmax, logsumexp, softmax
+from . import parallel  # noqa: E402  (needs the ops registered above)
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "logprobs",
     "logsumexp",
     "ops",
+    "parallel",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",

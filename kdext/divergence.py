@@ -17,6 +17,8 @@ backward is one pass over each row using the statistics the forward saved.
 the student's gradient in the same kernel pass as the loss.
 """
 
+import math
+
 import torch
 
 from . import _validate
@@ -267,7 +269,12 @@ def distill_loss(
     else:
         weights = keep.to(acc)
         if reduction == "mean":
-            weights = weights / keep.sum()
+            count = keep.sum()
+            # clamp: with no row counted every weight is 0 (zero gradient), and
+            # the mean itself is NaN, as in F.cross_entropy.
+            weights = weights / count.clamp_min(1)
+            loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
+            return torch.where(count > 0, loss, loss.new_full((), math.nan))
     loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
     return loss
 

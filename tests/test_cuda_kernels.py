@@ -487,8 +487,6 @@ def test_opcheck_cuda(case):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.xfail(strict=False, reason="kdext/divergence.py autograd registration of divergence_loss fails "
-                   "opcheck's test_aot_dispatch_dynamic on every device (CPU too); not a kernel issue")
 def test_opcheck_cuda_divergence_loss_autograd():
     s = torch.randn(6, 67, device=DEV, requires_grad=True)
     t = torch.randn(6, 67, device=DEV)

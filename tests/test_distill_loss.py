@@ -151,7 +151,12 @@ def test_backward_twice_through_the_fused_buffer_is_refused():
 def test_no_counted_rows():
     s = torch.randn(3, 10, requires_grad=True)
     labels = torch.full((3,), -100)
-    assert torch.isnan(kdext.distill_loss(s, torch.randn(3, 10), labels=labels))  # like F.cross_entropy
+    for fused in (True, False):
+        s.grad = None
+        loss = kdext.distill_loss(s, torch.randn(3, 10), labels=labels, fused=fused)
+        assert torch.isnan(loss)  # the mean of nothing, like F.cross_entropy
+        loss.backward()
+        assert (s.grad == 0).all(), "ignored rows get a zero gradient"
     loss = kdext.distill_loss(s, torch.randn(3, 10), labels=labels, reduction="sum")
     assert loss == 0
     loss.backward()
