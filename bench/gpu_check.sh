@@ -98,6 +98,10 @@ if [ $BENCH_LIMIT -gt 260 ]; then BENCH_LIMIT=260; fi
 stage bench $BENCH_LIMIT bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_gpu.py' --out '$OUT' \
   --budget-s $(( BENCH_LIMIT - 25 ))"
 
+# 5b. sampling: kdext vs the sorted reference and FlashInfer (when its wheel was carried)
+stage bench_top_p 60 bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_top_p_sample.py' --device cuda --rows 256 \
+  --csv '$OUT/top_p_sample_cuda.csv'"
+
 # 6. extras while time is left
 if [ -n "$SAN" ]; then
   stage racecheck 45 bash -c "cd '$OUT' && '$SAN' --tool racecheck --error-exitcode 9 --print-limit 20 \

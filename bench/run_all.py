@@ -19,6 +19,7 @@ def benches(quick):
         ("divergence", ["bench_divergence.py"] + (size or ["--rows", "1024", "--vocab", "32000"])),
         ("softmax", ["bench_softmax.py"] + (size or ["--rows", "1024", "--vocab", "32000"])),
         ("logprobs", ["bench_logprobs.py"] + (size or ["--rows", "1024", "--vocab", "32000"])),
+        ("top_p_sample", ["bench_top_p_sample.py"] + (["--rows", "16", "--reps", "3"] if quick else [])),
     ]
 
 

@@ -108,6 +108,17 @@ def other_cases():
                 torch.cuda.synchronize()
         print(f"softmax/logprobs/scale [{name}] ok", flush=True)
     set_path("default")
+    # top_p_sample: small, odd, masked and empty rows; teacher mixing; top-k; tiny top_p (greedy).
+    for dtype in (torch.float32, torch.bfloat16):
+        for V in (1, 37, 5003):
+            x = torch.randn(6, V, device=DEV).to(dtype)
+            t = torch.randn(6, V, device=DEV).to(dtype)
+            x[1] = float("-inf")
+            x[2, : V // 2] = float("-inf")
+            for top_p, top_k, alpha in ((0.9, 0, 0.0), (1.0, 5, 0.2), (1e-6, 0, 0.5)):
+                ops.top_p_sample(x, t, top_p, top_k, 0.8, alpha, 1234, 0)
+            torch.cuda.synchronize()
+    print("top_p_sample ok", flush=True)
 
 
 def main():

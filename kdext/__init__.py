@@ -7,6 +7,7 @@ kernels and autograd formulas and exposes the Python API.
 from ._ops import BUILD_INFO, ops
 from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
 from .logprobs import logprobs
+from .sampling import SampleResult, top_p_sample
 from .softmax import entropy, log_softmax, logsumexp, softmax
 from . import parallel  # noqa: E402  (needs the ops registered above)
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILD_INFO",
+    "SampleResult",
     "distill_loss",
     "entropy",
     "forward_kl",
@@ -27,5 +29,6 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "softmax",
+    "top_p_sample",
     "tvd",
 ]
