@@ -10,6 +10,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 HAVE_NVCC := $(shell command -v nvcc >/dev/null 2>&1 && echo yes)
+# The CUDA toolkit (for CMake; setup.py finds it by itself): $CUDA_HOME if it
+# holds the runtime, else /usr/local/cuda. nvcc on PATH may be a wrapper script.
+CUDA_ROOT := $(firstword $(foreach d,$(CUDA_HOME) /usr/local/cuda,$(if $(wildcard $(d)/include/cuda_runtime.h),$(d))))
 TORCH_SPEC ?= $(if $(HAVE_NVCC),torch==2.14.1,torch==2.13.0)
 HYPOTHESIS_PROFILE ?= ci
 PYTEST_ARGS ?=
@@ -47,9 +50,10 @@ test: install
 # The C++ build of the same op library (CMake + find_package(Torch)) and the
 # ctest suite for the framework-free math in csrc/include.
 cmake: setup
-	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-	  -DPython3_EXECUTABLE=$(abspath $(PY))
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  $(if $(CUDA_ROOT),-DCUDA_TOOLKIT_ROOT_DIR=$(CUDA_ROOT) -DCUDAToolkit_ROOT=$(CUDA_ROOT))
 	cmake --build build-cmake -j $(MAX_JOBS)
 	cd build-cmake && ctest --output-on-failure
 

@@ -88,7 +88,12 @@ def build_extension():
     with_cuda = want_cuda(torch, cuda_home)
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fno-math-errno"] + cpu_isa_flags()
+    # Headers the sources include: editing one must trigger a rebuild.
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+    # -ffp-contract=off: GCC would otherwise fuse x * (1/T) - max into one FMA in some
+    # places and not others, so the same quantity would round two ways (softmax of a
+    # one-token row would not be exactly 1).
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + cpu_isa_flags()
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
@@ -98,10 +103,12 @@ def build_extension():
             "kdext._C",
             sources,
             include_dirs=include_dirs,
+            depends=depends,
             extra_compile_args={"cxx": cxx + ["-DKDEXT_WITH_CUDA"], "nvcc": nvcc},
         )
     else:
-        ext = CppExtension("kdext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("kdext._C", sources, include_dirs=include_dirs, depends=depends,
+                           extra_compile_args={"cxx": cxx})
     print(f"kdext: building CPU kernels ({' '.join(cpu_isa_flags())}); CUDA kernels: "
           + (f"yes (CUDA_HOME={cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST')})" if with_cuda else "no"))
     return [ext], {"build_ext": BuildExtension}

@@ -7,12 +7,15 @@ kernels and autograd formulas and exposes the Python API.
 from ._ops import BUILD_INFO, ops
 from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
 from .logprobs import logprobs
+from .sampling import SampleResult, top_p_sample
 from .softmax import entropy, log_softmax, logsumexp, softmax
+from . import parallel  # noqa: E402  (needs the ops registered above)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILD_INFO",
+    "SampleResult",
     "distill_loss",
     "entropy",
     "forward_kl",
@@ -21,9 +24,11 @@ __all__ = [
     "logprobs",
     "logsumexp",
     "ops",
+    "parallel",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
     "softmax",
+    "top_p_sample",
     "tvd",
 ]

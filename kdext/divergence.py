@@ -17,6 +17,8 @@ backward is one pass over each row using the statistics the forward saved.
 the student's gradient in the same kernel pass as the loss.
 """
 
+import math
+
 import torch
 
 from . import _validate
@@ -42,6 +44,8 @@ def _divergence_backward_fake(
     grad_values, student_logits, teacher_logits, stats, divergence, param, temperature, student_grad, teacher_grad
 ):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(grad_values, "grad_values", student_logits, "student_logits")
+    _validate.check_same_device(stats, "stats", student_logits, "student_logits")
     s_shape = student_logits.shape if student_grad else (0,)
     t_shape = teacher_logits.shape if teacher_grad else (0,)
     return student_logits.new_empty(s_shape), teacher_logits.new_empty(t_shape)
@@ -50,6 +54,7 @@ def _divergence_backward_fake(
 @torch.library.register_fake("kdext::divergence_loss")
 def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(row_weights, "row_weights", student_logits, "student_logits")
     _validate.check_divergence(divergence, param)
     _validate.check_temperature(temperature)
     acc = _validate.acc_dtype(student_logits)
@@ -59,6 +64,8 @@ def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergenc
 @torch.library.register_fake("kdext::divergence_partial")
 def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teacher_lse, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_same_device(student_lse, "student_lse", student_logits, "student_logits")
+    _validate.check_same_device(teacher_lse, "teacher_lse", student_logits, "student_logits")
     _validate.check_divergence(divergence, param)
     rows = _validate.rows_shape(student_logits)
     return student_logits.new_empty(rows + (3,), dtype=_validate.acc_dtype(student_logits))
@@ -66,6 +73,7 @@ def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teache
 
 @torch.library.register_fake("kdext::scale_")
 def _scale_fake(self, factor):
+    _validate.check_same_device(factor, "factor", self, "self")
     return None
 
 
@@ -119,8 +127,20 @@ def _loss_backward(ctx, grad_loss, _grad_grad):
             "place; use fused=False if you need retain_graph=True"
         )
     ctx.consumed = True
+    if _tracing(grad):
+        # Under torch.compile / AOT tracing the buffer is also a forward output
+        # of the graph, which a backward must not mutate: scale out of place.
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
     ops.scale_(grad, grad_loss.to(grad.dtype))
     return grad, None, None, None, None, None
+
+
+def _tracing(t):
+    """Whether autograd runs under a tracer (torch.compile, AOT autograd, fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_context=_loss_setup_context)
@@ -220,11 +240,14 @@ def distill_loss(
             ignored rows 0).
         beta: the JSD's beta; alpha: the skew KLs' alpha.
         fused: compute the student's gradient inside the forward kernel (the default). The
-            backward is then only a scale of that buffer. Used whenever the teacher needs no
-            gradient and reduction is not ``"none"``; otherwise the per-row ops are used.
+            backward is then only a scale of that buffer. Used whenever the student needs a
+            gradient, the teacher does not, and reduction is not ``"none"``; otherwise the
+            per-row ops are used (same values).
 
     Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
     """
+    if kind not in _validate.DIVERGENCES:
+        raise ValueError(f"kind must be one of {', '.join(_validate.DIVERGENCES)}, got {kind!r}")
     _validate.check_logit_pair(student_logits, teacher_logits)
     _validate.check_temperature(temperature)
     param = divergence_param(kind, beta, alpha)
@@ -234,7 +257,8 @@ def distill_loss(
     keep = row_mask(student_logits, labels, ignore_index, mask)
     acc = _validate.acc_dtype(student_logits)
 
-    if reduction == "none" or not fused or teacher_logits.requires_grad:
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if reduction == "none" or not fused or not needs_grad or teacher_logits.requires_grad:
         return _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc)
 
     if keep is None:
@@ -245,7 +269,12 @@ def distill_loss(
     else:
         weights = keep.to(acc)
         if reduction == "mean":
-            weights = weights / keep.sum()
+            count = keep.sum()
+            # clamp: with no row counted every weight is 0 (zero gradient), and
+            # the mean itself is NaN, as in F.cross_entropy.
+            weights = weights / count.clamp_min(1)
+            loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
+            return torch.where(count > 0, loss, loss.new_full((), math.nan))
     loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
     return loss
 

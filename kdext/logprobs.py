@@ -28,6 +28,11 @@ def _logprobs_forward_fake(logits, tokens, temperature):
 
 @torch.library.register_fake("kdext::logprobs_backward")
 def _logprobs_backward_fake(grad, logits, tokens, lse, temperature):
+    _validate.check_logits(logits, "logits")
+    _validate.check_temperature(temperature)
+    _check_tokens(logits, tokens)
+    _validate.check_same_device(grad, "grad", logits, "logits")
+    _validate.check_same_device(lse, "lse", logits, "logits")
     return logits.new_empty(logits.shape)
 
 

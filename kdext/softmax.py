@@ -32,6 +32,7 @@ def _log_softmax_fake(logits, temperature=1.0):
 @torch.library.register_fake("kdext::softmax_backward")
 def _softmax_backward_fake(grad_output, output, temperature, log):
     _validate.check_logits(output, "output")
+    _validate.check_same_device(grad_output, "grad_output", output, "output")
     return output.new_empty(output.shape)
 
 
@@ -44,13 +45,18 @@ def _logsumexp_fake(logits, temperature=1.0):
 @torch.library.register_fake("kdext::entropy_forward")
 def _entropy_forward_fake(logits, temperature, lse=None):
     _check(logits, temperature)
+    if lse is not None:
+        _validate.check_same_device(lse, "lse", logits, "logits")
     rows, acc = _validate.rows_shape(logits), _validate.acc_dtype(logits)
-    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+    # The lse output is float64 for every input dtype (csrc/cpu/softmax.cpp, SplitLse).
+    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=torch.float64)
 
 
 @torch.library.register_fake("kdext::entropy_backward")
 def _entropy_backward_fake(grad, logits, entropy, lse, temperature):
     _check(logits, temperature)
+    for t, name in ((grad, "grad"), (entropy, "entropy"), (lse, "lse")):
+        _validate.check_same_device(t, name, logits, "logits")
     return logits.new_empty(logits.shape)
 
 

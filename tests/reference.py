@@ -73,3 +73,83 @@ def entropy(x, temperature=1.0):
 
 def logprobs(x, tokens, temperature=1.0):
     return log_probs(x, temperature).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def logsumexp(x, temperature=1.0):
+    return torch.logsumexp(x.double() / temperature, dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Error bounds shared by test_softmax.py and test_logprobs.py
+# ---------------------------------------------------------------------------
+
+
+def unit_roundoff(dtype):
+    """Half an ulp at 1: the relative error of rounding a result to `dtype`."""
+    return torch.finfo(dtype).eps / 2
+
+
+def acc_unit(dtype):
+    """Unit roundoff of the accumulation dtype (float64 for float64 inputs, else float32)."""
+    return 2.0**-53 if dtype == torch.float64 else 2.0**-24
+
+
+def underflow_atol(dtype):
+    """Absolute error allowed near zero for a result rounded to `dtype`.
+
+    The spacing of `dtype`'s subnormals, and for float32 accumulation also
+    twice the smallest normal float32: the CPU's vectorized exp flushes results
+    below about 2^-125.5 to zero.
+    """
+    fi = torch.finfo(dtype)
+    sub = fi.tiny * fi.eps
+    acc_tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny
+    return max(sub, 2 * acc_tiny)
+
+
+def log_domain_atol(x, temperature):
+    """Absolute error bound of a log-domain quantity (lse, log q_i, a row value)
+    accumulated in float32 (float64 for float64 inputs).
+
+    Each is a difference of numbers of size about max|x/T| + log V (x/T itself
+    is rounded to the accumulation dtype), and a long sum accumulates a few
+    dozen roundings (two-level summation): 64 roundings of that size.
+    """
+    finite = x.double()[torch.isfinite(x.double())]
+    scale = finite.abs().max().item() / temperature if finite.numel() else 0.0
+    return 64 * acc_unit(x.dtype) * (1 + scale + math.log(x.shape[-1] + 1))
+
+
+def assert_within(got, want, bound, what=""):
+    """|got - want| <= bound elementwise, with infinities and NaNs matched exactly.
+
+    `bound` is a tensor (broadcastable) or a number. Reports the worst entry.
+    """
+    got, want = got.double(), want.double()
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(want)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    nan_got, nan_want = torch.isnan(got), torch.isnan(want)
+    assert torch.equal(nan_got, nan_want), f"{what}: NaN at {nan_got.nonzero().tolist()[:5]}, expected at {nan_want.nonzero().tolist()[:5]}"
+    inf_want = torch.isinf(want)
+    assert torch.equal(got[inf_want], want[inf_want]), f"{what}: infinities differ"
+    finite = ~(nan_want | inf_want)
+    err = (got - want).abs().where(finite, 0.0)
+    excess = (err - bound).where(finite, -math.inf)
+    if excess.numel() and excess.max() > 0:
+        i = int(torch.argmax(excess))
+        idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), want.shape))
+        raise AssertionError(
+            f"{what}: |got - want| exceeds the bound at {idx}: got {got[idx].item()!r}, want {want[idx].item()!r}, "
+            f"error {err[idx].item():.3e} > bound {bound[idx].item():.3e} "
+            f"({int((err > bound).sum())} of {finite.sum().item()} entries over)"
+        )
+
+
+def random_logits(gen, shape, dtype, scale=1.0, mask_frac=0.0, device="cpu"):
+    """Normal logits times `scale` in `dtype`; a fraction `mask_frac` set to -inf,
+    keeping entry 0 of every row finite (every row has a distribution)."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    if mask_frac > 0:
+        x = x.masked_fill(torch.rand(shape, generator=gen, dtype=torch.float64) < mask_frac, -math.inf)
+        x[..., 0] = torch.randn(shape[:-1], generator=gen, dtype=torch.float64) * scale
+    return x.to(dtype=dtype, device=device)

@@ -406,6 +406,8 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
                     "), got shape ", student_lse.sizes());
   TORCH_CHECK_VALUE(teacher_lse.numel() == in.rows, "teacher_lse must have one entry per row (", in.rows,
                     "), got shape ", teacher_lse.sizes());
+  check_same_device(student_lse, "student_lse", student, "student_logits");
+  check_same_device(teacher_lse, "teacher_lse", student, "student_logits");
   const at::Tensor ls = student_lse.to(acc).contiguous().reshape({-1});
   const at::Tensor lt = teacher_lse.to(acc).contiguous().reshape({-1});
   auto shape = row_shape(student);
@@ -440,6 +442,7 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
 
 void scale_(at::Tensor& self, const at::Tensor& factor) {
   TORCH_CHECK_VALUE(factor.numel() == 1, "factor must have exactly one element, got shape ", factor.sizes());
+  check_same_device(factor, "factor", self, "self");
   const double f = factor.item<double>();
   if (f != 1.0) self.mul_(f);
 }

@@ -58,8 +58,11 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, co
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
         const void* row = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
-        l[r] = log_sum_exp(row_softmax_state(row, x.scalar_type(), V, inv_t, buf));
-        o[r] = load_one<acc_t>(row, x.scalar_type(), tp[r]) * inv_t - l[r];
+        const auto st = row_softmax_state(row, x.scalar_type(), V, inv_t, buf);
+        l[r] = log_sum_exp(st);
+        // (x/T - max) - log Z: exact in the difference, unlike x/T - lse for large logits.
+        const acc_t logz = st.max == -std::numeric_limits<acc_t>::infinity() ? st.max : MathOps<acc_t>::log(st.sum);
+        o[r] = (load_one<acc_t>(row, x.scalar_type(), tp[r]) * inv_t - st.max) - logz;
       }
     });
   });
@@ -76,6 +79,8 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
   const int64_t rows = x.size(0), V = x.size(1);
   TORCH_CHECK_VALUE(grad.numel() == rows && lse.numel() == rows, "grad and lse must have one entry per row (", rows,
                     ")");
+  check_same_device(grad, "grad", logits, "logits");
+  check_same_device(lse, "lse", logits, "logits");
   const auto acc = acc_dtype(logits);
   const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});

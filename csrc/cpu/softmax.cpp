@@ -57,12 +57,14 @@ at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) 
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
         const auto dtype = in.x.scalar_type();
-        const acc_t lse = log_sum_exp(row_softmax_state(in.row(r), dtype, in.V, inv_t, buf));
-        const Vec<acc_t> vlse(lse);
+        // (x/T - max) - log Z rather than x/T - lse: for large logits lse
+        // rounds at the size of the max, the difference with the max is exact.
+        const auto st = row_softmax_state(in.row(r), dtype, in.V, inv_t, buf);
+        const Vec<acc_t> vmax(st.max), vlogz(MathOps<acc_t>::log(st.sum));
         for_each_chunk(in.V, [&](int64_t b, int64_t n) {
           const int64_t P = load_chunk(in.row(r), dtype, b, n, inv_t, buf);
           for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-            const auto y = Vec<acc_t>::loadu(buf + i) - vlse;
+            const auto y = (Vec<acc_t>::loadu(buf + i) - vmax) - vlogz;
             (log ? y : fast_exp(y)).store(buf + i);
           }
           store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
@@ -140,12 +142,33 @@ at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
   return out.view(row_shape(logits));
 }
 
+// The per-row log-normaliser that entropy_forward returns is float64 even for
+// float32 logits: its backward forms log q_j = x_j/T - lse, and a float32 lse
+// rounds at the size of the logits (1e-3 absolute at 1e4). Split into two
+// floats, hi + lo, the difference (x_j/T - hi) - lo keeps full precision.
+struct SplitLse {
+  float hi, lo;
+  explicit SplitLse(double lse) : hi(static_cast<float>(lse)), lo(static_cast<float>(lse - double(hi))) {
+    if (!std::isfinite(lse)) lo = 0.0f;
+  }
+};
+
+template <typename acc_t>
+at::vec::Vectorized<acc_t> log_q(const at::vec::Vectorized<acc_t>& x, double lse) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return x - at::vec::Vectorized<acc_t>(lse);
+  } else {
+    const SplitLse s(lse);
+    return (x - at::vec::Vectorized<acc_t>(s.hi)) - at::vec::Vectorized<acc_t>(s.lo);
+  }
+}
+
 // Entropy in one pass, with the weighted sum centred on the running max,
 //   B = sum_i e^{x_i - m} (x_i - m) <= 0,   H = log Z - B / Z,
 // so that large logits do not cancel catastrophically (H = lse - E_q[x]).
 // When the max rises from m to m', B' = e^{m - m'} (B + (m - m') Z).
 template <typename acc_t>
-std::pair<acc_t, acc_t> row_entropy(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t* buf) {
+std::pair<acc_t, double> row_entropy(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t* buf) {
   LaneSoftmax<acc_t> st;
   Vec<acc_t> centred(acc_t(0));
   const Vec<acc_t> zero(acc_t(0));
@@ -171,22 +194,22 @@ std::pair<acc_t, acc_t> row_entropy(const void* row, c10::ScalarType dtype, int6
     centred = centred + c;
   });
   const auto s = st.finish();
-  const acc_t lse = log_sum_exp(s);
-  if (classify_row(lse, acc_t(0)) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
+  const double lse = log_sum_exp(SoftmaxState<double>{double(s.max), double(s.sum)});
+  if (classify_row(lse, 0.0) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
   return {MathOps<acc_t>::log(s.sum) - reduce_sum(centred) / s.sum, lse};
 }
 
 // A vocab shard's part of the entropy, -sum_i q_i log q_i, given the global lse.
 template <typename acc_t>
-acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, acc_t lse, acc_t* buf) {
-  if (classify_row(lse, acc_t(0)) != RowKind::Normal) return std::numeric_limits<acc_t>::quiet_NaN();
+acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, double lse, acc_t* buf) {
+  if (classify_row(lse, 0.0) != RowKind::Normal) return std::numeric_limits<acc_t>::quiet_NaN();
   Vec<acc_t> acc(acc_t(0));
-  const Vec<acc_t> zero(acc_t(0)), vlse(lse);
+  const Vec<acc_t> zero(acc_t(0));
   for_each_chunk(V, [&](int64_t b, int64_t n) {
     const int64_t P = load_chunk(row, dtype, b, n, inv_t, buf);
     Vec<acc_t> part(acc_t(0));
     for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-      const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
+      const auto lq = log_q<acc_t>(Vec<acc_t>::loadu(buf + i), lse);
       const auto q = fast_exp(lq);
       part = part - Vec<acc_t>::blendv(zero, q * lq, q > zero);
     }
@@ -201,20 +224,20 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, dou
   check_temperature(temperature);
   const auto acc = acc_dtype(logits);
   at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
-  at::Tensor lse_out;
+  at::Tensor lse_out;  // float64, see SplitLse; a copy of `lse` when given (outputs never alias inputs)
   if (lse.has_value()) {
     TORCH_CHECK_VALUE(lse->numel() == in.rows, "lse must have one entry per row (", in.rows, "), got shape ",
                       lse->sizes());
     check_same_device(*lse, "lse", logits, "logits");
-    lse_out = lse->to(acc).contiguous().reshape({-1});
+    lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
   } else {
-    lse_out = at::empty({in.rows}, logits.options().dtype(acc));
+    lse_out = at::empty({in.rows}, logits.options().dtype(at::kDouble));
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_forward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
     acc_t* e = ent.data_ptr<acc_t>();
-    acc_t* l = lse_out.data_ptr<acc_t>();
+    double* l = lse_out.data_ptr<double>();
     const bool partial = lse.has_value();
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
@@ -239,26 +262,30 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
   const auto acc = acc_dtype(logits);
   TORCH_CHECK_VALUE(grad.numel() == in.rows && entropy.numel() == in.rows && lse.numel() == in.rows,
                     "grad, entropy and lse must have one entry per row (", in.rows, ")");
+  check_same_device(grad, "grad", logits, "logits");
+  check_same_device(entropy, "entropy", logits, "logits");
+  check_same_device(lse, "lse", logits, "logits");
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
-  const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
+  const at::Tensor l = lse.to(at::kDouble).contiguous().reshape({-1});
   at::Tensor out = empty_output({in.rows, in.V}, logits.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const acc_t *gp = g.const_data_ptr<acc_t>(), *hp = h.const_data_ptr<acc_t>(), *lp = l.const_data_ptr<acc_t>();
+    const acc_t *gp = g.const_data_ptr<acc_t>(), *hp = h.const_data_ptr<acc_t>();
+    const double* lp = l.const_data_ptr<double>();
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
-        const RowKind kind = classify_row(lp[r], acc_t(0));
-        const Vec<acc_t> zero(acc_t(0)), vlse(lp[r]), vh(hp[r]), vscale(-gp[r] * inv_t);
+        const RowKind kind = classify_row(lp[r], 0.0);
+        const Vec<acc_t> zero(acc_t(0)), vh(hp[r]), vscale(-gp[r] * inv_t);
         for_each_chunk(in.V, [&](int64_t b, int64_t n) {
           if (kind != RowKind::Normal) {
             std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
           } else {
             const int64_t P = load_chunk(in.row(r), in.x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
-              const auto lq = Vec<acc_t>::loadu(buf + i) - vlse;
+              const auto lq = log_q<acc_t>(Vec<acc_t>::loadu(buf + i), lp[r]);
               const auto q = fast_exp(lq);
               Vec<acc_t>::blendv(zero, vscale * q * (lq + vh), q > zero).store(buf + i);
             }

@@ -1,0 +1,58 @@
+// Helpers shared by the CUDA adapters (csrc/cuda/*.cu): the torch side of the
+// framework-free launchers in csrc/include/kdext/cuda/ — dtype tags, the
+// current stream, and caching-allocator workspaces.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "kdext/cuda/block_reduce.cuh"
+#include "kdext/cuda/vec_load.cuh"
+
+namespace kdext {
+namespace cuda_adapter {
+
+inline kdext::cuda::DType to_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return kdext::cuda::DType::Float32;
+    case c10::kHalf: return kdext::cuda::DType::Float16;
+    case c10::kBFloat16: return kdext::cuda::DType::BFloat16;
+    case c10::kDouble: return kdext::cuda::DType::Float64;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "kdext CUDA kernels support float32, float16, bfloat16 and float64, got ", t);
+  return kdext::cuda::DType::Float32;
+}
+
+// The current stream of the current device (the caller holds a device guard).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Hands out caching-allocator blocks for a launcher's temporaries and keeps
+// them alive until the adapter returns. Freeing right after the kernels are
+// enqueued is safe: the caching allocator only reuses a block for work that is
+// ordered after them on the same stream.
+class WorkspaceHolder {
+ public:
+  explicit WorkspaceHolder(c10::Device device) : device_(device) {}
+
+  kdext::cuda::Workspace workspace() { return {&WorkspaceHolder::alloc, this}; }
+
+ private:
+  static void* alloc(void* ctx, size_t bytes) {
+    auto* self = static_cast<WorkspaceHolder*>(ctx);
+    self->blocks_.push_back(
+        at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(self->device_)));
+    return self->blocks_.back().data_ptr();
+  }
+
+  c10::Device device_;
+  std::vector<at::Tensor> blocks_;
+};
+
+}  // namespace cuda_adapter
+}  // namespace kdext

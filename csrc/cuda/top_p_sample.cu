@@ -1,0 +1,95 @@
+// CUDA adapter of kdext::top_p_sample: checks the inputs, lays them out as
+// [rows, V] with unit stride, picks the device and stream and launches the
+// kernel of csrc/include/kdext/cuda/top_p_sample_kernels.cuh (one block per row).
+//
+// Student and teacher are read in one dtype: when they differ, both are
+// converted to the promoted type once (fp16 + bf16 -> fp32); float64 logits are
+// read as float32 (all of the op's math is float32, as on the CPU).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/adapter_utils.h"
+#include "kdext/cuda/top_p_sample_kernels.cuh"
+#include "top_p_sample_checks.h"
+
+namespace kdext {
+namespace cuda_adapter {
+namespace {
+
+template <typename scalar_t>
+void launch_top_p_sample(const top_p_cuda::Params& p, int64_t rows, cudaStream_t stream) {
+  top_p_cuda::top_p_sample_kernel<scalar_t><<<static_cast<unsigned>(rows), top_p_cuda::kBlock, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
+    const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
+    double temperature, double alpha, int64_t seed, int64_t offset) {
+  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha);
+  TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor here, got one on ", logits.device());
+  const c10::cuda::CUDAGuard guard(logits.device());
+
+  c10::ScalarType dtype = logits.scalar_type();
+  if (teacher_logits.has_value()) dtype = c10::promoteTypes(dtype, teacher_logits->scalar_type());
+  if (dtype == c10::kDouble) dtype = c10::kFloat;
+  const at::Tensor s = as_rows(logits.scalar_type() == dtype ? logits : logits.to(dtype));
+  at::Tensor t;
+  if (teacher_logits.has_value())
+    t = as_rows(teacher_logits->scalar_type() == dtype ? *teacher_logits : teacher_logits->to(dtype));
+  const int64_t rows = s.size(0), V = s.size(1);
+  TORCH_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), "top_p_sample: too many rows (",
+              rows, ") for one launch");
+
+  const auto shape = row_shape(logits);
+  at::Tensor tokens = at::empty(shape, logits.options().dtype(at::kLong));
+  const auto fopts = logits.options().dtype(at::kFloat);
+  at::Tensor out_s = at::empty(shape, fopts), out_t = at::empty(shape, fopts);
+  at::Tensor out_x = at::empty(shape, fopts), out_thr = at::empty(shape, fopts);
+  if (rows == 0) return {tokens, out_s, out_t, out_x, out_thr};
+
+  top_p_cuda::Params p;
+  p.s = s.const_data_ptr();
+  p.t = t.defined() ? t.const_data_ptr() : nullptr;
+  p.s_row_stride = s.stride(0);
+  p.t_row_stride = t.defined() ? t.stride(0) : 0;
+  p.V = V;
+  p.inv_t = static_cast<float>(1.0 / temperature);
+  p.alpha = static_cast<float>(alpha);
+  p.top_p = top_p;
+  p.top_k = top_k;
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.student_logprob = out_s.data_ptr<float>();
+  p.teacher_logprob = out_t.data_ptr<float>();
+  p.sample_logprob = out_x.data_ptr<float>();
+  p.threshold = out_thr.data_ptr<float>();
+
+  const cudaStream_t stream = current_stream();  // of the guarded device
+  switch (dtype) {
+    case c10::kFloat:
+      launch_top_p_sample<float>(p, rows, stream);
+      break;
+    case c10::kHalf:
+      launch_top_p_sample<__half>(p, rows, stream);
+      break;
+    case c10::kBFloat16:
+      launch_top_p_sample<__nv_bfloat16>(p, rows, stream);
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "logits must be float32, float16, bfloat16 or float64, got ", dtype);
+  }
+  return {tokens, out_s, out_t, out_x, out_thr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdext, CUDA, m) { m.impl("top_p_sample", &top_p_sample); }
+
+}  // namespace cuda_adapter
+}  // namespace kdext

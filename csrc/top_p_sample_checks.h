@@ -1,0 +1,35 @@
+// Argument checks of kdext::top_p_sample shared by its CPU and CUDA adapters
+// (kdext/sampling.py runs the same checks first, with the same words).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "checks.h"
+
+namespace kdext {
+
+inline void check_top_p_sample_args(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
+                                    double top_p, int64_t top_k, double temperature, double alpha) {
+  check_logits(logits, "logits");
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
+  TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0 turns top-k off), got ", top_k);
+  check_temperature(temperature);
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(alpha == 0.0 || teacher.has_value(), "alpha = ", alpha,
+                    " > 0 mixes in the teacher, but teacher_logits is None");
+  if (teacher.has_value()) {
+    check_logits(*teacher, "teacher_logits");
+    check_same_device(logits, "logits", *teacher, "teacher_logits");
+    TORCH_CHECK_VALUE(logits.sizes() == teacher->sizes(), "teacher_logits must have the shape of logits ",
+                      logits.sizes(), ", got ", teacher->sizes());
+  }
+  // Counts are kept in float32 by the search (exact below 2^24).
+  TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 24), "logits has a vocabulary of ", logits.size(-1),
+                    " entries; top_p_sample supports fewer than 2^24");
+}
+
+}  // namespace kdext
