@@ -266,7 +266,8 @@ def load_checkpoint(cfg, dd: Dist, student, opt, sched, device) -> int:
     ckpts = list_checkpoints(cfg.out)
     if not ckpts:
         return 0
-    state = torch.load(ckpts[-1], map_location=device, weights_only=False)
+    # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     for k in _RESUME_KEYS:
         if state["config"][k] != getattr(cfg, k):
             flag = "--" + k.replace("_", "-")
