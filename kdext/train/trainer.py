@@ -38,7 +38,6 @@ from . import methods as M
 from .generation import NonFiniteLogits
 from .data import DataSchedule, collate, encode, load_jsonl, DEFAULT_TEMPLATE
 from .models import (
-    ModelError,
     VocabAligner,
     check_vocab,
     has_tokenizer,
