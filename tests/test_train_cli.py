@@ -64,6 +64,8 @@ def test_smoke_each_method(tiny, tmp_path, method):
     extra = ["--max-steps", "3", "--save-every", "2"]
     if method == "gkd":
         extra += ["--lam", "1.0"]  # on-policy every step: exercise student sampling
+    if method == "sft":
+        extra += ["--eval-data", tiny["eval"], "--eval-every", "2"]  # evaluation during training
     if method == "minillm":
         extra += ["--eval-data", tiny["eval"], "--lm-coef", "0.5"]  # and the evaluation path
     rc = distill(tiny, tmp_path, method, *extra, teacher=teacher, student=student)
@@ -77,6 +79,8 @@ def test_smoke_each_method(tiny, tmp_path, method):
         assert {"eval/rougeL", "eval/exact_match", "eval/ece"} <= set(ev)
     if method == "gkd":
         assert all(r["on_policy"] == 1.0 for r in recs)
+    if method == "sft":
+        assert "eval/rougeL" in recs[1] and "eval/rougeL" not in recs[0]
     # checkpoints at steps 2 and 3 (the end); the final model loads with transformers
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["step-00000002.pt", "step-00000003.pt"]
     from transformers import AutoModelForCausalLM, AutoTokenizer

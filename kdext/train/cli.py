@@ -110,6 +110,8 @@ def _add_demo(sub):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that train the methods side by side (default: 2 on CPU, 1 on GPU)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.out, device=args.device, seed=args.seed, quick=args.quick)
+            run_demo(args.out, device=args.device, seed=args.seed, quick=args.quick, workers=args.workers)
     except TrainingDiverged as e:
         print(f"kdext: training stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
