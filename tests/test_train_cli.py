@@ -257,3 +257,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| minillm |" in md
     assert "| minillm |" in capsys.readouterr().out
+    # a rerun into the same folder replaces the previous outputs
+    (out / "mine.txt").write_text("keep")
+    assert list(run_demo(str(out), device="cpu", quick=True, workers=1)) == names
+    assert (out / "mine.txt").read_text() == "keep"

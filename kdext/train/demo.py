@@ -196,6 +196,7 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False,
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
+    _clear_previous(out)
     log = _Logger(os.path.join(out, "demo.log"))
     log(f"kdext demo -> {out} (device {dev_name}; {workers} worker process(es) for the methods)")
 
@@ -262,6 +263,22 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False,
     log(f"best student by Rouge-L: {best_student(report)}")
     log(f"demo finished in {time.time() - t_start:.0f}s; report: {os.path.join(out, 'report.md')}")
     return report
+
+
+_OUTPUTS = ("data", "tokenizer", "models", "runs", "report.json", "report.md", "training_curves.png",
+            "scores.png", "demo.log")
+
+
+def _clear_previous(out: str) -> None:
+    """A rerun replaces the demo's own outputs (and nothing else in the folder)."""
+    import shutil
+
+    for name in _OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _run_jobs(jobs: list[dict], workers: int):
