@@ -16,6 +16,11 @@ import sys
 import time
 
 import torch
+import torch._dynamo
+
+# Each benchmark compiles one small function per op and mode; the default
+# recompile limit (8) would silently drop later ones back to eager.
+torch._dynamo.config.recompile_limit = 256
 
 
 def parse_args(description, extra=None):
