@@ -32,10 +32,23 @@ entropy             gather 1 (lse, float64); sum 1          none                
 logprobs            gather the W shard sizes (int64, 8 B    none                   16
                     per rank per call); gather 2 (lse,
                     the owner's x_token/T; float64)
+top_p_sample        gather (V_local, seed, offset) (int64,  (not differentiable)   8 (16 with
+                    24 B per rank per call); gather 1 or 2                         a teacher)
+                    (lse_s[, lse_t], float64); gather 4                            + 64 + 4K*8
+                    (row totals, float64); per search                              per round
+                    round, gather 4K (K = 16 pivots' mass,
+                    count, min above, max below, float64)
+                    of the rows still searching; gather 4
+                    (the owner's token, log q, log p, r)
 ==================  ======================================  =====================  ==========
 
 (payload = bytes this rank contributes per row; an all-gather hands every rank
-W times its input.) The divergences exchange float32 lse's, as precise as the
+W times its input.) ``top_p_sample`` runs at most ``_search_round_bound()`` = 10
+rounds per threshold search (one search for top-p or top-k, two for both; in
+practice 2 to 4 each), so it moves at most 24 + rows * (16 + 64 + 2 * 10 * 512)
+bytes per rank and call, whatever V; its all-gathers are reduced by every rank in
+rank order, so every rank holds the same search state and issues the same
+collectives. The divergences exchange float32 lse's, as precise as the
 float32 statistics their single-device kernels keep; the softmax family and
 log-probs exchange them in float64, because their single-device kernels form
 (x/T - max) - log Z, exact however large the logits. The shard offsets, which only ``logprobs`` and
@@ -890,11 +903,12 @@ def top_p_sample(
     at = local_tok.clamp(min=0).unsqueeze(-1)
     picked_x = x.gather(-1, at).squeeze(-1).to(torch.float64) - lse_s
     picked_y = (y.gather(-1, at).squeeze(-1).to(torch.float64) - lse_t) if y is not None else lse_t
-    picked = torch.stack((torch.where(mine, (local_tok + lo).to(torch.float64), -1.0), picked_x, picked_y,
+    picked = torch.stack(((local_tok + lo).to(torch.float64), picked_x, picked_y,
                           r.gather(-1, at).squeeze(-1).to(torch.float64)), dim=-1)
-    picked = torch.where(mine.unsqueeze(-1), picked, torch.zeros_like(picked))
+    nothing = torch.tensor([-1.0, math.nan, math.nan, math.nan], dtype=torch.float64, device=device)
+    picked = torch.where(mine.unsqueeze(-1), picked, nothing)
     # Collective last: the owner's (token, x_tok/T - lse_s, y_tok/T - lse_t, r_tok); the others
-    # send zeros and every rank takes the owner's row (an exact copy, so all ranks agree).
+    # send (-1, NaN, ...) and every rank takes the owner's row (a copy, so all ranks agree).
     got = _all_gather(picked, group).gather(0, owner.view(1, rows, 1).expand(1, rows, 4)).squeeze(0)
     tokens = torch.where(valid, got[:, 0].to(torch.int64), torch.full((rows,), -1, dtype=torch.int64, device=device))
     ok = valid & (tokens >= 0)
