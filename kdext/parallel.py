@@ -710,38 +710,83 @@ class _Search:
         self.rounds[idx] = rounds
 
 
-def _local_pivot_sums(r, v):
-    """This shard's four reductions of a round (PivotSums) at the pivots v [n, K] over r [n, V_local]:
-    [n, 4, K] float64 (mass above, count above, min above, max of 0 < r <= v). One bucketing of the
-    shard (searchsorted against the K pivots) and scatter reductions: O(V_local log K) per row."""
+def _local_pivot_sums(x, v, base):
+    """This shard's four reductions of a round (PivotSums) at the pivots v [n, K]: [n, 4, K]
+    float64 (mass above, count above, min above, max of 0 < r <= v), over the shard's values
+    ``x`` [n, L] of the compaction window (lo_c, hi_c] (zero-padded) plus ``base`` [n, 4], what
+    the shard holds outside it (mass and count of r > hi_c, min of r > hi_c, max of 0 < r <= lo_c).
+    One bucketing of x (searchsorted against the K pivots) and scatter reductions: O(L log K)."""
     n, k = v.shape
-    bucket = torch.searchsorted(v.contiguous(), r.contiguous())  # = #{j : v_j < r_i}: r_i > v_j iff j < bucket
-    r64 = r.to(torch.float64)
-    zeros = r64.new_zeros((n, k + 1))
-    mass_b = zeros.scatter_add(1, bucket, r64)
-    count_b = zeros.scatter_add(1, bucket, (r > 0).to(torch.float64))
-    min_b = r.new_full((n, k + 1), math.inf).scatter_reduce(1, bucket, r, "amin", include_self=True)
-    max_b = r.new_zeros((n, k + 1)).scatter_reduce(1, bucket, r, "amax", include_self=True)
+    bucket = torch.searchsorted(v.contiguous(), x)  # = #{j : v_j < x_i}: x_i > v_j iff j < bucket
+    x64 = x.to(torch.float64)
+    zeros = x64.new_zeros((n, k + 1))
+    mass_b = zeros.scatter_add(1, bucket, x64)
+    count_b = zeros.scatter_add(1, bucket, (x > 0).to(torch.float64))
+    min_b = x.new_full((n, k + 1), math.inf).scatter_reduce(1, bucket, x, "amin", include_self=True)
+    max_b = x.new_zeros((n, k + 1)).scatter_reduce(1, bucket, x, "amax", include_self=True)
 
-    def suffix_sum(x):  # sum over buckets j + 1 .. K, for j = 0 .. K-1
-        return x[:, 1:].flip(-1).cumsum(-1).flip(-1)
+    def suffix_sum(y):  # sum over buckets j + 1 .. K, for j = 0 .. K-1
+        return y[:, 1:].flip(-1).cumsum(-1).flip(-1)
 
-    min_above = min_b[:, 1:].flip(-1).cummin(-1).values.flip(-1)
-    max_below = max_b[:, :k].cummax(-1).values  # r = 0 (bucket 0) adds 0 = the empty value
-    return torch.stack((suffix_sum(mass_b), suffix_sum(count_b), min_above.to(torch.float64),
-                        max_below.to(torch.float64)), dim=1)
+    min_above = min_b[:, 1:].flip(-1).cummin(-1).values.flip(-1).to(torch.float64)
+    max_below = max_b[:, :k].cummax(-1).values.to(torch.float64)  # padding (bucket 0) adds 0
+    return torch.stack((suffix_sum(mass_b) + base[:, :1], suffix_sum(count_b) + base[:, 1:2],
+                        torch.minimum(min_above, base[:, 2:3]), torch.maximum(max_below, base[:, 3:4])), dim=1)
+
+
+class _Window:
+    """This rank's values of each row of a search, compacted to the search's bracket.
+
+    Purely local (it changes what a rank scans, not what it sends): ``x`` [rows, L] holds the
+    shard's values in (lo_c, hi_c] of the last compaction (zero-padded), ``base`` [rows, 4] what
+    lies outside (see _local_pivot_sums), so the sums at any pivot in (lo_c, hi_c] are exact. A
+    round scans L values per row instead of V_local; the bracket shrinks ~K-fold per round, so
+    the list does too, as in the CPU kernel's compaction.
+    """
+
+    def __init__(self, r):
+        self.x = r
+        rows = r.shape[0]
+        self.base = torch.zeros((rows, 4), dtype=torch.float64, device=r.device)
+        self.base[:, 2] = math.inf
+
+    def compact(self, st, idx):
+        if self.x.shape[-1] == 0:
+            return  # this shard holds no value of the windows any more
+        x = self.x[idx]
+        lo, hi = st.lo[idx].unsqueeze(-1), st.hi[idx].unsqueeze(-1)
+        inside = (x > lo) & (x <= hi)
+        counts = inside.sum(-1)
+        width = int(counts.max()) if counts.numel() else 0
+        if width > x.shape[-1] // 2:
+            return  # a copy of most of the list would not pay
+        above, below = x > hi, (x > 0) & (x <= lo)
+        x64 = x.to(torch.float64)
+        base = self.base[idx]
+        base[:, 0] += torch.where(above, x64, 0.0).sum(-1)
+        base[:, 1] += above.sum(-1).to(torch.float64)
+        base[:, 2] = torch.minimum(base[:, 2], torch.where(above, x, math.inf).amin(-1).to(torch.float64))
+        base[:, 3] = torch.maximum(base[:, 3], torch.where(below, x, 0.0).amax(-1).to(torch.float64))
+        pos = torch.where(inside, inside.cumsum(-1) - 1, width)  # outside values go to a dropped column
+        out = x.new_zeros((x.shape[0], width + 1)).scatter_(1, pos, x)[:, :width]
+        # rows no longer searching keep nothing
+        self.x = x.new_zeros((self.x.shape[0], width)).index_copy_(0, idx, out)
+        self.base = self.base.index_copy(0, idx, base)
 
 
 def _run_search(st, r, group, k=_SEARCH_PIVOTS):
     """Rounds until every row's search is done; one all-gather of [active rows, 4, K] float64 each."""
     rounds = 0
+    window = _Window(r)
     while True:
         idx = (~st.done()).nonzero().squeeze(-1)  # the same on every rank (identical state)
         if idx.numel() == 0:
             return rounds
+        if rounds > 0:
+            window.compact(st, idx)
         rounds += 1
         v = st.pivots(idx, k)
-        parts = _all_gather(_local_pivot_sums(r[idx], v), group)  # [W, n, 4, K]
+        parts = _all_gather(_local_pivot_sums(window.x[idx], v, window.base[idx]), group)  # [W, n, 4, K]
         rank_mass = parts[:, :, 0]
         mass = rank_mass.sum(0).to(torch.float32)  # rank order: the same sum on every rank
         count = parts[:, :, 1].sum(0).to(torch.float32)
