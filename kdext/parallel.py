@@ -631,6 +631,7 @@ class _Search:
 
     def __init__(self, by_count, **fields):
         self.by_count = by_count
+        self.starts_narrow = False
         for name in self.FIELDS:  # own copies: update() writes rows in place
             setattr(self, name, fields[name].clone())
 
@@ -650,6 +651,7 @@ class _Search:
         s.lo_count = torch.where(rows, first.lo_count, s.lo_count)
         s.lo_next = torch.where(rows, first.threshold, s.lo_next)
         s.rank_lo_mass = torch.where(rows, first.rank_lo_mass, s.rank_lo_mass)
+        s.starts_narrow = True  # the bracket starts at what top-k kept: compact before round 1
         return s
 
     @property
@@ -782,7 +784,7 @@ def _run_search(st, r, group, k=_SEARCH_PIVOTS):
         idx = (~st.done()).nonzero().squeeze(-1)  # the same on every rank (identical state)
         if idx.numel() == 0:
             return rounds
-        if rounds > 0:
+        if rounds > 0 or st.starts_narrow:
             window.compact(st, idx)
         rounds += 1
         v = st.pivots(idx, k)
