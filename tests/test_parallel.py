@@ -416,6 +416,16 @@ def check_validation(ctx):
             P.logprobs(s, torch.zeros(2))
         with pytest.raises(ValueError, match="labels must have shape"):
             P.distill_loss(s, s, labels=torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="top_p must be in"):
+            P.top_p_sample(s, top_p=1.5)
+        with pytest.raises(ValueError, match="top_k must be >= 0"):
+            P.top_p_sample(s, top_k=-1)
+        with pytest.raises(ValueError, match="teacher_logits is None"):
+            P.top_p_sample(s, alpha=0.2)
+        with pytest.raises(ValueError, match="not both"):
+            P.top_p_sample(s, seed=1, generator=torch.Generator())
+        with pytest.raises(ValueError, match="shape of logits"):
+            P.top_p_sample(s, teacher_logits=s[:, 1:], alpha=0.5)
     expect(log.count == 0, "argument errors must come before any collective")
     # the group is still in step
     expect(torch.isfinite(P.tvd(s, s.flip(-1))).all(), "group usable after argument errors")
