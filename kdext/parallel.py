@@ -44,8 +44,8 @@ top_p_sample        gather (V_local, seed, offset) (int64,  (not differentiable)
 
 (payload = bytes this rank contributes per row; an all-gather hands every rank
 W times its input.) ``top_p_sample`` runs at most ``_search_round_bound()`` = 10
-rounds per threshold search (one search for top-p or top-k, two for both; in
-practice 2 to 4 each), so it moves at most 24 + rows * (16 + 64 + 2 * 10 * 512)
+rounds per threshold search (one search for top-p or top-k, two for both; typically
+3 to 5 each), so it moves at most 24 + rows * (16 + 64 + 2 * 10 * 512)
 bytes per rank and call, whatever V; its all-gathers are reduced by every rank in
 rank order, so every rank holds the same search state and issues the same
 collectives. The divergences exchange float32 lse's, as precise as the
