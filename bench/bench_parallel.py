@@ -5,7 +5,9 @@
 
 For each world size W the script spawns W Gloo ranks on this machine; each rank
 holds an unequal shard of a [rows, V] student (and teacher) logits and runs,
-forward + backward:
+forward + backward (top_p_sample: forward only, top_p=0.9, top_k=50; its "max |grad diff|"
+column is the fraction of rows whose token differs from the single-device op's, and its bytes
+depend on the search's rounds, so "in" is measured and "recv" = (W-1) in, all-gathers only):
 
 * kdext:      the kdext.parallel op on its shard (collectives over O(rows) numbers);
 * all-gather: all-gather the shards into the full logits on every rank, run the
@@ -39,7 +41,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-OPS = ["reverse_kl", "jsd", "tvd", "distill_loss", "softmax", "log_softmax", "entropy", "logprobs"]
+OPS = ["reverse_kl", "jsd", "tvd", "distill_loss", "softmax", "log_softmax", "entropy", "logprobs", "top_p_sample"]
+SAMPLE_ARGS = dict(top_p=0.9, top_k=50, seed=0)  # top_p_sample: forward only (nothing to differentiate)
 PAIR_OPS = {"reverse_kl", "jsd", "tvd", "distill_loss"}  # take student and teacher logits
 SLICED_OPS = {"softmax", "log_softmax"}  # return the local slice
 
@@ -124,6 +127,8 @@ def _run_kdext(op, s, t, tokens, labels):
         return getattr(P, op)(s, t)
     if op == "logprobs":
         return P.logprobs(s, tokens)
+    if op == "top_p_sample":
+        return P.top_p_sample(s, **SAMPLE_ARGS).tokens
     return getattr(P, op)(s)
 
 
@@ -138,6 +143,8 @@ def _run_single(op, s, t, tokens, labels):
         return getattr(kdext, op)(s, t)
     if op == "logprobs":
         return kdext.logprobs(s, tokens)
+    if op == "top_p_sample":
+        return kdext.top_p_sample(s, **SAMPLE_ARGS).tokens
     return getattr(kdext, op)(s)
 
 
@@ -170,9 +177,11 @@ def _worker(rank, world, init_file, args, out_path):
         return up_rows[: out.numel()].view(out.shape).to(out.dtype)
 
     def step_kdext(op):
-        s = s_loc.clone().requires_grad_()
+        s = s_loc.clone().requires_grad_(op != "top_p_sample")
         with P.count_collectives() as log:
             out = _run_kdext(op, s, t_loc, tokens, labels)
+            if op == "top_p_sample":
+                return out, log.bytes  # the tokens stand in for the gradient
             out.backward(upstream(out, False))
         return s.grad, log.bytes
 
@@ -184,6 +193,8 @@ def _worker(rank, world, init_file, args, out_path):
         if op in PAIR_OPS:
             t_full, n = _gather_full(t_loc, sizes)
             moved += n
+        if op == "top_p_sample":
+            return _run_single(op, s_full, t_full, tokens, labels), moved
         s_full.requires_grad_()
         out = _run_single(op, s_full, t_full, tokens, labels)
         if op in SLICED_OPS:
@@ -209,7 +220,10 @@ def _worker(rank, world, init_file, args, out_path):
                 if rep > 0:  # the first run is a warm-up
                     times.append(elapsed.item())
             result[name] = (statistics.median(times), moved, grad)
+        # (top_p_sample: the fraction of rows whose token differs from the single-device op's)
         diff = (result["kdext"][2].float() - result["allgather"][2].float()).abs().max()
+        if op == "top_p_sample":
+            diff = (result["kdext"][2] != result["allgather"][2]).double().mean()
         diff_t = torch.tensor([diff.item()])
         dist.all_reduce(diff_t, op=dist.ReduceOp.MAX)
         rows.append(
@@ -220,7 +234,9 @@ def _worker(rank, world, init_file, args, out_path):
                 "vocab": args.vocab,
                 "dtype": args.dtype,
                 "kdext_in_B_per_row": result["kdext"][1] / args.rows,
-                "kdext_recv_B_per_row": kdext_bytes_per_row(op, world)[1] if dtype != torch.float64 else float("nan"),
+                "kdext_recv_B_per_row": (
+                    (world - 1) * result["kdext"][1] / args.rows if op == "top_p_sample"
+                    else kdext_bytes_per_row(op, world)[1] if dtype != torch.float64 else float("nan")),
                 "allgather_in_B_per_row": result["allgather"][1] / args.rows,
                 "allgather_recv_B_per_row": (world - 1) * result["allgather"][1] / args.rows,
                 "kdext_ms": 1e3 * result["kdext"][0],
@@ -266,7 +282,7 @@ COLUMNS = [
     ("kdext_ms", "kdext ms", "{:.2f}"),
     ("allgather_ms", "all-gather ms", "{:.2f}"),
     ("speedup", "speedup", "{:.1f}x"),
-    ("max_grad_diff", "max |grad diff|", "{:.1e}"),
+    ("max_grad_diff", "max |grad diff|", "{:.1e}"),  # top_p_sample: fraction of tokens that differ
 ]
 
 

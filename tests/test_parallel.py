@@ -416,6 +416,16 @@ def check_validation(ctx):
             P.logprobs(s, torch.zeros(2))
         with pytest.raises(ValueError, match="labels must have shape"):
             P.distill_loss(s, s, labels=torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="top_p must be in"):
+            P.top_p_sample(s, top_p=1.5)
+        with pytest.raises(ValueError, match="top_k must be >= 0"):
+            P.top_p_sample(s, top_k=-1)
+        with pytest.raises(ValueError, match="teacher_logits is None"):
+            P.top_p_sample(s, alpha=0.2)
+        with pytest.raises(ValueError, match="not both"):
+            P.top_p_sample(s, seed=1, generator=torch.Generator())
+        with pytest.raises(ValueError, match="shape of logits"):
+            P.top_p_sample(s, teacher_logits=s[:, 1:], alpha=0.5)
     expect(log.count == 0, "argument errors must come before any collective")
     # the group is still in step
     expect(torch.isfinite(P.tvd(s, s.flip(-1))).all(), "group usable after argument errors")
@@ -627,6 +637,245 @@ def check_collective_bytes(ctx):
         expect(len(seen) == 1, f"{key}: bytes moved depend on the vocabulary size: {seen}")
 
 
+
+# --- sampling ---------------------------------------------------------------
+
+SAMPLE_FIELDS = ("tokens", "student_logprob", "teacher_logprob", "sample_logprob", "threshold")
+# A row's token is pinned down by float32 arithmetic when, in the float64 reference, the
+# top-k/top-p target is not within this fraction of the kept mass of the F of any value of
+# the row, and u * kept mass not within it of a CDF boundary. float32 r (one rounding of
+# each value, ~6e-8 relative, sums accurate to a few ulps in both implementations) moves F
+# and the CDF by far less, so on such rows the single-device op and the vocab-parallel one
+# must keep the same set and draw the same token.
+SAMPLE_MARGIN = 1e-5
+
+
+def sample_reference(s, t, top_p, top_k, temperature, alpha, u):
+    """Float64 reference with a sort: per row (kept mask, threshold, token, well-conditioned).
+
+    Well-conditioned (see SAMPLE_MARGIN): no F(v) within that relative distance of the target,
+    the smallest kept and the largest dropped value further apart than that, and u * mass
+    that far from every CDF boundary.
+
+    r = (1 - alpha) softmax(s/T) + alpha softmax(t/T); top-k by count, then top-p by mass on
+    what top-k kept (ties kept); the token inverts the kept CDF in vocabulary order at u * mass.
+    """
+    x = s.double() / temperature
+    r = torch.zeros_like(x)
+    if alpha < 1:
+        r += (1 - alpha) * torch.softmax(x, -1)
+    if alpha > 0:
+        r += alpha * torch.softmax(t.double() / temperature, -1)
+    out = []
+    for i in range(r.shape[0]):
+        ri = r[i]
+        if not torch.isfinite(ri).all() or not (ri > 0).any():
+            out.append((None, math.nan, -1, True))
+            continue
+        vals, _ = torch.sort(ri[ri > 0], descending=True)
+        above_mass = torch.cumsum(vals, 0) - vals  # mass strictly above, for distinct values below
+        # for ties, F(v) = mass of values > v: take the first occurrence of each value
+        first = torch.ones_like(vals, dtype=torch.bool)
+        first[1:] = vals[1:] != vals[:-1]
+        count_above = torch.arange(len(vals), dtype=torch.float64)
+        f_mass = torch.empty_like(vals)
+        f_count = torch.empty_like(vals)
+        last_m, last_c = 0.0, 0.0
+        for j in range(len(vals)):
+            if first[j]:
+                last_m, last_c = float(above_mass[j]), float(count_above[j])
+            f_mass[j], f_count[j] = last_m, last_c
+        keep_sorted = torch.ones_like(vals, dtype=torch.bool)
+        good = True
+        total = float(vals.sum())
+        if top_k > 0:
+            keep_sorted &= f_count < top_k
+        mass_k = float(vals[keep_sorted].sum())
+        if top_p < 1:
+            target = top_p * mass_k
+            keep_sorted &= f_mass < target
+            fm = f_mass[first]
+            gap = ((fm - target).abs() / torch.clamp(torch.maximum(fm, torch.full_like(fm, target)), min=1e-300)).min()
+            good &= bool(gap > SAMPLE_MARGIN)
+        thr = float(vals[keep_sorted].min())
+        dropped = vals[~keep_sorted]
+        if dropped.numel() > 0:  # the cut between two values that float32 might round together
+            good &= bool((thr - float(dropped.max())) / thr > SAMPLE_MARGIN)
+        keep = ri >= thr
+        kept_r = torch.where(keep, ri, torch.zeros_like(ri))
+        cdf = torch.cumsum(kept_r, 0)
+        goal = float(u[i]) * float(cdf[-1])
+        tok = int((cdf > goal).nonzero()[0])
+        good &= bool(((cdf[keep] - goal).abs() / cdf[-1]).min() > SAMPLE_MARGIN)
+        out.append((keep, thr, tok, good))
+    return out
+
+
+def compare_sample(ctx, s, t, what, variant=0, seed=1234, max_ill=None, **kw):
+    """P.top_p_sample on the shards against kdext.top_p_sample on the full logits and the
+    float64 reference; returns (got, ref, reference rows)."""
+    import kdext
+    import kdext.parallel as P
+
+    alpha = kw.get("alpha", 0.0)
+    got = P.top_p_sample(ctx.shard(s, variant=variant), teacher_logits=None if t is None else ctx.shard(t, variant=variant),
+                         seed=seed, **kw)
+    ref = kdext.top_p_sample(s, teacher_logits=t, seed=seed, **kw)
+    tag = f"{what} {kw}"
+    for name in SAMPLE_FIELDS:
+        a, b = getattr(got, name), getattr(ref, name)
+        expect(a.shape == b.shape and a.dtype == b.dtype, f"{tag} {name}: shape/dtype {a.shape} {a.dtype}")
+        assert_same_on_all_ranks(a, f"{tag} {name}")
+    rows = s.reshape(-1, s.shape[-1]).shape[0]
+    u = P._philox_uniform(seed, 0, rows, s.device)
+    refs = sample_reference(s.reshape(rows, -1), None if t is None else t.reshape(rows, -1),
+                            kw.get("top_p", 1.0), kw.get("top_k", 0), kw.get("temperature", 1.0), alpha, u)
+    g_tok, r_tok = got.tokens.reshape(-1), ref.tokens.reshape(-1)
+    flat = {n: (getattr(got, n).reshape(-1), getattr(ref, n).reshape(-1)) for n in SAMPLE_FIELDS[1:]}
+    ill = 0
+    for i, (keep, thr, tok, good) in enumerate(refs):
+        gt = int(g_tok[i])
+        if keep is None:
+            expect(gt == -1 and int(r_tok[i]) == -1, f"{tag} row {i}: no distribution: token -1, got {gt}")
+            for n, (a, b) in flat.items():
+                expect(math.isnan(a[i]), f"{tag} row {i}: no distribution: {n} must be NaN, got {float(a[i])}")
+            continue
+        expect(0 <= gt < s.shape[-1] and bool(keep[gt]), f"{tag} row {i}: token {gt} is not in the nucleus")
+        if not good:
+            ill += 1
+            continue
+        expect(gt == tok == int(r_tok[i]), f"{tag} row {i}: tokens {gt} (parallel), {int(r_tok[i])} (single), "
+                                           f"{tok} (float64 reference) must agree on a well-conditioned row")
+        expect(math.isclose(float(flat["threshold"][0][i]), thr, rel_tol=1e-5),
+               f"{tag} row {i}: threshold {float(flat['threshold'][0][i])} vs float64 {thr}")
+        if gt == int(r_tok[i]):
+            for n, (a, b) in flat.items():
+                atol = 1e-5 if n != "threshold" else 0.0
+                ok = (math.isnan(a[i]) and math.isnan(b[i])) or math.isclose(float(a[i]), float(b[i]), rel_tol=1e-5,
+                                                                              abs_tol=atol)
+                expect(ok, f"{tag} row {i}: {n} {float(a[i])} (parallel) vs {float(b[i])} (single)")
+    limit = max(1, rows // 20) if max_ill is None else max_ill
+    expect(ill <= limit, f"{tag}: {ill} of {rows} rows within float rounding of a cut (expected <= {limit})")
+    return got, ref, refs
+
+
+def check_top_p_sample(ctx):
+    import kdext
+    import kdext.parallel as P
+
+    g = ctx.gen(13)
+    rows, vocab = 40, 301
+    s, t = logits((rows, vocab), g), logits((rows, vocab), g)
+    s[3] = 0.5  # ties: a uniform row (all kept whatever top_p), and a row with a tied maximum
+    s[4, 10] = s[4, 200] = s[4].max() + 2.0
+    configs = [
+        dict(),
+        dict(top_p=0.9, temperature=0.8),
+        dict(top_p=0.8, alpha=0.2),
+        dict(top_p=0.95, alpha=1.0, temperature=1.3),
+        dict(top_k=20),
+        dict(top_k=40, top_p=0.7, alpha=0.5, temperature=1.2),
+        dict(top_k=1),
+        dict(top_k=vocab + 5, top_p=0.5),
+    ]
+    for kw in configs:
+        teacher = t if kw.get("alpha", 0.0) > 0 else None
+        compare_sample(ctx, s, teacher, "random", **kw)
+    # the teacher given with alpha = 0: teacher_logprob is reported, r is the student's
+    got, ref, _ = compare_sample(ctx, s, t, "alpha=0 with teacher", top_p=0.9)
+    expect(torch.isfinite(got.teacher_logprob).all(), "alpha=0 with teacher: teacher_logprob finite")
+    # the other split (a 1-token shard for 3 ranks), fp16 / bf16 / fp64 logits, leading dims
+    compare_sample(ctx, s, t, "variant 1", variant=1, top_p=0.85, alpha=0.3)
+    for dtype in (torch.bfloat16, torch.float64):
+        compare_sample(ctx, s.to(dtype), t.to(dtype), f"{dtype}", top_p=0.9, alpha=0.1, seed=5)
+    got, _, _ = compare_sample(ctx, s.view(4, 10, vocab), None, "3-D", top_p=0.9, seed=7)
+    expect(got.tokens.shape == (4, 10), "3-D: token shape")
+    # greedy limit: a tiny top_p keeps only the maximum (both of a tied maximum)
+    got, ref, refs = compare_sample(ctx, s, None, "greedy", top_p=1e-9)
+    want = s.double().argmax(-1)
+    for i in range(rows):
+        if i in (3, 4):
+            continue
+        expect(int(got.tokens[i]) == int(want[i]), f"greedy row {i}: {int(got.tokens[i])} != argmax {int(want[i])}")
+        expect(float(got.sample_logprob[i]) == 0.0, f"greedy row {i}: sample_logprob must be 0")
+    expect(int(got.tokens[4]) in (10, 200), "greedy with a tied maximum keeps both")
+    # masks: banned tokens, a shard all -inf, rows with no distribution (all -inf; NaN), one-hot
+    ms, mt = masked_pair(ctx, 64)
+    for kw in (dict(top_p=0.9), dict(top_p=0.8, alpha=0.3), dict(top_k=5, alpha=0.6)):
+        got, ref, refs = compare_sample(ctx, ms, mt if kw.get("alpha") else None, "masked", seed=11, max_ill=1, **kw)
+        expect(int(got.tokens[2]) == -1 and int(got.tokens[5]) == -1, f"masked {kw}: empty and NaN rows: token -1")
+        banned = torch.isinf(ms[0])
+        expect(not bool(banned[got.tokens[0]]), f"masked {kw}: a banned token was drawn")
+    got, _, _ = compare_sample(ctx, ms, None, "masked one-hot", seed=3)
+    expect(int(got.tokens[4]) == 63 and float(got.student_logprob[4]) == 0.0, "one-hot row on the last shard")
+    expect(int(got.tokens[1]) >= shard_sizes(64, ctx.world)[0], "row 1: rank 0's shard is all -inf")
+    # the draw follows the distribution: 4000 draws of one row (top_p = 0.6) against its kept r
+    x = logits((1, 37), g).expand(4000, 37).contiguous()
+    got = P.top_p_sample(ctx.shard(x), top_p=0.6, seed=99)
+    keep, _, _, _ = sample_reference(x[:1], None, 0.6, 0, 1.0, 0.0, torch.zeros(1))[0]
+    r = torch.softmax(x[0].double(), -1) * keep
+    r = r / r.sum()
+    freq = torch.bincount(got.tokens, minlength=37).double() / 4000
+    expect(bool((freq[~keep] == 0).all()), "draws outside the nucleus")
+    sd = (r * (1 - r) / 4000).sqrt()
+    expect(bool(((freq - r).abs() <= 5 * sd + 1e-12).all()), f"draw frequencies {freq[keep]} vs {r[keep]}")
+    # generators: each rank's generator advances as the single-device op's; the first rank's
+    # stream is used, so equal generator states give the single-device tokens
+    ga, gb = ctx.gen(21), ctx.gen(21)
+    got = P.top_p_sample(ctx.shard(s), top_p=0.9, generator=ga)
+    ref = kdext.top_p_sample(s, top_p=0.9, generator=gb)
+    expect(torch.equal(got.tokens, ref.tokens), "generator: tokens equal the single-device op's")
+    expect(torch.equal(torch.randint(0, 1 << 30, (4,), generator=ga), torch.randint(0, 1 << 30, (4,), generator=gb)),
+           "generator advanced as the single-device op advances it")
+    # different generator states on the ranks: still one token per row for the whole group
+    got = P.top_p_sample(ctx.shard(s), top_p=0.9, generator=ctx.gen(100 + ctx.rank))
+    assert_same_on_all_ranks(got.tokens, "generators differing across ranks")
+    # seeds differing across ranks: an error on every rank, after which the group is in step
+    with pytest.raises(ValueError, match="different seeds"):
+        P.top_p_sample(ctx.shard(s), seed=ctx.rank)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        P.top_p_sample(ctx.shard(s), top_p=0.0)
+    with pytest.raises(ValueError, match="teacher_logits is None"):
+        P.top_p_sample(ctx.shard(s), alpha=0.5)
+    compare_sample(ctx, s, None, "after errors", top_p=0.9)
+    empty = P.top_p_sample(torch.zeros(0, 3 + ctx.rank), top_p=0.9, seed=1)
+    expect(empty.tokens.shape == (0,) and empty.threshold.shape == (0,), "no rows")
+
+
+def check_sample_collective_bytes(ctx):
+    """top_p_sample moves O(rows) bytes, bounded independently of V, and never the logits:
+    gather (V_local, seed, offset), 24 B per call; gather lse's, 8 B per row and side; gather the
+    row totals, 32 B per row; per search round, gather 4K float64 per still-active row, at most
+    _search_round_bound() rounds per search; gather the owner's draw, 32 B per row."""
+    import kdext.parallel as P
+
+    k = P._SEARCH_PIVOTS
+    per_round = 4 * k * 8
+    bound = P._search_round_bound()
+    with CollectiveCounter() as counter:
+        for rows in (6, 12):
+            for vocab in (ctx.world * 8, ctx.world * 3000):
+                g = ctx.gen(14)
+                s, t = logits((rows, vocab), g), logits((rows, vocab), g)
+                for kw, sides, searches in ((dict(top_p=0.9), 1, 1), (dict(top_k=50, top_p=0.9, alpha=0.2), 2, 2),
+                                            (dict(), 1, 0)):
+                    teacher = ctx.shard(t) if kw.get("alpha") else None
+                    with P.count_collectives() as own:
+                        calls = counter.measure(lambda: P.top_p_sample(ctx.shard(s), teacher_logits=teacher, seed=4, **kw))
+                    tag = f"top_p_sample {kw} rows={rows} V={vocab}: {calls}"
+                    expect(own.count == len(calls) and own.bytes == sum(n for _, n in calls), "count_collectives: " + tag)
+                    expect({n for n, _ in calls} <= {"all_gather_single", "all_gather_into_tensor"}, tag)
+                    sizes = [n for _, n in calls]
+                    expect(sizes[:3] == [24, 8 * sides * rows, 32 * rows] and sizes[-1] == 32 * rows, "fixed part: " + tag)
+                    rounds = sizes[3:-1]
+                    expect(len(rounds) <= searches * bound, "rounds: " + tag)
+                    expect(all(0 < n <= per_round * rows and n % per_round == 0 for n in rounds), "round payloads: " + tag)
+                    if searches:
+                        expect(len(rounds) >= 1, "a search takes at least one round: " + tag)
+                    # O(rows), whatever V: the whole call stays under a bound without V in it
+                    expect(sum(sizes) <= 24 + rows * (8 * sides + 64 + per_round * searches * bound), tag)
+
+
 CHECKS = [
     check_divergences_fp32,
     check_divergences_dtypes,
@@ -640,6 +889,8 @@ CHECKS = [
     check_subgroup,
     check_empty_rows,
     check_collective_bytes,
+    check_top_p_sample,
+    check_sample_collective_bytes,
 ]
 CHECK_NAMES = [c.__name__ for c in CHECKS]
 
@@ -734,3 +985,32 @@ def test_torchrun_example():
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all ops agree with the single-device result" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_philox_known_answers():
+    """The Python Philox4x32-10 of kdext.parallel: Random123's known-answer vectors."""
+    import kdext.parallel as P
+
+    def words(ctr, key):
+        out = P._philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
+        return [int(w) for w in out]
+
+    assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("seed,offset", [(1234, 0), (-7, 5), ((1 << 63) - 3, (1 << 40) + 3)])
+def test_philox_uniform_matches_the_kernel(seed, offset):
+    """u of every row equals the kernel's: on a uniform row of V = 4096 tokens every r is the
+    same float and the kernel's double running sum is exact, so its token is floor(u * 4096),
+    the top 12 bits of u; 300 rows check (seed, row, offset) -> u."""
+    import kdext
+    import kdext.parallel as P
+
+    rows, vocab = 300, 4096
+    x = torch.zeros(rows, vocab)
+    tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset)[0]
+    u = P._philox_uniform(seed, offset, rows, x.device)
+    assert torch.equal(tokens, (u.double() * vocab).floor().long())
