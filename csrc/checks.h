@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "kdext/divergence.h"
 
@@ -62,6 +63,46 @@ inline Divergence check_divergence(c10::string_view name, double param) {
     TORCH_CHECK_VALUE(param >= 0.0 && param <= 1.0, pname, " must be in [0, 1], got ", param);
   }
   return resolve_divergence(kind, param);
+}
+
+// A tensor with one entry per row (upstream gradients, weights, saved
+// statistics) on the same device as `like`.
+inline void check_per_row(const at::Tensor& t, const char* name, int64_t rows, const at::Tensor& like,
+                          const char* like_name) {
+  TORCH_CHECK_VALUE(t.numel() == rows, name, " must have one entry per row (", rows, "), got shape ", t.sizes());
+  check_same_device(t, name, like, like_name);
+}
+
+// divergence_forward's statistics, [rows, kStatsColumns].
+inline void check_stats(const at::Tensor& stats, int64_t rows, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(stats.numel() == rows * kStatsColumns && stats.dim() >= 1 && stats.size(-1) == kStatsColumns,
+                    "stats must have shape [rows, ", kStatsColumns, "] as returned by divergence_forward, got ",
+                    stats.sizes());
+  check_same_device(stats, "stats", like, "student_logits");
+}
+
+// scale_'s factor: one element, on self's device.
+inline void check_scale_factor(const at::Tensor& factor, const at::Tensor& self) {
+  TORCH_CHECK_VALUE(factor.numel() == 1, "factor must have exactly one element, got shape ", factor.sizes());
+  check_same_device(factor, "factor", self, "self");
+}
+
+// Token ids for logprobs: int64/int32 with the logits' leading shape.
+inline void check_tokens(const at::Tensor& tokens, const at::Tensor& logits) {
+  TORCH_CHECK_TYPE(tokens.scalar_type() == c10::kLong || tokens.scalar_type() == c10::kInt,
+                   "tokens must be int64 or int32, got ", tokens.scalar_type());
+  check_same_device(tokens, "tokens", logits, "logits");
+  std::vector<int64_t> rows = logits.sizes().vec();
+  rows.pop_back();
+  TORCH_CHECK_VALUE(tokens.sizes() == c10::IntArrayRef(rows), "tokens must have shape ", c10::IntArrayRef(rows),
+                    " (the logits' leading dims), got ", tokens.sizes());
+}
+
+// softmax_backward's upstream gradient: the output's shape and device.
+inline void check_softmax_grad(const at::Tensor& grad_output, const at::Tensor& output) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
+                    " but output has shape ", output.sizes());
+  check_same_device(grad_output, "grad_output", output, "output");
 }
 
 // The accumulation dtype: float64 for float64 inputs, float32 otherwise.

@@ -18,15 +18,6 @@ namespace {
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
-void check_tokens(const at::Tensor& tokens, const at::Tensor& logits) {
-  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt,
-                   "tokens must be int64 or int32, got ", tokens.scalar_type());
-  check_same_device(tokens, "tokens", logits, "logits");
-  auto rows = row_shape(logits);
-  TORCH_CHECK_VALUE(tokens.sizes() == c10::IntArrayRef(rows), "tokens must have shape ", c10::IntArrayRef(rows),
-                    " (the logits' leading dims), got ", tokens.sizes());
-}
-
 template <typename acc_t>
 acc_t load_one(const void* row, c10::ScalarType dtype, int64_t i) {
   alignas(64) acc_t v[Vec<acc_t>::size()];  // load_chunk pads to a whole vector
@@ -77,10 +68,8 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
   check_tokens(tokens, logits);
   const at::Tensor x = as_rows(logits);
   const int64_t rows = x.size(0), V = x.size(1);
-  TORCH_CHECK_VALUE(grad.numel() == rows && lse.numel() == rows, "grad and lse must have one entry per row (", rows,
-                    ")");
-  check_same_device(grad, "grad", logits, "logits");
-  check_same_device(lse, "lse", logits, "logits");
+  check_per_row(grad, "grad", rows, logits, "logits");
+  check_per_row(lse, "lse", rows, logits, "logits");
   const auto acc = acc_dtype(logits);
   const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});

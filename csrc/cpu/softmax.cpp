@@ -85,9 +85,7 @@ at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
   RowsInput y(output, "output");
   check_temperature(temperature);
-  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
-                    " but output has shape ", output.sizes());
-  check_same_device(grad_output, "grad_output", output, "output");
+  check_softmax_grad(grad_output, output);
   RowsInput g(grad_output, "grad_output");
   at::Tensor grad = empty_output({y.rows, y.V}, output.options());
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(output), "kdext::softmax_backward", [&] {
@@ -226,9 +224,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, dou
   at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
   at::Tensor lse_out;  // float64, see SplitLse; a copy of `lse` when given (outputs never alias inputs)
   if (lse.has_value()) {
-    TORCH_CHECK_VALUE(lse->numel() == in.rows, "lse must have one entry per row (", in.rows, "), got shape ",
-                      lse->sizes());
-    check_same_device(*lse, "lse", logits, "logits");
+    check_per_row(*lse, "lse", in.rows, logits, "logits");
     lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
   } else {
     lse_out = at::empty({in.rows}, logits.options().dtype(at::kDouble));
@@ -260,11 +256,9 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
   RowsInput in(logits, "logits");
   check_temperature(temperature);
   const auto acc = acc_dtype(logits);
-  TORCH_CHECK_VALUE(grad.numel() == in.rows && entropy.numel() == in.rows && lse.numel() == in.rows,
-                    "grad, entropy and lse must have one entry per row (", in.rows, ")");
-  check_same_device(grad, "grad", logits, "logits");
-  check_same_device(entropy, "entropy", logits, "logits");
-  check_same_device(lse, "lse", logits, "logits");
+  check_per_row(grad, "grad", in.rows, logits, "logits");
+  check_per_row(entropy, "entropy", in.rows, logits, "logits");
+  check_per_row(lse, "lse", in.rows, logits, "logits");
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
   const at::Tensor l = lse.to(at::kDouble).contiguous().reshape({-1});

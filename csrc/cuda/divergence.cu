@@ -70,13 +70,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
                                                        bool student_grad, bool teacher_grad) {
   PairInput in(student, teacher, name, param, temperature);
   const auto acc = acc_dtype(student);
-  TORCH_CHECK_VALUE(grad_values.numel() == in.rows, "grad_values must have one entry per row (", in.rows,
-                    "), got shape ", grad_values.sizes());
-  TORCH_CHECK_VALUE(stats.numel() == in.rows * kStatsColumns && stats.size(-1) == kStatsColumns,
-                    "stats must have shape [rows, ", kStatsColumns, "] as returned by divergence_forward, got ",
-                    stats.sizes());
-  check_same_device(grad_values, "grad_values", student, "student_logits");
-  check_same_device(stats, "stats", student, "student_logits");
+  check_per_row(grad_values, "grad_values", in.rows, student, "student_logits");
+  check_stats(stats, in.rows, student);
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor g = grad_values.to(acc).contiguous().reshape({-1});
   const at::Tensor st = stats.to(acc).contiguous().reshape({-1, kStatsColumns});
@@ -96,9 +91,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
                                                    double param, double temperature) {
   PairInput in(student, teacher, name, param, temperature);
   const auto acc = acc_dtype(student);
-  TORCH_CHECK_VALUE(row_weights.numel() == in.rows, "row_weights must have one entry per row (", in.rows,
-                    "), got shape ", row_weights.sizes());
-  check_same_device(row_weights, "row_weights", student, "student_logits");
+  check_per_row(row_weights, "row_weights", in.rows, student, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor w = row_weights.to(acc).contiguous().reshape({-1});
   at::Tensor grad = at::empty({in.rows, in.V}, student.options());
@@ -115,12 +108,8 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
                               double temperature) {
   PairInput in(student, teacher, name, param, temperature);
   const auto acc = acc_dtype(student);
-  TORCH_CHECK_VALUE(student_lse.numel() == in.rows, "student_lse must have one entry per row (", in.rows,
-                    "), got shape ", student_lse.sizes());
-  TORCH_CHECK_VALUE(teacher_lse.numel() == in.rows, "teacher_lse must have one entry per row (", in.rows,
-                    "), got shape ", teacher_lse.sizes());
-  check_same_device(student_lse, "student_lse", student, "student_logits");
-  check_same_device(teacher_lse, "teacher_lse", student, "student_logits");
+  check_per_row(student_lse, "student_lse", in.rows, student, "student_logits");
+  check_per_row(teacher_lse, "teacher_lse", in.rows, student, "student_logits");
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor ls = student_lse.to(acc).contiguous().reshape({-1});
   const at::Tensor lt = teacher_lse.to(acc).contiguous().reshape({-1});
@@ -138,8 +127,7 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
 // self *= factor, skipped when factor == 1. The factor is read on the device,
 // inside the kernel, so that no host synchronisation happens.
 void scale_(at::Tensor& self, const at::Tensor& factor) {
-  TORCH_CHECK_VALUE(factor.numel() == 1, "factor must have exactly one element, got shape ", factor.sizes());
-  check_same_device(factor, "factor", self, "self");
+  check_scale_factor(factor, self);
   if (self.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(self.device());
   const bool fast = self.is_contiguous() && is_supported_float(self.scalar_type());

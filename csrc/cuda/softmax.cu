@@ -52,9 +52,7 @@ at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
   RowsInput y(output, "output");
   check_temperature(temperature);
-  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
-                    " but output has shape ", output.sizes());
-  check_same_device(grad_output, "grad_output", output, "output");
+  check_softmax_grad(grad_output, output);
   const c10::cuda::CUDAGuard guard(output.device());
   // float64 only pairs with float64 in the kernels; converting grad_output to
   // the output's dtype is exactly what the CPU kernel's load into acc does then.
@@ -90,9 +88,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, dou
   at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
   at::Tensor lse_out;
   if (lse.has_value()) {
-    TORCH_CHECK_VALUE(lse->numel() == in.rows, "lse must have one entry per row (", in.rows, "), got shape ",
-                      lse->sizes());
-    check_same_device(*lse, "lse", logits, "logits");
+    check_per_row(*lse, "lse", in.rows, logits, "logits");
     // float64 for every input dtype, and a copy: an output never aliases an input.
     lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
   } else {
@@ -112,11 +108,9 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
   RowsInput in(logits, "logits");
   check_temperature(temperature);
   const auto acc = acc_dtype(logits);
-  TORCH_CHECK_VALUE(grad.numel() == in.rows && entropy.numel() == in.rows && lse.numel() == in.rows,
-                    "grad, entropy and lse must have one entry per row (", in.rows, ")");
-  check_same_device(grad, "grad", logits, "logits");
-  check_same_device(entropy, "entropy", logits, "logits");
-  check_same_device(lse, "lse", logits, "logits");
+  check_per_row(grad, "grad", in.rows, logits, "logits");
+  check_per_row(entropy, "entropy", in.rows, logits, "logits");
+  check_per_row(lse, "lse", in.rows, logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
   const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
