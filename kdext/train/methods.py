@@ -21,6 +21,7 @@ single-step term, per row so it can carry the importance weight) and ``kdext.top
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import random
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def _divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tenso
     )
 
 
-class Method:
+class Method(abc.ABC):
     """Base: trains on the data's rows as they are; ``main_term`` plus an optional LM loss."""
 
     name = "?"
@@ -179,8 +180,9 @@ class Method:
             counts["nll"] = n
         return Prepared(batch, 0, counts)
 
+    @abc.abstractmethod
     def terms(self, ctx: Context, prep: Prepared) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The loss terms of one micro-batch, each a global-sum numerator (see combine)."""
 
     def combine(self, cfg: MethodConfig, terms: dict, counts: dict) -> torch.Tensor:
         """The loss: sum_k weight_k * term_k / count_k (counts: global token counts per term)."""
