@@ -3,7 +3,7 @@
 Environment knobs:
   KDEXT_CUDA=0/1          force the CUDA sources off / on (default: auto-detect; no GPU needed)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0" when no GPU is visible)
-  KDEXT_CPU_ISA=avx2|default   vector ISA of the CPU kernels (default: avx2 on x86-64)
+  KDEXT_CPU_ISA=avx512|avx2|default   vector ISA of the CPU kernels (default: the build CPU's widest)
   MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -69,13 +69,35 @@ def want_cuda(torch, cuda_home):
     return available
 
 
+def _build_cpu_has(*flags):
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
+def default_cpu_isa():
+    """The widest vector ISA of the build machine that the kernels support (kdext refuses to
+    import on a CPU without it; KDEXT_CPU_ISA overrides, e.g. avx2 for a portable build)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "default"
+    if _build_cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq"):
+        return "avx512"
+    return "avx2"
+
+
 def cpu_isa_flags():
-    isa = os.environ.get("KDEXT_CPU_ISA", "avx2" if platform.machine() in ("x86_64", "AMD64") else "default")
+    isa = os.environ.get("KDEXT_CPU_ISA") or default_cpu_isa()
+    if isa == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if isa == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     if isa == "default":
         return ["-DCPU_CAPABILITY=DEFAULT"]
-    raise ValueError(f"KDEXT_CPU_ISA must be 'avx2' or 'default', got {isa!r}")
+    raise ValueError(f"KDEXT_CPU_ISA must be 'avx512', 'avx2' or 'default', got {isa!r}")
 
 
 def build_extension():

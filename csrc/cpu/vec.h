@@ -24,7 +24,7 @@
 namespace kdext {
 
 // exp for vector lanes. Sleef's exp (what Vectorized::exp calls) is an
-// out-of-line call; on AVX2 this inline Cephes-style version (Cody-Waite range
+// out-of-line call; on AVX2 / AVX-512 this inline Cephes-style version (Cody-Waite range
 // reduction, degree-6 polynomial, ~1 ulp) is about twice as fast. Unlike
 // Vectorized::exp_u20 it keeps NaN, -inf -> 0 and +inf -> +inf; results below
 // ~1e-38 flush to 0, which is far below float epsilon of every sum kdext
@@ -60,6 +60,34 @@ inline at::vec::Vectorized<float> fast_exp<float>(const at::vec::Vectorized<floa
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), too_small);
   y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), too_large);
   return _mm256_blendv_ps(y, x, is_nan);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) && !defined(_MSC_VER)
+// The same algorithm, sixteen lanes at a time, with mask registers.
+template <>
+inline at::vec::Vectorized<float> fast_exp<float>(const at::vec::Vectorized<float>& xv) {
+  const __m512 x = xv;
+  const __mmask16 too_small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_LT_OQ);
+  const __mmask16 too_large = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283f), _CMP_GT_OQ);
+  const __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __m512 xc = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.72283f)), _mm512_set1_ps(-87.33654f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(126)), 23);
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_castsi512_ps(e)), _mm512_set1_ps(2.0f));
+  y = _mm512_mask_blend_ps(too_small, y, _mm512_setzero_ps());
+  y = _mm512_mask_blend_ps(too_large, y, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  return _mm512_mask_blend_ps(is_nan, y, x);
 }
 #endif
 
