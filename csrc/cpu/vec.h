@@ -98,7 +98,14 @@ struct VecMathOps {
   static Vec splat(S x) { return Vec(x); }
   static Vec exp(const Vec& x) { return fast_exp(x); }
   static Vec log(const Vec& x) { return x.log(); }
-  static Vec log1p(const Vec& x) { return x.log1p(); }
+  // log1p as x log(u) / (u - 1), u = 1 + x (Goldberg's correction of 1 + x's rounding, a
+  // few ulp): one log. Sleef's AVX-512 log1p is 2.4x slower than its log on Zen 4 and made
+  // the JSD and skew KLs 2.5x slower than the AVX2 build.
+  static Vec log1p(const Vec& x) {
+    const Vec one(S(1));
+    const Vec u = one + x;
+    return Vec::blendv(x * (u.log() / (u - one)), x, u == one);
+  }
   static Vec abs(const Vec& x) { return x.abs(); }
   static Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
   static Mask gt(const Vec& a, const Vec& b) { return a > b; }
