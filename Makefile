@@ -27,11 +27,23 @@ KDEXT_SOURCES := setup.py pyproject.toml $(shell find csrc kdext -type f \( -nam
 all: install
 
 # 1. The environment: torch and the Python dependencies.
+# Downloads from the package index sometimes break off mid-file
+# ("IncompleteRead"); pip's own retries do not cover every such case, so each
+# install is retried whole, with a growing pause, before the build gives up.
+PIP_ATTEMPTS ?= 4
+define pip_install
+	@for attempt in $$(seq 1 $(PIP_ATTEMPTS)); do \
+	  echo "$(PIP) install $(1)  (attempt $$attempt of $(PIP_ATTEMPTS))"; \
+	  $(PIP) install --quiet --retries 10 $(1) && exit 0; \
+	  [ $$attempt -lt $(PIP_ATTEMPTS) ] && { echo "pip install failed; retrying in $$((attempt * 20)) s" >&2; sleep $$((attempt * 20)); }; \
+	done; echo "pip install $(1) failed $(PIP_ATTEMPTS) times" >&2; exit 1
+endef
+
 $(VENV)/.deps-stamp: requirements.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -r requirements.txt
+	$(call pip_install,--upgrade pip setuptools wheel)
+	$(call pip_install,"$(TORCH_SPEC)")
+	$(call pip_install,-r requirements.txt)
 	@touch $@
 
 setup: $(VENV)/.deps-stamp
