@@ -93,7 +93,7 @@ def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generato
 
 
 def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> None:
-    """The C++ adapters' checks (csrc/top_p_sample_checks.h), with the same words, so that fake
+    """The C++ adapters' checks (csrc/top_p_sample_args.h), with the same words, so that fake
     tensors under torch.compile fail the same way."""
     _validate.check_logits(logits, "logits")
     if teacher_logits is not None:

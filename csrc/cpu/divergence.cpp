@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "divergence_args.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 #include "kdext/divergence.h"
@@ -243,56 +244,28 @@ acc_t row_loss_reverse_kl(const RowPair<acc_t>& row, acc_t scale, void* gs, c10:
   return res.value;
 }
 
-// Shared setup of the adapters: validated [rows, V] views of both inputs.
-struct PairInput {
-  at::Tensor s, t;  // [rows, V], unit stride in V
-  int64_t rows, V;
-  Divergence kind;
-
-  PairInput(const at::Tensor& student, const at::Tensor& teacher, c10::string_view name, double param,
-            double temperature) {
-    check_logit_pair(student, teacher);
-    check_temperature(temperature);
-    kind = check_divergence(name, param);
-    s = as_rows(student);
-    t = as_rows(teacher);
-    rows = s.size(0);
-    V = s.size(1);
-  }
-
-  template <typename acc_t>
-  RowPair<acc_t> row(int64_t r, double temperature) const {
-    const auto* sb = static_cast<const char*>(s.const_data_ptr());
-    const auto* tb = static_cast<const char*>(t.const_data_ptr());
-    return {sb + r * s.stride(0) * s.element_size(), tb + r * t.stride(0) * t.element_size(), s.scalar_type(),
-            t.scalar_type(), V, acc_t(1.0 / temperature)};
-  }
-};
-
-void* row_ptr(const at::Tensor& x2d, int64_t r) {
-  return static_cast<char*>(x2d.data_ptr()) + r * x2d.stride(0) * x2d.element_size();
+// One row of both validated inputs, as the row kernels above take it.
+template <typename acc_t>
+RowPair<acc_t> row_pair(const PairInput& in, int64_t r, double temperature) {
+  return {row_ptr(in.s, r), row_ptr(in.t, r), in.s.scalar_type(), in.t.scalar_type(), in.V,
+          acc_t(1.0 / temperature)};
 }
 
 std::tuple<at::Tensor, at::Tensor> divergence_forward(const at::Tensor& student, const at::Tensor& teacher,
                                                       c10::string_view name, double param, double temperature) {
-  PairInput in(student, teacher, name, param, temperature);
-  auto rows_shape = row_shape(student);
-  auto stats_shape = rows_shape;
-  stats_shape.push_back(kStatsColumns);
-  const auto opts = student.options().dtype(acc_dtype(student));
-  at::Tensor values = at::empty(rows_shape, opts);
-  at::Tensor stats = at::empty(stats_shape, opts);
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "kdext::divergence_forward", [&] {
+  DivergenceForwardArgs a(student, teacher, name, param, temperature);
+  const PairInput& in = a.in;
+  AT_DISPATCH_FLOATING_TYPES(a.values.scalar_type(), "kdext::divergence_forward", [&] {
     using acc_t = scalar_t;
     const auto prm = DivergenceParam<acc_t>::make(param);
-    acc_t* vout = values.data_ptr<acc_t>();
-    acc_t* sout = stats.data_ptr<acc_t>();
+    acc_t* vout = a.values.data_ptr<acc_t>();
+    acc_t* sout = a.stats.data_ptr<acc_t>();
     dispatch_divergence(in.kind, [&](auto tag) {
       constexpr Divergence D = decltype(tag)::value;
       at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
         Buffers<acc_t> buf;
         for (int64_t r = begin; r < end; ++r) {
-          const auto res = row_forward<acc_t, D>(in.row<acc_t>(r, temperature), prm, buf);
+          const auto res = row_forward<acc_t, D>(row_pair<acc_t>(in, r, temperature), prm, buf);
           vout[r] = res.value;
           acc_t* st = sout + r * kStatsColumns;
           st[0] = res.lse_s;
@@ -303,26 +276,22 @@ std::tuple<at::Tensor, at::Tensor> divergence_forward(const at::Tensor& student,
       });
     });
   });
-  return {values, stats};
+  return {a.values, a.stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_values, const at::Tensor& student,
                                                        const at::Tensor& teacher, const at::Tensor& stats,
                                                        c10::string_view name, double param, double temperature,
                                                        bool student_grad, bool teacher_grad) {
-  PairInput in(student, teacher, name, param, temperature);
-  const auto acc = acc_dtype(student);
-  check_per_row(grad_values, "grad_values", in.rows, student, "student_logits");
-  check_stats(stats, in.rows, student);
-  const at::Tensor g = grad_values.to(acc).contiguous().reshape({-1});
-  const at::Tensor st = stats.to(acc).contiguous().reshape({-1, kStatsColumns});
-  at::Tensor gs = student_grad ? empty_output({in.rows, in.V}, student.options()) : at::empty({0}, student.options());
-  at::Tensor gt = teacher_grad ? empty_output({in.rows, in.V}, teacher.options()) : at::empty({0}, teacher.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_backward", [&] {
+  DivergenceBackwardArgs a(grad_values, student, teacher, stats, name, param, temperature, student_grad,
+                           teacher_grad, &empty_output);
+  const PairInput& in = a.in;
+  const at::Tensor &gs = a.student_grad, &gt = a.teacher_grad;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(student), "kdext::divergence_backward", [&] {
     using acc_t = scalar_t;
     const auto prm = DivergenceParam<acc_t>::make(param);
-    const acc_t* gp = g.const_data_ptr<acc_t>();
-    const acc_t* sp = st.const_data_ptr<acc_t>();
+    const acc_t* gp = a.grad_values.const_data_ptr<acc_t>();
+    const acc_t* sp = a.stats.const_data_ptr<acc_t>();
     dispatch_divergence(in.kind, [&](auto tag) {
       constexpr Divergence D = decltype(tag)::value;
       at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
@@ -330,31 +299,28 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
         for (int64_t r = begin; r < end; ++r) {
           const acc_t* x = sp + r * kStatsColumns;
           const RowResult<acc_t> res{acc_t(0), x[0], x[1], x[2], x[3]};
-          row_backward<acc_t, D>(in.row<acc_t>(r, temperature), res, prm, gp[r] / acc_t(temperature),
-                                 student_grad ? row_ptr(gs, r) : nullptr, gs.scalar_type(),
-                                 teacher_grad ? row_ptr(gt, r) : nullptr, gt.scalar_type(), buf);
+          row_backward<acc_t, D>(row_pair<acc_t>(in, r, temperature), res, prm, gp[r] / acc_t(temperature),
+                                 student_grad ? mutable_row_ptr(gs, r) : nullptr, gs.scalar_type(),
+                                 teacher_grad ? mutable_row_ptr(gt, r) : nullptr, gt.scalar_type(), buf);
         }
       });
     });
   });
-  if (student_grad) gs = gs.view(student.sizes());
-  if (teacher_grad) gt = gt.view(teacher.sizes());
-  return {gs, gt};
+  return a.outputs(student, teacher);
 }
 
 std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
                                                    const at::Tensor& row_weights, c10::string_view name,
                                                    double param, double temperature) {
-  PairInput in(student, teacher, name, param, temperature);
+  DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_output);
+  const PairInput& in = a.in;
+  const at::Tensor& grad = a.grad;
   const auto acc = acc_dtype(student);
-  check_per_row(row_weights, "row_weights", in.rows, student, "student_logits");
-  const at::Tensor w = row_weights.to(acc).contiguous().reshape({-1});
-  at::Tensor grad = empty_output({in.rows, in.V}, student.options());
   at::Tensor row_loss = at::empty({in.rows}, student.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_loss", [&] {
     using acc_t = scalar_t;
     const auto prm = DivergenceParam<acc_t>::make(param);
-    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* wp = a.row_weights.const_data_ptr<acc_t>();
     acc_t* lp = row_loss.data_ptr<acc_t>();
     dispatch_divergence(in.kind, [&](auto tag) {
       constexpr Divergence D = decltype(tag)::value;
@@ -366,20 +332,20 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
           chunk_maxes.resize((in.V + kChunk - 1) / kChunk);
         }
         for (int64_t r = begin; r < end; ++r) {
-          const auto row = in.row<acc_t>(r, temperature);
+          const auto row = row_pair<acc_t>(in, r, temperature);
           if (wp[r] == acc_t(0)) {  // an ignored row: no work, no NaN leaks in
             lp[r] = acc_t(0);
-            std::memset(row_ptr(grad, r), 0, in.V * grad.element_size());
+            std::memset(mutable_row_ptr(grad, r), 0, in.V * grad.element_size());
             continue;
           }
           if (D == Divergence::ReverseKL) {
-            lp[r] = wp[r] * row_loss_reverse_kl(row, wp[r] / acc_t(temperature), row_ptr(grad, r),
+            lp[r] = wp[r] * row_loss_reverse_kl(row, wp[r] / acc_t(temperature), mutable_row_ptr(grad, r),
                                                 grad.scalar_type(), buf, scratch.data(), chunk_maxes.data());
             continue;
           }
           const auto res = row_forward<acc_t, D>(row, prm, buf);
           lp[r] = wp[r] * res.value;
-          row_backward<acc_t, D>(row, res, prm, wp[r] / acc_t(temperature), row_ptr(grad, r), grad.scalar_type(),
+          row_backward<acc_t, D>(row, res, prm, wp[r] / acc_t(temperature), mutable_row_ptr(grad, r), grad.scalar_type(),
                                  nullptr, grad.scalar_type(), buf);
         }
       });
@@ -393,21 +359,14 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
 at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse,
                               const at::Tensor& teacher_lse, c10::string_view name, double param,
                               double temperature) {
-  PairInput in(student, teacher, name, param, temperature);
-  const auto acc = acc_dtype(student);
-  check_per_row(student_lse, "student_lse", in.rows, student, "student_logits");
-  check_per_row(teacher_lse, "teacher_lse", in.rows, student, "student_logits");
-  const at::Tensor ls = student_lse.to(acc).contiguous().reshape({-1});
-  const at::Tensor lt = teacher_lse.to(acc).contiguous().reshape({-1});
-  auto shape = row_shape(student);
-  shape.push_back(3);
-  at::Tensor out = at::empty(shape, student.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::divergence_partial", [&] {
+  DivergencePartialArgs a(student, teacher, student_lse, teacher_lse, name, param, temperature);
+  const PairInput& in = a.in;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(student), "kdext::divergence_partial", [&] {
     using acc_t = scalar_t;
     const auto prm = DivergenceParam<acc_t>::make(param);
-    const acc_t* lsp = ls.const_data_ptr<acc_t>();
-    const acc_t* ltp = lt.const_data_ptr<acc_t>();
-    acc_t* op = out.data_ptr<acc_t>();
+    const acc_t* lsp = a.student_lse.const_data_ptr<acc_t>();
+    const acc_t* ltp = a.teacher_lse.const_data_ptr<acc_t>();
+    acc_t* op = a.out.data_ptr<acc_t>();
     dispatch_divergence(in.kind, [&](auto tag) {
       constexpr Divergence D = decltype(tag)::value;
       at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
@@ -418,7 +377,7 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
             o[0] = o[1] = o[2] = std::numeric_limits<acc_t>::quiet_NaN();
             continue;
           }
-          const auto sums = row_sums<acc_t, D>(in.row<acc_t>(r, temperature), lsp[r], ltp[r], prm, buf);
+          const auto sums = row_sums<acc_t, D>(row_pair<acc_t>(in, r, temperature), lsp[r], ltp[r], prm, buf);
           o[0] = sums.value;
           o[1] = sums.student_c;
           o[2] = sums.teacher_c;
@@ -426,7 +385,7 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
       });
     });
   });
-  return out;
+  return a.out;
 }
 
 void scale_(at::Tensor& self, const at::Tensor& factor) {

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "logprobs_args.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 
@@ -27,28 +28,22 @@ acc_t load_one(const void* row, c10::ScalarType dtype, int64_t i) {
 
 std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens,
                                                     double temperature) {
-  check_logits(logits, "logits");
-  check_temperature(temperature);
-  check_tokens(tokens, logits);
-  const at::Tensor x = as_rows(logits);
-  const int64_t rows = x.size(0), V = x.size(1);
-  const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
-  const int64_t* tp = tok.const_data_ptr<int64_t>();
+  LogprobsForwardArgs a(logits, tokens, temperature);
+  const at::Tensor& x = a.in.x;
+  const int64_t rows = a.in.rows, V = a.in.V;
+  const int64_t* tp = a.tokens.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
     TORCH_CHECK_INDEX(tp[r] >= 0 && tp[r] < V, "tokens[", r, "] = ", tp[r], " is outside the vocabulary [0, ", V,
                       ")");
   }
-  const auto acc = acc_dtype(logits);
-  at::Tensor out = at::empty({rows}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({rows}, logits.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::logprobs_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::logprobs_forward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    acc_t *o = out.data_ptr<acc_t>(), *l = lse.data_ptr<acc_t>();
+    acc_t *o = a.out.data_ptr<acc_t>(), *l = a.lse.data_ptr<acc_t>();
     at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
-        const void* row = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
+        const void* row = row_ptr(x, r);
         const auto st = row_softmax_state(row, x.scalar_type(), V, inv_t, buf);
         l[r] = log_sum_exp(st);
         // (x/T - max) - log Z: exact in the difference, unlike x/T - lse for large logits.
@@ -58,33 +53,24 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, co
     });
   });
   const auto shape = row_shape(logits);
-  return {out.view(shape), lse.view(shape)};
+  return {a.out.view(shape), a.lse.view(shape)};
 }
 
 at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
                              const at::Tensor& lse, double temperature) {
-  check_logits(logits, "logits");
-  check_temperature(temperature);
-  check_tokens(tokens, logits);
-  const at::Tensor x = as_rows(logits);
-  const int64_t rows = x.size(0), V = x.size(1);
-  check_per_row(grad, "grad", rows, logits, "logits");
-  check_per_row(lse, "lse", rows, logits, "logits");
-  const auto acc = acc_dtype(logits);
-  const at::Tensor tok = tokens.to(at::kLong).contiguous().reshape({-1});
-  const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
-  const at::Tensor l = lse.to(acc).contiguous().reshape({-1});
-  at::Tensor out = empty_output({rows, V}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::logprobs_backward", [&] {
+  LogprobsBackwardArgs a(grad, logits, tokens, lse, temperature, &empty_output);
+  const at::Tensor &x = a.in.x, &out = a.out;
+  const int64_t rows = a.in.rows, V = a.in.V;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::logprobs_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const int64_t* tp = tok.const_data_ptr<int64_t>();
-    const acc_t *gp = g.const_data_ptr<acc_t>(), *lp = l.const_data_ptr<acc_t>();
+    const int64_t* tp = a.tokens.const_data_ptr<int64_t>();
+    const acc_t *gp = a.grad.const_data_ptr<acc_t>(), *lp = a.lse.const_data_ptr<acc_t>();
     at::parallel_for(0, rows, row_grain(V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
-        const void* row = static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
-        void* orow = static_cast<char*>(out.data_ptr()) + r * V * out.element_size();
+        const void* row = row_ptr(x, r);
+        void* orow = mutable_row_ptr(out, r);
         const RowKind kind = classify_row(lp[r], acc_t(0));
         const acc_t scale = gp[r] * inv_t;
         const Vec<acc_t> vlse(lp[r]), vscale(-scale);

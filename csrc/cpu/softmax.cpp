@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "softmax_args.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 
@@ -20,26 +21,6 @@ namespace {
 template <typename acc_t>
 using Vec = at::vec::Vectorized<acc_t>;
 
-// A validated [rows, V] view of one logits tensor.
-struct RowsInput {
-  at::Tensor x;
-  int64_t rows, V;
-
-  RowsInput(const at::Tensor& logits, const char* name) {
-    check_logits(logits, name);
-    x = as_rows(logits);
-    rows = x.size(0);
-    V = x.size(1);
-  }
-  const void* row(int64_t r) const {
-    return static_cast<const char*>(x.const_data_ptr()) + r * x.stride(0) * x.element_size();
-  }
-};
-
-void* mutable_row(const at::Tensor& x2d, int64_t r) {
-  return static_cast<char*>(x2d.data_ptr()) + r * x2d.stride(0) * x2d.element_size();
-}
-
 template <typename F>
 void for_each_chunk(int64_t V, F&& f) {
   for (int64_t b = 0; b < V; b += kChunk) f(b, std::min<int64_t>(kChunk, V - b));
@@ -47,9 +28,9 @@ void for_each_chunk(int64_t V, F&& f) {
 
 // softmax(x/T) or log_softmax(x/T), in the input's dtype.
 at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  at::Tensor out = empty_output({in.rows, in.V}, logits.options());
+  SoftmaxArgs a(logits, temperature, &empty_output);
+  const RowsInput& in = a.in;
+  const at::Tensor& out = a.out;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::softmax", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -59,15 +40,15 @@ at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) 
         const auto dtype = in.x.scalar_type();
         // (x/T - max) - log Z rather than x/T - lse: for large logits lse
         // rounds at the size of the max, the difference with the max is exact.
-        const auto st = row_softmax_state(in.row(r), dtype, in.V, inv_t, buf);
+        const auto st = row_softmax_state(row_ptr(in.x, r), dtype, in.V, inv_t, buf);
         const Vec<acc_t> vmax(st.max), vlogz(MathOps<acc_t>::log(st.sum));
         for_each_chunk(in.V, [&](int64_t b, int64_t n) {
-          const int64_t P = load_chunk(in.row(r), dtype, b, n, inv_t, buf);
+          const int64_t P = load_chunk(row_ptr(in.x, r), dtype, b, n, inv_t, buf);
           for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
             const auto y = (Vec<acc_t>::loadu(buf + i) - vmax) - vlogz;
             (log ? y : fast_exp(y)).store(buf + i);
           }
-          store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
+          store_chunk(buf, n, out.scalar_type(), mutable_row_ptr(out, r), b);
         });
       }
     });
@@ -83,11 +64,9 @@ at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
 // d/dx of softmax(x/T) (y = output): y (g - sum g y) / T;
 // of log_softmax(x/T): (g - exp(y) sum g) / T.
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
-  RowsInput y(output, "output");
-  check_temperature(temperature);
-  check_softmax_grad(grad_output, output);
-  RowsInput g(grad_output, "grad_output");
-  at::Tensor grad = empty_output({y.rows, y.V}, output.options());
+  SoftmaxBackwardArgs a(grad_output, output, temperature, &empty_output);
+  const RowsInput &y = a.output, &g = a.grad_output;
+  const at::Tensor& grad = a.grad;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(output), "kdext::softmax_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
@@ -99,8 +78,8 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
         Vec<acc_t> acc(acc_t(0));
         const Vec<acc_t> zero(acc_t(0));
         for_each_chunk(y.V, [&](int64_t b, int64_t n) {
-          const int64_t P = load_chunk(g.row(r), g.x.scalar_type(), b, n, acc_t(1), gb);
-          load_chunk(y.row(r), y.x.scalar_type(), b, n, acc_t(1), yb);
+          const int64_t P = load_chunk(row_ptr(g.x, r), g.x.scalar_type(), b, n, acc_t(1), gb);
+          load_chunk(row_ptr(y.x, r), y.x.scalar_type(), b, n, acc_t(1), yb);
           for (int64_t i = 0; i < n; ++i) yb[i] = log ? yb[i] : gb[i] * yb[i];
           for (int64_t i = n; i < P; ++i) yb[i] = gb[i] = 0;
           const acc_t* src = log ? gb : yb;
@@ -108,15 +87,15 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
         });
         const acc_t dot = reduce_sum(acc);
         for_each_chunk(y.V, [&](int64_t b, int64_t n) {
-          const int64_t P = load_chunk(g.row(r), g.x.scalar_type(), b, n, acc_t(1), gb);
-          load_chunk(y.row(r), y.x.scalar_type(), b, n, acc_t(1), yb);
+          const int64_t P = load_chunk(row_ptr(g.x, r), g.x.scalar_type(), b, n, acc_t(1), gb);
+          load_chunk(row_ptr(y.x, r), y.x.scalar_type(), b, n, acc_t(1), yb);
           const Vec<acc_t> vdot(dot), vinv(inv_t);
           for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
             const auto gv = Vec<acc_t>::loadu(gb + i), yv = Vec<acc_t>::loadu(yb + i);
             const auto d = log ? (gv - fast_exp(yv) * vdot) : yv * (gv - vdot);
             (d * vinv).store(gb + i);
           }
-          store_chunk(gb, n, grad.scalar_type(), mutable_row(grad, r), b);
+          store_chunk(gb, n, grad.scalar_type(), mutable_row_ptr(grad, r), b);
         });
       }
     });
@@ -125,16 +104,16 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
 }
 
 at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  at::Tensor out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+  LogsumexpArgs a(logits, temperature);
+  const RowsInput& in = a.in;
+  const at::Tensor& out = a.out;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "kdext::logsumexp", [&] {
     using acc_t = scalar_t;
     acc_t* o = out.data_ptr<acc_t>();
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r)
-        o[r] = log_sum_exp(row_softmax_state(in.row(r), in.x.scalar_type(), in.V, acc_t(1.0 / temperature), buf));
+        o[r] = log_sum_exp(row_softmax_state(row_ptr(in.x, r), in.x.scalar_type(), in.V, acc_t(1.0 / temperature), buf));
     });
   });
   return out.view(row_shape(logits));
@@ -218,56 +197,40 @@ acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, double temperature,
                                                    const std::optional<at::Tensor>& lse) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  const auto acc = acc_dtype(logits);
-  at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
-  at::Tensor lse_out;  // float64, see SplitLse; a copy of `lse` when given (outputs never alias inputs)
-  if (lse.has_value()) {
-    check_per_row(*lse, "lse", in.rows, logits, "logits");
-    lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
-  } else {
-    lse_out = at::empty({in.rows}, logits.options().dtype(at::kDouble));
-  }
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_forward", [&] {
+  EntropyForwardArgs a(logits, temperature, lse);  // lse: float64, see SplitLse
+  const RowsInput& in = a.in;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::entropy_forward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    acc_t* e = ent.data_ptr<acc_t>();
-    double* l = lse_out.data_ptr<double>();
-    const bool partial = lse.has_value();
+    acc_t* e = a.entropy.data_ptr<acc_t>();
+    double* l = a.lse.data_ptr<double>();
+    const bool partial = a.lse_given;
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
         if (partial) {
-          e[r] = row_entropy_partial(in.row(r), in.x.scalar_type(), in.V, inv_t, l[r], buf);
+          e[r] = row_entropy_partial(row_ptr(in.x, r), in.x.scalar_type(), in.V, inv_t, l[r], buf);
         } else {
-          std::tie(e[r], l[r]) = row_entropy(in.row(r), in.x.scalar_type(), in.V, inv_t, buf);
+          std::tie(e[r], l[r]) = row_entropy(row_ptr(in.x, r), in.x.scalar_type(), in.V, inv_t, buf);
         }
       }
     });
   });
   const auto shape = row_shape(logits);
-  return {ent.view(shape), lse_out.view(shape)};
+  return {a.entropy.view(shape), a.lse.view(shape)};
 }
 
 // dH/dx_j = -q_j (log q_j + H) / T.
 at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
                             const at::Tensor& lse, double temperature) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  const auto acc = acc_dtype(logits);
-  check_per_row(grad, "grad", in.rows, logits, "logits");
-  check_per_row(entropy, "entropy", in.rows, logits, "logits");
-  check_per_row(lse, "lse", in.rows, logits, "logits");
-  const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
-  const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
-  const at::Tensor l = lse.to(at::kDouble).contiguous().reshape({-1});
-  at::Tensor out = empty_output({in.rows, in.V}, logits.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "kdext::entropy_backward", [&] {
+  EntropyBackwardArgs a(grad, logits, entropy, lse, temperature, &empty_output);
+  const RowsInput& in = a.in;
+  const at::Tensor& out = a.out;
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::entropy_backward", [&] {
     using acc_t = scalar_t;
     const acc_t inv_t = acc_t(1.0 / temperature);
-    const acc_t *gp = g.const_data_ptr<acc_t>(), *hp = h.const_data_ptr<acc_t>();
-    const double* lp = l.const_data_ptr<double>();
+    const acc_t *gp = a.grad.const_data_ptr<acc_t>(), *hp = a.entropy.const_data_ptr<acc_t>();
+    const double* lp = a.lse.const_data_ptr<double>();
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
@@ -277,14 +240,14 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
           if (kind != RowKind::Normal) {
             std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
           } else {
-            const int64_t P = load_chunk(in.row(r), in.x.scalar_type(), b, n, inv_t, buf);
+            const int64_t P = load_chunk(row_ptr(in.x, r), in.x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
               const auto lq = log_q<acc_t>(Vec<acc_t>::loadu(buf + i), lp[r]);
               const auto q = fast_exp(lq);
               Vec<acc_t>::blendv(zero, vscale * q * (lq + vh), q > zero).store(buf + i);
             }
           }
-          store_chunk(buf, n, out.scalar_type(), mutable_row(out, r), b);
+          store_chunk(buf, n, out.scalar_type(), mutable_row_ptr(out, r), b);
         });
       }
     });

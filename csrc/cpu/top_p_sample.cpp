@@ -30,7 +30,7 @@
 #endif
 
 #include "checks.h"
-#include "top_p_sample_checks.h"
+#include "top_p_sample_args.h"
 #include "cpu/row_reduce.h"
 #include "kdext/philox.h"
 #include "kdext/top_p.h"
@@ -344,14 +344,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   const at::Tensor s = as_rows(logits);
   const at::Tensor t = teacher_logits.has_value() ? as_rows(*teacher_logits) : at::Tensor();
   const int64_t rows = s.size(0), V = s.size(1);
-  const auto shape = row_shape(logits);
-  at::Tensor tokens = at::empty(shape, logits.options().dtype(at::kLong));
-  const auto fopts = logits.options().dtype(at::kFloat);
-  at::Tensor out_s = at::empty(shape, fopts), out_t = at::empty(shape, fopts);
-  at::Tensor out_x = at::empty(shape, fopts), out_thr = at::empty(shape, fopts);
-  int64_t* tp = tokens.data_ptr<int64_t>();
-  float *sp = out_s.data_ptr<float>(), *tq = out_t.data_ptr<float>();
-  float *xp = out_x.data_ptr<float>(), *hp = out_thr.data_ptr<float>();
+  const TopPSampleOutputs out(logits);
+  int64_t* tp = out.tokens.data_ptr<int64_t>();
+  float *sp = out.student_logprob.data_ptr<float>(), *tq = out.teacher_logprob.data_ptr<float>();
+  float *xp = out.sample_logprob.data_ptr<float>(), *hp = out.threshold.data_ptr<float>();
 
   const Options o{top_p, top_k, static_cast<float>(1.0 / temperature), static_cast<float>(alpha),
                   static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
@@ -371,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
       hp[r] = res.threshold;
     }
   });
-  return {tokens, out_s, out_t, out_x, out_thr};
+  return out.as_tuple();
 }
 
 }  // namespace

@@ -29,6 +29,14 @@ inline kdext::cuda::DType to_dtype(c10::ScalarType t) {
   return kdext::cuda::DType::Float32;
 }
 
+// at::empty as an OutputAllocator (csrc/adapter_args.h). The adapters build
+// their argument structs before they take the device guard, so that a tensor
+// on the wrong device meets the checks' message (naming it) rather than the
+// guard's; at::empty and the dtype conversions guard their own device.
+inline at::Tensor empty_device_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty(sizes, options);
+}
+
 // The current stream of the current device (the caller holds a device guard).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

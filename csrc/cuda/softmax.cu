@@ -10,6 +10,7 @@
 
 #include "checks.h"
 #include "cuda/adapter_utils.h"
+#include "softmax_args.h"
 #include "kdext/cuda/softmax_kernels.cuh"
 
 namespace kdext {
@@ -18,30 +19,19 @@ namespace {
 
 using kdext::cuda::RowTensor;
 
-// A validated [rows, V] view of one logits-like tensor.
-struct RowsInput {
-  at::Tensor x;
-  int64_t rows, V;
-
-  RowsInput(const at::Tensor& logits, const char* name) {
-    check_logits(logits, name);
-    x = as_rows(logits);
-    rows = x.size(0);
-    V = x.size(1);
-  }
-  RowTensor tensor() const { return {x.const_data_ptr(), to_dtype(x.scalar_type()), x.stride(0), rows, V}; }
-};
+// One validated input as the launchers take it.
+RowTensor row_tensor(const RowsInput& in) {
+  return {in.x.const_data_ptr(), to_dtype(in.x.scalar_type()), in.x.stride(0), in.rows, in.V};
+}
 
 at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
+  SoftmaxArgs a(logits, temperature, &empty_device_output);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
   WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::softmax_forward(in.tensor(), temperature, log, out.data_ptr(), ws.workspace(),
+  C10_CUDA_CHECK(kdext::cuda::softmax_forward(row_tensor(a.in), temperature, log, a.out.data_ptr(), ws.workspace(),
                                               current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out.view(logits.sizes());
+  return a.out.view(logits.sizes());
 }
 
 at::Tensor softmax(const at::Tensor& logits, double temperature) { return softmax_impl(logits, temperature, false); }
@@ -50,76 +40,47 @@ at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
 }
 
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
-  RowsInput y(output, "output");
-  check_temperature(temperature);
-  check_softmax_grad(grad_output, output);
+  SoftmaxBackwardArgs a(grad_output, output, temperature, &empty_device_output);
   const c10::cuda::CUDAGuard guard(output.device());
-  // float64 only pairs with float64 in the kernels; converting grad_output to
-  // the output's dtype is exactly what the CPU kernel's load into acc does then.
-  const bool f64_mix = (grad_output.scalar_type() == at::kDouble) != (output.scalar_type() == at::kDouble);
-  RowsInput g(f64_mix && is_supported_float(grad_output.scalar_type()) ? grad_output.to(output.scalar_type())
-                                                                        : grad_output,
-              "grad_output");
-  at::Tensor grad = at::empty({y.rows, y.V}, output.options());
   WorkspaceHolder ws(output.device());
-  C10_CUDA_CHECK(kdext::cuda::softmax_backward(g.tensor(), y.tensor(), temperature, log, grad.data_ptr(),
-                                               ws.workspace(), current_stream()));
+  C10_CUDA_CHECK(kdext::cuda::softmax_backward(row_tensor(a.grad_output), row_tensor(a.output), temperature, log,
+                                               a.grad.data_ptr(), ws.workspace(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return grad.view(output.sizes());
+  return a.grad.view(output.sizes());
 }
 
 at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
+  LogsumexpArgs a(logits, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
   WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::logsumexp(in.tensor(), temperature, out.data_ptr(), ws.workspace(), current_stream()));
+  C10_CUDA_CHECK(
+      kdext::cuda::logsumexp(row_tensor(a.in), temperature, a.out.data_ptr(), ws.workspace(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out.view(row_shape(logits));
+  return a.out.view(row_shape(logits));
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, double temperature,
                                                    const std::optional<at::Tensor>& lse) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  const auto acc = acc_dtype(logits);
+  EntropyForwardArgs a(logits, temperature, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor ent = at::empty({in.rows}, logits.options().dtype(acc));
-  at::Tensor lse_out;
-  if (lse.has_value()) {
-    check_per_row(*lse, "lse", in.rows, logits, "logits");
-    // float64 for every input dtype, and a copy: an output never aliases an input.
-    lse_out = lse->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
-  } else {
-    lse_out = at::empty({in.rows}, logits.options().dtype(at::kDouble));
-  }
   WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::entropy_forward(in.tensor(), temperature,
-                                              lse.has_value() ? lse_out.const_data_ptr() : nullptr, ent.data_ptr(),
-                                              lse_out.data_ptr(), ws.workspace(), current_stream()));
+  C10_CUDA_CHECK(kdext::cuda::entropy_forward(row_tensor(a.in), temperature,
+                                              a.lse_given ? a.lse.const_data_ptr() : nullptr, a.entropy.data_ptr(),
+                                              a.lse.data_ptr(), ws.workspace(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto shape = row_shape(logits);
-  return {ent.view(shape), lse_out.view(shape)};
+  return {a.entropy.view(shape), a.lse.view(shape)};
 }
 
 at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
                             const at::Tensor& lse, double temperature) {
-  RowsInput in(logits, "logits");
-  check_temperature(temperature);
-  const auto acc = acc_dtype(logits);
-  check_per_row(grad, "grad", in.rows, logits, "logits");
-  check_per_row(entropy, "entropy", in.rows, logits, "logits");
-  check_per_row(lse, "lse", in.rows, logits, "logits");
+  EntropyBackwardArgs a(grad, logits, entropy, lse, temperature, &empty_device_output);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor g = grad.to(acc).contiguous().reshape({-1});
-  const at::Tensor h = entropy.to(acc).contiguous().reshape({-1});
-  const at::Tensor l = lse.to(at::kDouble).contiguous().reshape({-1});
-  at::Tensor out = at::empty({in.rows, in.V}, logits.options());
-  C10_CUDA_CHECK(kdext::cuda::entropy_backward(in.tensor(), temperature, g.const_data_ptr(), h.const_data_ptr(),
-                                               l.const_data_ptr(), out.data_ptr(), current_stream()));
+  C10_CUDA_CHECK(kdext::cuda::entropy_backward(row_tensor(a.in), temperature, a.grad.const_data_ptr(),
+                                               a.entropy.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(),
+                                               current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out.view(logits.sizes());
+  return a.out.view(logits.sizes());
 }
 
 }  // namespace

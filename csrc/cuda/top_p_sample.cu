@@ -15,7 +15,7 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "kdext/cuda/top_p_sample_kernels.cuh"
-#include "top_p_sample_checks.h"
+#include "top_p_sample_args.h"
 
 namespace kdext {
 namespace cuda_adapter {
@@ -45,12 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   TORCH_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), "top_p_sample: too many rows (",
               rows, ") for one launch");
 
-  const auto shape = row_shape(logits);
-  at::Tensor tokens = at::empty(shape, logits.options().dtype(at::kLong));
-  const auto fopts = logits.options().dtype(at::kFloat);
-  at::Tensor out_s = at::empty(shape, fopts), out_t = at::empty(shape, fopts);
-  at::Tensor out_x = at::empty(shape, fopts), out_thr = at::empty(shape, fopts);
-  if (rows == 0) return {tokens, out_s, out_t, out_x, out_thr};
+  const TopPSampleOutputs out(logits);
+  if (rows == 0) return out.as_tuple();
 
   top_p_cuda::Params p;
   p.s = s.const_data_ptr();
@@ -64,11 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   p.top_k = top_k;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  p.tokens = tokens.data_ptr<int64_t>();
-  p.student_logprob = out_s.data_ptr<float>();
-  p.teacher_logprob = out_t.data_ptr<float>();
-  p.sample_logprob = out_x.data_ptr<float>();
-  p.threshold = out_thr.data_ptr<float>();
+  p.tokens = out.tokens.data_ptr<int64_t>();
+  p.student_logprob = out.student_logprob.data_ptr<float>();
+  p.teacher_logprob = out.teacher_logprob.data_ptr<float>();
+  p.sample_logprob = out.sample_logprob.data_ptr<float>();
+  p.threshold = out.threshold.data_ptr<float>();
 
   const cudaStream_t stream = current_stream();  // of the guarded device
   switch (dtype) {
@@ -84,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
     default:
       TORCH_CHECK_TYPE(false, "logits must be float32, float16, bfloat16 or float64, got ", dtype);
   }
-  return {tokens, out_s, out_t, out_x, out_thr};
+  return out.as_tuple();
 }
 
 }  // namespace

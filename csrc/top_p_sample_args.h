@@ -1,12 +1,15 @@
-// Argument checks of kdext::top_p_sample shared by its CPU and CUDA adapters
-// (kdext/sampling.py runs the same checks first, with the same words).
+// kdext::top_p_sample's adapter arguments, shared by its CPU and CUDA
+// adapters: the checks (kdext/sampling.py runs the same checks first, with the
+// same words) and the five per-row outputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
 
@@ -31,5 +34,25 @@ inline void check_top_p_sample_args(const at::Tensor& logits, const std::optiona
   TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 24), "logits has a vocabulary of ", logits.size(-1),
                     " entries; top_p_sample supports fewer than 2^24");
 }
+
+// The sampled token and four float32 per-row values, shaped like the logits'
+// leading dims.
+struct TopPSampleOutputs {
+  at::Tensor tokens, student_logprob, teacher_logprob, sample_logprob, threshold;
+
+  explicit TopPSampleOutputs(const at::Tensor& logits) {
+    const auto shape = row_shape(logits);
+    const auto fopts = logits.options().dtype(at::kFloat);
+    tokens = at::empty(shape, logits.options().dtype(at::kLong));
+    student_logprob = at::empty(shape, fopts);
+    teacher_logprob = at::empty(shape, fopts);
+    sample_logprob = at::empty(shape, fopts);
+    threshold = at::empty(shape, fopts);
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {tokens, student_logprob, teacher_logprob, sample_logprob, threshold};
+  }
+};
 
 }  // namespace kdext

@@ -1,0 +1,123 @@
+// The divergence family's adapter arguments, checked, converted and allocated
+// once for both backends (csrc/cpu/divergence.cpp, csrc/cuda/divergence.cu):
+// a backend only runs its kernels on them, so both raise the same errors and
+// return the same shapes and dtypes.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "adapter_args.h"
+#include "checks.h"
+
+namespace kdext {
+
+// Validated [rows, V] views of both logits and the parsed divergence.
+struct PairInput {
+  at::Tensor s, t;  // [rows, V], unit stride in V
+  int64_t rows, V;
+  Divergence kind;
+
+  PairInput(const at::Tensor& student, const at::Tensor& teacher, c10::string_view name, double param,
+            double temperature) {
+    check_logit_pair(student, teacher);
+    check_temperature(temperature);
+    kind = check_divergence(name, param);
+    s = as_rows(student);
+    t = as_rows(teacher);
+    rows = s.size(0);
+    V = s.size(1);
+  }
+};
+
+// divergence_forward: per-row values and the statistics the backward reuses,
+// both in the accumulation dtype.
+struct DivergenceForwardArgs {
+  PairInput in;
+  at::Tensor values;  // [rows...]
+  at::Tensor stats;   // [rows..., kStatsColumns]: lse_s, lse_t, c_s, c_t
+
+  DivergenceForwardArgs(const at::Tensor& student, const at::Tensor& teacher, c10::string_view name, double param,
+                        double temperature)
+      : in(student, teacher, name, param, temperature) {
+    auto rows_shape = row_shape(student);
+    auto stats_shape = rows_shape;
+    stats_shape.push_back(kStatsColumns);
+    const auto opts = student.options().dtype(acc_dtype(student));
+    values = at::empty(rows_shape, opts);
+    stats = at::empty(stats_shape, opts);
+  }
+};
+
+// divergence_backward: the upstream gradient and saved statistics as flat
+// accumulation-dtype vectors, and the gradients asked for ([rows, V] in each
+// input's dtype; an empty tensor where a gradient is not wanted).
+struct DivergenceBackwardArgs {
+  PairInput in;
+  at::Tensor grad_values;  // [rows]
+  at::Tensor stats;        // [rows, kStatsColumns]
+  at::Tensor student_grad, teacher_grad;
+  bool want_student_grad, want_teacher_grad;
+
+  DivergenceBackwardArgs(const at::Tensor& grad_values_in, const at::Tensor& student, const at::Tensor& teacher,
+                         const at::Tensor& stats_in, c10::string_view name, double param, double temperature,
+                         bool want_student, bool want_teacher, OutputAllocator alloc)
+      : in(student, teacher, name, param, temperature), want_student_grad(want_student),
+        want_teacher_grad(want_teacher) {
+    const auto acc = acc_dtype(student);
+    check_per_row(grad_values_in, "grad_values", in.rows, student, "student_logits");
+    check_stats(stats_in, in.rows, student);
+    grad_values = per_row_vector(grad_values_in, acc);
+    stats = stats_in.to(acc).contiguous().reshape({-1, kStatsColumns});
+    student_grad = want_student_grad ? alloc({in.rows, in.V}, student.options()) : at::empty({0}, student.options());
+    teacher_grad = want_teacher_grad ? alloc({in.rows, in.V}, teacher.options()) : at::empty({0}, teacher.options());
+  }
+
+  // The gradients shaped like the inputs (the empty placeholders as they are).
+  std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& student, const at::Tensor& teacher) const {
+    return {want_student_grad ? student_grad.view(student.sizes()) : student_grad,
+            want_teacher_grad ? teacher_grad.view(teacher.sizes()) : teacher_grad};
+  }
+};
+
+// divergence_loss: the row weights as a flat accumulation-dtype vector and the
+// student's gradient, [rows, V] in the student's dtype.
+struct DivergenceLossArgs {
+  PairInput in;
+  at::Tensor row_weights;  // [rows]
+  at::Tensor grad;         // [rows, V]
+
+  DivergenceLossArgs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights_in,
+                     c10::string_view name, double param, double temperature, OutputAllocator alloc)
+      : in(student, teacher, name, param, temperature) {
+    check_per_row(row_weights_in, "row_weights", in.rows, student, "student_logits");
+    row_weights = per_row_vector(row_weights_in, acc_dtype(student));
+    grad = alloc({in.rows, in.V}, student.options());
+  }
+};
+
+// divergence_partial: both full-vocabulary log-normalisers as flat
+// accumulation-dtype vectors and the [rows..., 3] partial sums.
+struct DivergencePartialArgs {
+  PairInput in;
+  at::Tensor student_lse, teacher_lse;  // [rows]
+  at::Tensor out;                       // [rows..., 3]: value, c_s, c_t
+
+  DivergencePartialArgs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse_in,
+                        const at::Tensor& teacher_lse_in, c10::string_view name, double param, double temperature)
+      : in(student, teacher, name, param, temperature) {
+    const auto acc = acc_dtype(student);
+    check_per_row(student_lse_in, "student_lse", in.rows, student, "student_logits");
+    check_per_row(teacher_lse_in, "teacher_lse", in.rows, student, "student_logits");
+    student_lse = per_row_vector(student_lse_in, acc);
+    teacher_lse = per_row_vector(teacher_lse_in, acc);
+    auto shape = row_shape(student);
+    shape.push_back(3);
+    out = at::empty(shape, student.options().dtype(acc));
+  }
+};
+
+}  // namespace kdext

@@ -1,0 +1,111 @@
+// The softmax family's adapter arguments, checked, converted and allocated
+// once for both backends (csrc/cpu/softmax.cpp, csrc/cuda/softmax.cu).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "adapter_args.h"
+#include "checks.h"
+
+namespace kdext {
+
+// softmax / log_softmax: the logits and a [rows, V] output in their dtype.
+struct SoftmaxArgs {
+  RowsInput in;
+  at::Tensor out;
+
+  SoftmaxArgs(const at::Tensor& logits, double temperature, OutputAllocator alloc) : in(logits, "logits") {
+    check_temperature(temperature);
+    out = alloc({in.rows, in.V}, logits.options());
+  }
+};
+
+// softmax_backward: the forward's output, the upstream gradient and the
+// [rows, V] input gradient in the output's dtype.
+struct SoftmaxBackwardArgs {
+  RowsInput output;
+  RowsInput grad_output;
+  at::Tensor grad;
+
+  SoftmaxBackwardArgs(const at::Tensor& grad_output_in, const at::Tensor& output_in, double temperature,
+                      OutputAllocator alloc)
+      : output(output_in, "output"),
+        grad_output(checked_grad_output(grad_output_in, output_in, temperature), "grad_output") {
+    grad = alloc({output.rows, output.V}, output_in.options());
+  }
+
+ private:
+  // float64 pairs only with float64 in the kernels: when exactly one of the
+  // two is float64, grad_output takes the output's dtype. That is the value
+  // the accumulation dtype (the output's) would round it to anyway.
+  static at::Tensor checked_grad_output(const at::Tensor& grad_output, const at::Tensor& output,
+                                        double temperature) {
+    check_temperature(temperature);
+    check_softmax_grad(grad_output, output);
+    const bool f64_mix = (grad_output.scalar_type() == at::kDouble) != (output.scalar_type() == at::kDouble);
+    return f64_mix && is_supported_float(grad_output.scalar_type()) ? grad_output.to(output.scalar_type())
+                                                                    : grad_output;
+  }
+};
+
+// logsumexp: the logits and one accumulation-dtype value per row.
+struct LogsumexpArgs {
+  RowsInput in;
+  at::Tensor out;  // [rows]
+
+  LogsumexpArgs(const at::Tensor& logits, double temperature) : in(logits, "logits") {
+    check_temperature(temperature);
+    out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+  }
+};
+
+// entropy_forward: per-row entropies (accumulation dtype) and the float64
+// log-normaliser, which is a copy of `lse` when one is given (a shard's
+// partial entropy against the full vocabulary's lse; outputs never alias
+// inputs) and is computed by the kernel otherwise.
+struct EntropyForwardArgs {
+  RowsInput in;
+  at::Tensor entropy;  // [rows]
+  at::Tensor lse;      // [rows], float64
+  bool lse_given;
+
+  EntropyForwardArgs(const at::Tensor& logits, double temperature, const std::optional<at::Tensor>& lse_in)
+      : in(logits, "logits"), lse_given(lse_in.has_value()) {
+    check_temperature(temperature);
+    entropy = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+    if (lse_given) {
+      check_per_row(*lse_in, "lse", in.rows, logits, "logits");
+      lse = lse_in->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous().reshape({-1});
+    } else {
+      lse = at::empty({in.rows}, logits.options().dtype(at::kDouble));
+    }
+  }
+};
+
+// entropy_backward: the upstream gradient and saved entropy (accumulation
+// dtype), the saved float64 lse, and the [rows, V] gradient in the logits' dtype.
+struct EntropyBackwardArgs {
+  RowsInput in;
+  at::Tensor grad, entropy, lse;  // [rows]
+  at::Tensor out;
+
+  EntropyBackwardArgs(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& entropy_in,
+                      const at::Tensor& lse_in, double temperature, OutputAllocator alloc)
+      : in(logits, "logits") {
+    check_temperature(temperature);
+    const auto acc = acc_dtype(logits);
+    check_per_row(grad_in, "grad", in.rows, logits, "logits");
+    check_per_row(entropy_in, "entropy", in.rows, logits, "logits");
+    check_per_row(lse_in, "lse", in.rows, logits, "logits");
+    grad = per_row_vector(grad_in, acc);
+    entropy = per_row_vector(entropy_in, acc);
+    lse = per_row_vector(lse_in, at::kDouble);
+    out = alloc({in.rows, in.V}, logits.options());
+  }
+};
+
+}  // namespace kdext
