@@ -116,11 +116,11 @@ TORCH_LIBRARY(kdext, m) {
 
   // ---- sampling (stem: top_p_sample) --------------------------------------
   // One token per row from r = (1-alpha) softmax(logits/T) + alpha softmax(teacher/T)
-  // after top-k then top-p; Philox(seed, offset). Returns (tokens, student_logprob,
-  // teacher_logprob, sample_logprob, threshold).
+  // after top-k then top-p; Philox(seed, subsequence = row_ids[row] or the row's index,
+  // offset). Returns (tokens, student_logprob, teacher_logprob, sample_logprob, threshold).
   m.def(
       "top_p_sample(Tensor logits, Tensor? teacher_logits, float top_p, int top_k, float temperature, "
-      "float alpha, int seed, int offset) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float alpha, int seed, int offset, Tensor? row_ids=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The public per-row ops are thin compositions over the kernels above; their

@@ -11,12 +11,14 @@
 #include <optional>
 #include <tuple>
 
+#include "adapter_args.h"
 #include "checks.h"
 
 namespace kdext {
 
 inline void check_top_p_sample_args(const at::Tensor& logits, const std::optional<at::Tensor>& teacher,
-                                    double top_p, int64_t top_k, double temperature, double alpha) {
+                                    double top_p, int64_t top_k, double temperature, double alpha,
+                                    const std::optional<at::Tensor>& row_ids) {
   check_logits(logits, "logits");
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
   TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0 turns top-k off), got ", top_k);
@@ -30,9 +32,23 @@ inline void check_top_p_sample_args(const at::Tensor& logits, const std::optiona
     TORCH_CHECK_VALUE(logits.sizes() == teacher->sizes(), "teacher_logits must have the shape of logits ",
                       logits.sizes(), ", got ", teacher->sizes());
   }
+  if (row_ids.has_value()) {
+    TORCH_CHECK_TYPE(row_ids->scalar_type() == c10::kLong || row_ids->scalar_type() == c10::kInt,
+                     "row_ids must be int64 or int32, got ", row_ids->scalar_type());
+    check_same_device(*row_ids, "row_ids", logits, "logits");
+    const auto rows = row_shape(logits);
+    TORCH_CHECK_VALUE(row_ids->sizes() == c10::IntArrayRef(rows), "row_ids must have shape ",
+                      c10::IntArrayRef(rows), " (the logits' leading dims), got ", row_ids->sizes());
+  }
   // Counts are kept in float32 by the search (exact below 2^24).
   TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 24), "logits has a vocabulary of ", logits.size(-1),
                     " entries; top_p_sample supports fewer than 2^24");
+}
+
+// Each row's Philox subsequence as a flat int64 vector, or an undefined tensor
+// when none was given (the kernels then use the row's index).
+inline at::Tensor row_ids_vector(const std::optional<at::Tensor>& row_ids) {
+  return row_ids.has_value() ? per_row_vector(*row_ids, at::kLong) : at::Tensor();
 }
 
 // The sampled token and four float32 per-row values, shaped like the logits'

@@ -603,10 +603,11 @@ def _philox4x32_10(counter, key0, key1):
     return c0, c1, c2, c3
 
 
-def _philox_uniform(seed, offset, rows, device):
-    """float32 u of every row, = uniform_open01(philox_block(seed, row, offset).v[0]) of the kernels."""
+def _philox_uniform(seed, offset, row):
+    """float32 u of every row, = uniform_open01(philox_block(seed, row id, offset).v[0]) of the
+    kernels; ``row``: the rows' ids (int64; a negative id is its two's-complement uint64)."""
     seed, offset = seed % (1 << 64), offset % (1 << 64)
-    row = torch.arange(rows, dtype=torch.int64, device=device)
+    device = row.device
     full = torch.full_like(row, 0)
     counter = (full + (offset & _M32), full + (offset >> 32), row & _M32, (row >> 32) & _M32)
     word = _philox4x32_10(counter, seed & _M32, seed >> 32)[0]
@@ -797,10 +798,10 @@ def _run_search(st, r, group, k=_SEARCH_PIVOTS):
         st.update(idx, v, mass, count, min_above, max_below, rank_mass)
 
 
-def _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, group):
+def _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, row_ids, group):
     from .sampling import _check_args
 
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha)
+    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator to top_p_sample, not both")
     _check_group(group)
@@ -815,13 +816,15 @@ def top_p_sample(
     alpha=0.0,
     generator=None,
     seed=None,
+    row_ids=None,
     group=None,
 ):
     """kdext.top_p_sample over a vocab-sharded row: the same :class:`~kdext.SampleResult` on every rank.
 
     Same arguments and semantics as :func:`kdext.top_p_sample`; ``logits`` (and
     ``teacher_logits``) are this rank's shard, and the returned tokens are global ids.
-    Every rank must pass the same hyper-parameters, and a teacher on all ranks or none.
+    Every rank must pass the same hyper-parameters and ``row_ids``, and a teacher on all
+    ranks or none.
 
     Random numbers: the Philox stream (seed, offset) of the group's first rank is used by
     every rank; each rank's ``generator`` (or default generator) is advanced exactly as the
@@ -841,7 +844,7 @@ def top_p_sample(
       * student / teacher log-probs: from the float64 global lse (the exact merge), to
         float32 rounding.
     """
-    _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, group)
+    _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, row_ids, group)
     from .sampling import SampleResult, _philox_seed_offset
 
     device = logits.device
@@ -931,7 +934,9 @@ def top_p_sample(
     # of the kept masses holds it (every rank knows all m_w from the search); it inverts its
     # local CDF in vocabulary order (float64 running sum), and the last kept token is taken
     # if rounding leaves the total just short, as the kernel does.
-    u = _philox_uniform(seed64, offset, rows, device)
+    ids = (torch.arange(rows, dtype=torch.int64, device=device) if row_ids is None
+           else row_ids.reshape(-1).to(torch.int64))
+    u = _philox_uniform(seed64, offset, ids)
     goal = u.to(torch.float64) * kept_mass.to(torch.float64)
     incl = kept_rank_mass.cumsum(0)  # [W, rows]: P_w + m_w
     excl = torch.cat((torch.zeros_like(incl[:1]), incl[:-1]), dim=0)  # P_w

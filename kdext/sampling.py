@@ -92,7 +92,18 @@ def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generato
     return int(word), 0
 
 
-def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> None:
+def _check_row_ids(row_ids, logits) -> None:
+    if not isinstance(row_ids, torch.Tensor):
+        raise TypeError(f"row_ids must be a tensor or None, got {type(row_ids).__name__}")
+    if row_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"row_ids must be int64 or int32, got {row_ids.dtype}")
+    _validate.check_same_device(row_ids, "row_ids", logits, "logits")
+    if row_ids.shape != logits.shape[:-1]:
+        raise ValueError(f"row_ids must have shape {list(logits.shape[:-1])} (the logits' leading dims), "
+                         f"got {list(row_ids.shape)}")
+
+
+def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids=None) -> None:
     """The C++ adapters' checks (csrc/top_p_sample_args.h), with the same words, so that fake
     tensors under torch.compile fail the same way."""
     _validate.check_logits(logits, "logits")
@@ -118,6 +129,8 @@ def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha) -> Non
         if teacher_logits.shape != logits.shape:
             raise ValueError(f"teacher_logits must have the shape of logits {list(logits.shape)}, "
                              f"got {list(teacher_logits.shape)}")
+    if row_ids is not None:
+        _check_row_ids(row_ids, logits)
     if logits.shape[-1] >= 1 << 24:
         raise ValueError(f"logits has a vocabulary of {logits.shape[-1]} entries; top_p_sample supports "
                          "fewer than 2^24")
@@ -132,6 +145,7 @@ def top_p_sample(
     alpha: float = 0.0,
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
+    row_ids: Optional[torch.Tensor] = None,
 ) -> SampleResult:
     """Draws one token per row of ``logits`` (any leading dims; fp32, fp16, bf16 or fp64).
 
@@ -144,9 +158,13 @@ def top_p_sample(
     order. Tokens with r = 0 (-inf logits, or probabilities below float32's range) are never
     drawn. All math is in float32 (float64 logits are read as float32).
 
-    Random numbers: Philox4x32-10, one uniform per row from (seed, subsequence = row index,
-    counter = offset), the same stream mapping on CPU and CUDA, so a row's draw does not
-    depend on the other rows of the batch. The seed comes from
+    Random numbers: Philox4x32-10, one uniform per row from (seed, subsequence = the row's id,
+    counter = offset), the same stream mapping on CPU and CUDA. A row's id is ``row_ids[row]``
+    (int64 or int32, shape ``logits.shape[:-1]``; ids may repeat and may be any value), or its
+    flat index in the batch when ``row_ids`` is None. So a row's draw never depends on the
+    other rows' logits, and with ``row_ids`` (say, the examples' dataset indices) not on its
+    position in the batch either: one call samples a whole batch exactly as one call per row
+    with that row's id would. The seed comes from
       * ``seed`` (an int, taken mod 2^64; counter 0), or else
       * ``generator`` / the default generator of the logits' device: on CUDA, its Philox seed
         and offset (the call uses counter block ceil(offset / 4) and advances the generator's
@@ -162,7 +180,7 @@ def top_p_sample(
     Nothing here is differentiable: the inputs are detached; use kdext's log-prob ops for
     gradients.
     """
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha)
+    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
     seed64, offset = _philox_seed_offset(logits.device, generator, seed)
     out = ops.top_p_sample(
         logits.detach(),
@@ -173,13 +191,14 @@ def top_p_sample(
         float(alpha),
         seed64,
         offset,
+        row_ids,
     )
     return SampleResult(*out)
 
 
 @torch.library.register_fake("kdext::top_p_sample")
-def _top_p_sample_fake(logits, teacher_logits, top_p, top_k, temperature, alpha, seed, offset):
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha)
+def _top_p_sample_fake(logits, teacher_logits, top_p, top_k, temperature, alpha, seed, offset, row_ids=None):
+    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
     shape = logits.shape[:-1]
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (

@@ -727,7 +727,8 @@ def compare_sample(ctx, s, t, what, variant=0, seed=1234, max_ill=None, **kw):
         expect(a.shape == b.shape and a.dtype == b.dtype, f"{tag} {name}: shape/dtype {a.shape} {a.dtype}")
         assert_same_on_all_ranks(a, f"{tag} {name}")
     rows = s.reshape(-1, s.shape[-1]).shape[0]
-    u = P._philox_uniform(seed, 0, rows, s.device)
+    ids = kw.get("row_ids")
+    u = P._philox_uniform(seed, 0, torch.arange(rows, device=s.device) if ids is None else ids.reshape(-1))
     refs = sample_reference(s.reshape(rows, -1), None if t is None else t.reshape(rows, -1),
                             kw.get("top_p", 1.0), kw.get("top_k", 0), kw.get("temperature", 1.0), alpha, u)
     g_tok, r_tok = got.tokens.reshape(-1), ref.tokens.reshape(-1)
@@ -786,6 +787,10 @@ def check_top_p_sample(ctx):
     expect(torch.isfinite(got.teacher_logprob).all(), "alpha=0 with teacher: teacher_logprob finite")
     # the other split (a 1-token shard for 3 ranks), fp16 / bf16 / fp64 logits, leading dims
     compare_sample(ctx, s, t, "variant 1", variant=1, top_p=0.85, alpha=0.3)
+    ids = torch.arange(rows, dtype=torch.int64) * 1_000_003 - 77  # any int64 ids, the same on every rank
+    got, ref, _ = compare_sample(ctx, s, t, "row_ids", top_p=0.9, top_k=30, alpha=0.2, row_ids=ids)
+    plain = P.top_p_sample(ctx.shard(s), teacher_logits=ctx.shard(t), top_p=0.9, top_k=30, alpha=0.2, seed=1234)
+    expect(not torch.equal(plain.tokens, got.tokens), "row_ids must change the draws")
     for dtype in (torch.bfloat16, torch.float64):
         compare_sample(ctx, s.to(dtype), t.to(dtype), f"{dtype}", top_p=0.9, alpha=0.1, seed=5)
     got, _, _ = compare_sample(ctx, s.view(4, 10, vocab), None, "3-D", top_p=0.9, seed=7)
@@ -1005,12 +1010,19 @@ def test_philox_known_answers():
 def test_philox_uniform_matches_the_kernel(seed, offset):
     """u of every row equals the kernel's: on a uniform row of V = 4096 tokens every r is the
     same float and the kernel's double running sum is exact, so its token is floor(u * 4096),
-    the top 12 bits of u; 300 rows check (seed, row, offset) -> u."""
+    the top 12 bits of u; 300 rows check (seed, row, offset) -> u, by index and by row_ids
+    (negative, repeated and beyond 2^32 included)."""
     import kdext
     import kdext.parallel as P
 
     rows, vocab = 300, 4096
     x = torch.zeros(rows, vocab)
     tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset)[0]
-    u = P._philox_uniform(seed, offset, rows, x.device)
+    u = P._philox_uniform(seed, offset, torch.arange(rows))
+    assert torch.equal(tokens, (u.double() * vocab).floor().long())
+    ids = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=torch.Generator().manual_seed(offset % 1000))
+    ids[:3] = torch.tensor([-1, (1 << 63) - 1, 1 << 32])
+    ids[3] = ids[4]
+    tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset, ids)[0]
+    u = P._philox_uniform(seed, offset, ids)
     assert torch.equal(tokens, (u.double() * vocab).floor().long())

@@ -459,6 +459,40 @@ def test_reproducible_by_generator(device):
     assert not torch.equal(c.tokens, e.tokens)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_ids_make_a_draw_independent_of_the_batch(device):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(40, 300, generator=g).to(device)
+    t = torch.randn(40, 300, generator=g).to(device)
+    ids = torch.randint(-(2**62), 2**62, (40,), generator=g).to(device)
+    kw = dict(top_p=0.9, top_k=20, teacher_logits=t, alpha=0.4, seed=7)
+    batch = top_p_sample(s, row_ids=ids, **kw)
+    # One call per row with that row's id gives the same result, field for field ...
+    for r in [0, 13, 39]:
+        one = top_p_sample(s[r:r + 1], row_ids=ids[r:r + 1], top_p=0.9, top_k=20, teacher_logits=t[r:r + 1],
+                           alpha=0.4, seed=7)
+        for a, b in zip(one, batch):
+            torch.testing.assert_close(a[0], b[r], rtol=0, atol=0, equal_nan=True)
+    # ... and so does any reordering of the batch.
+    perm = torch.randperm(40, generator=g).to(device)
+    shuffled = top_p_sample(s[perm], row_ids=ids[perm], top_p=0.9, top_k=20, teacher_logits=t[perm], alpha=0.4,
+                            seed=7)
+    for a, b in zip(shuffled, batch):
+        torch.testing.assert_close(a, b[perm], rtol=0, atol=0, equal_nan=True)
+    # No ids means ids = the flat row index; int32 ids equal int64 ones; leading dims are kept.
+    plain = top_p_sample(s, **kw)
+    indexed = top_p_sample(s, row_ids=torch.arange(40, device=device, dtype=torch.int32), **kw)
+    assert torch.equal(plain.tokens, indexed.tokens)
+    shaped = top_p_sample(s.reshape(4, 10, 300), row_ids=ids.reshape(4, 10), top_p=0.9, top_k=20,
+                          teacher_logits=t.reshape(4, 10, 300), alpha=0.4, seed=7)
+    assert shaped.tokens.shape == (4, 10) and torch.equal(shaped.tokens.reshape(-1), batch.tokens)
+    # Different ids draw differently (on a flat row, the token is the top bits of u).
+    flat = torch.zeros(200, 1024, device=device)
+    a = top_p_sample(flat, seed=3, row_ids=torch.arange(200, device=device))
+    b = top_p_sample(flat, seed=3, row_ids=torch.arange(200, device=device) + 200)
+    assert (a.tokens != b.tokens).float().mean() > 0.9
+
+
 @cuda_only
 def test_cuda_generator_offset_advances_by_one_block():
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -588,6 +622,12 @@ def test_bad_tensors():
         (lambda: top_p_sample([1.0, 2.0]), TypeError, "logits"),
         (lambda: top_p_sample(s, teacher_logits=torch.randn(2, 10, device="meta"), alpha=0.5), RuntimeError,
          "same device"),
+        (lambda: top_p_sample(s, row_ids=torch.zeros(2)), TypeError, "row_ids must be int64 or int32"),
+        (lambda: top_p_sample(s, row_ids=torch.zeros(3, dtype=torch.int64)), ValueError, "row_ids must have shape"),
+        (lambda: top_p_sample(s, row_ids=torch.zeros(1, 2, dtype=torch.int64)), ValueError, "row_ids must have shape"),
+        (lambda: top_p_sample(s, row_ids=[0, 1]), TypeError, "row_ids"),
+        (lambda: top_p_sample(s, row_ids=torch.zeros(2, dtype=torch.int64, device="meta")), RuntimeError,
+         "row_ids is on meta"),
     ]
     for fn, exc, word in cases:
         with pytest.raises(exc, match=word):
@@ -601,6 +641,10 @@ def test_bad_tensors():
         op(s, torch.randn(2, 11), 1.0, 0, 1.0, 0.5, 0, 0)
     with pytest.raises(ValueError, match="teacher_logits"):
         op(s, None, 1.0, 0, 1.0, 0.5, 0, 0)
+    with pytest.raises(TypeError, match="row_ids must be int64 or int32"):
+        op(s, None, 1.0, 0, 1.0, 0.0, 0, 0, torch.zeros(2))
+    with pytest.raises(ValueError, match="row_ids must have shape"):
+        op(s, None, 1.0, 0, 1.0, 0.0, 0, 0, torch.zeros(3, dtype=torch.int64))
 
 
 @cuda_only
@@ -612,6 +656,8 @@ def test_bad_devices():
         torch.ops.kdext.top_p_sample(s, torch.randn(2, 10, device="cuda"), 1.0, 0, 1.0, 0.5, 0, 0)
     with pytest.raises(ValueError, match="generator"):
         top_p_sample(s, generator=torch.Generator(device="cuda"))
+    with pytest.raises(RuntimeError, match="row_ids is on cpu"):
+        torch.ops.kdext.top_p_sample(s.cuda(), None, 1.0, 0, 1.0, 0.0, 0, 0, torch.arange(2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +692,8 @@ def test_opcheck(device):
     torch.library.opcheck(op, (s.to(torch.bfloat16), t.to(torch.float16), 1.0, 0, 1.0, 0.0, -5, 7))
     res = op(s, None, 0.5, 0, 1.0, 0.0, 1, 2)
     assert torch.isnan(res[2]).all() and (res[0] >= 0).all()
+    ids = torch.arange(12, device=device).reshape(3, 4) * 1000 - 5
+    torch.library.opcheck(op, (s, t, 0.9, 5, 0.7, 0.3, 123, 0, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,15 +716,18 @@ def cuda_sim(tmp_path_factory):
                     os.path.join(ROOT, "tests", "cpp", "sim_top_p_sample.cpp"), "-o", exe],
                    check=True, capture_output=True)
 
-    def run(s, t, top_p, top_k, temperature, alpha, seed, offset=0):
+    def run(s, t, top_p, top_k, temperature, alpha, seed, offset=0, row_ids=None):
         rows, V = s.shape
         code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[s.dtype]
-        data = np.array([rows, V, code, t is not None, top_k, seed, offset], dtype=np.int64).tobytes()
+        data = np.array([rows, V, code, t is not None, top_k, seed, offset, row_ids is not None],
+                        dtype=np.int64).tobytes()
         data += np.array([top_p, temperature, alpha], dtype=np.float64).tobytes()
         for x in (s, t):
             if x is not None:
                 x = x.to(s.dtype).contiguous()
                 data += x.view(torch.int32 if x.dtype == torch.float32 else torch.int16).numpy().tobytes()
+        if row_ids is not None:
+            data += row_ids.to(torch.int64).numpy().tobytes()
         out = subprocess.run([exe, "/dev/stdin", "/dev/stdout"], input=data, check=True, capture_output=True).stdout
         tok = torch.from_numpy(np.frombuffer(out[: 8 * rows], dtype=np.int64).copy())
         f = torch.from_numpy(np.frombuffer(out[8 * rows:], dtype=np.float32).copy()).reshape(4, rows)
@@ -729,3 +780,7 @@ def test_kernel_logic_simulated_rows_without_distribution(cuda_sim):
     two = torch.zeros(64, 2)
     sim = cuda_sim(two, None, 1.0, 0, 1.0, 0.0, seed=2**40 + 3, offset=5)
     assert sim.tokens.tolist() == [int(_philox_word0(2**40 + 3, 5, row) >> 31) for row in range(64)]
+    # ... and row by id with row_ids.
+    ids = torch.arange(64) * 7919 - 200
+    sim = cuda_sim(two, None, 1.0, 0, 1.0, 0.0, seed=2**40 + 3, offset=5, row_ids=ids)
+    assert sim.tokens.tolist() == [int(_philox_word0(2**40 + 3, 5, i % 2**64) >> 31) for i in ids.tolist()]

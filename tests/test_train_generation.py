@@ -34,11 +34,10 @@ def env(tmp_path_factory):
     return dict(tok=tok, student=student, teacher=teacher, aligner=aligner, p_ids=p_ids, p_mask=p_mask)
 
 
-def run(env, rows=None, seeds=None, **kw):
+def run(env, rows=None, seed=1000, **kw):
     rows = list(range(env["p_ids"].shape[0])) if rows is None else rows
-    seeds = torch.tensor([1000 + r for r in rows]) if seeds is None else seeds
     args = dict(aligner=env["aligner"], eos_id=env["tok"].eos_token_id, pad_id=env["tok"].pad_token_id,
-                max_new_tokens=6, row_seeds=seeds)
+                max_new_tokens=6, seed=seed, row_ids=torch.tensor(rows))
     args.update(kw)
     p_ids, p_mask = env["p_ids"][rows], env["p_mask"][rows]
     # re-trim the left padding, as a batch of only these rows would have it
@@ -99,9 +98,9 @@ def test_stops_at_eos_and_max_new_tokens(env):
         run(env, alpha=0.2)
 
 
-def test_a_rows_sample_depends_on_its_seed_only(env):
-    """Same seeds -> same samples; a row alone gives what it gives inside the batch (the DDP and
-    resume guarantees rest on this); another seed gives another sample somewhere."""
+def test_a_rows_sample_depends_on_its_seed_and_id_only(env):
+    """Same seed -> same samples; a row alone (with its id) gives what it gives inside the batch
+    (the DDP and resume guarantees rest on this); another seed, or other ids, give other samples."""
     full, _, _ = run(env, teacher=env["teacher"], alpha=0.2, max_new_tokens=5)
     again, _, _ = run(env, teacher=env["teacher"], alpha=0.2, max_new_tokens=5)
     assert torch.equal(full.response_ids, again.response_ids)
@@ -110,8 +109,13 @@ def test_a_rows_sample_depends_on_its_seed_only(env):
         n = int(alone.response_mask.sum())
         assert torch.equal(alone.response_ids[0, :n], full.response_ids[r, :n])
         assert torch.allclose(alone.student_logprob[0, :n], full.student_logprob[r, :n], atol=1e-5)
-    other, _, _ = run(env, seeds=torch.arange(5) + 77, max_new_tokens=5)
-    assert not torch.equal(other.response_ids, full.response_ids)
+    base, _, _ = run(env, max_new_tokens=5)
+    other, _, _ = run(env, seed=77, max_new_tokens=5)
+    assert not torch.equal(other.response_ids, base.response_ids)
+    shifted, _, _ = run(env, max_new_tokens=5, row_ids=torch.arange(5) + 5)
+    assert not torch.equal(shifted.response_ids, base.response_ids)
+    with pytest.raises(ValueError, match="row_ids"):
+        run(env, row_ids=torch.arange(4))
 
 
 def test_nan_logits_raise(env):
@@ -127,7 +131,7 @@ def test_nan_logits_raise(env):
 
     with pytest.raises(generation.NonFiniteLogits, match="NaN/inf logits"):
         generation.sample(Broken(env["student"]), env["p_ids"], env["p_mask"], aligner=env["aligner"],
-                          eos_id=1, pad_id=0, max_new_tokens=2, row_seeds=torch.arange(5))
+                          eos_id=1, pad_id=0, max_new_tokens=2, seed=0, row_ids=torch.arange(5))
 
 
 def test_mix_seed_spreads():

@@ -293,7 +293,8 @@ float logit_at(const void* row, c10::ScalarType dtype, int64_t i, float inv_t) {
   return x[0];
 }
 
-RowOut sample_row(const RowIn& in, const Options& o, int64_t row, Scratch& sc) {
+// `subsequence`: the row's Philox subsequence (its id; the row index by default).
+RowOut sample_row(const RowIn& in, const Options& o, uint64_t subsequence, Scratch& sc) {
   RowOut out{-1, kNaN, kNaN, kNaN, kNaN};
   const float lse_s = log_sum_exp(row_softmax_state<float>(in.s, in.s_dtype, in.V, o.inv_t, sc.s));
   const float lse_t =
@@ -325,7 +326,7 @@ RowOut sample_row(const RowIn& in, const Options& o, int64_t row, Scratch& sc) {
     kept_mass = p_search.kept_mass();
   }
 
-  const Philox4x32 bits = philox_block(o.seed, static_cast<uint64_t>(row), o.offset);
+  const Philox4x32 bits = philox_block(o.seed, subsequence, o.offset);
   const float u = uniform_open01(bits.v[0]);
   const int64_t tok = draw(r, in.V, threshold, static_cast<double>(u) * kept_mass);
   if (tok < 0) return out;  // unreachable: the row's max is always kept
@@ -339,8 +340,10 @@ RowOut sample_row(const RowIn& in, const Options& o, int64_t row, Scratch& sc) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
-    double temperature, double alpha, int64_t seed, int64_t offset) {
-  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha);
+    double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
+  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
+  const at::Tensor ids = row_ids_vector(row_ids);
+  const int64_t* idp = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor s = as_rows(logits);
   const at::Tensor t = teacher_logits.has_value() ? as_rows(*teacher_logits) : at::Tensor();
   const int64_t rows = s.size(0), V = s.size(1);
@@ -359,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
     for (int64_t r = begin; r < end; ++r) {
       RowIn in{sb + r * s.stride(0) * s.element_size(), tb ? tb + r * t.stride(0) * t.element_size() : nullptr,
                s.scalar_type(), t.defined() ? t.scalar_type() : s.scalar_type(), V};
-      const RowOut res = sample_row(in, o, r, sc);
+      const RowOut res = sample_row(in, o, static_cast<uint64_t>(idp ? idp[r] : r), sc);
       tp[r] = res.token;
       sp[r] = res.student_logprob;
       tq[r] = res.teacher_logprob;

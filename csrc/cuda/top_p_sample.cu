@@ -29,8 +29,8 @@ void launch_top_p_sample(const top_p_cuda::Params& p, int64_t rows, cudaStream_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
-    double temperature, double alpha, int64_t seed, int64_t offset) {
-  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha);
+    double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
+  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor here, got one on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
 
@@ -60,6 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   p.top_k = top_k;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
+  const at::Tensor ids = row_ids_vector(row_ids);
+  p.row_ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
   p.tokens = out.tokens.data_ptr<int64_t>();
   p.student_logprob = out.student_logprob.data_ptr<float>();
   p.teacher_logprob = out.teacher_logprob.data_ptr<float>();

@@ -76,7 +76,6 @@ def generate(
         chunk = prompts[start : start + batch_size]
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_prompt_len:] for p in chunk]
         p_ids, p_mask = pad_prompts(ids, tokenizer.pad_token_id)
-        seeds = torch.tensor([generation.mix_seed(seed, 4, start + i) for i in range(len(chunk))])
         with autocast():
             ro = generation.sample(
                 model,
@@ -86,7 +85,8 @@ def generate(
                 eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id,
                 max_new_tokens=max_new_tokens,
-                row_seeds=seeds,
+                seed=generation.mix_seed(seed, 4),
+                row_ids=torch.arange(start, start + len(chunk)),
                 top_p=top_p,
                 top_k=1 if greedy else 0,
                 temperature=temperature,

@@ -5,11 +5,12 @@ Each new token is drawn by ``kdext.top_p_sample`` from
 op also returns what MiniLLM's loss needs per token: log q(y), log p(y) (unfiltered, at T), the
 log-probability under the filtered mixture it was drawn from, and the nucleus threshold.
 
-Random numbers: every row has its own seed (the trainer derives it from the run seed, the step
-and the row's position in the *global* batch) and token ``t`` of that row is drawn with
-``seed_row + t``. A row's sample therefore does not depend on which process, micro-batch or
-batch row it lands in, which is what makes 2 DDP processes reproduce 1 process exactly and a
-resumed run reproduce an uninterrupted one.
+Random numbers: one ``kdext.top_p_sample`` call per generated position draws the whole batch,
+from the Philox stream (seed ``mix_seed(seed, t)`` for position ``t``, subsequence = the row's
+id). The trainer derives ``seed`` from the run seed and the step, and gives each row its position
+in the *global* batch as its id. A row's sample therefore does not depend on which process,
+micro-batch or batch row it lands in, which is what makes 2 DDP processes reproduce 1 process
+exactly and a resumed run reproduce an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def sample(
     eos_id: int,
     pad_id: int,
     max_new_tokens: int,
-    row_seeds: torch.Tensor,
+    seed: int,
+    row_ids: torch.Tensor,
     teacher=None,
     alpha: float = 0.0,
     top_p: float = 1.0,
@@ -95,7 +97,8 @@ def sample(
     """Sample up to ``max_new_tokens`` per row from ``policy`` (mixed with ``teacher`` by ``alpha``).
 
     A row stops after it emits EOS; the loop stops when every row has (or at the limit).
-    ``teacher`` may be given with ``alpha == 0`` to get log p(y_t) without mixing.
+    ``teacher`` may be given with ``alpha == 0`` to get log p(y_t) without mixing. ``row_ids``
+    ([B] integers) name the rows' random streams: a row's sample depends on (seed, its id) only.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -103,7 +106,9 @@ def sample(
         raise ValueError("alpha > 0 (teacher-mixed sampling) needs a teacher model")
     B = prompt_ids.shape[0]
     device = prompt_ids.device
-    seeds = [int(s) for s in row_seeds.tolist()]
+    if tuple(row_ids.shape) != (B,):
+        raise ValueError(f"row_ids must have one id per prompt row ({B}), got shape {list(row_ids.shape)}")
+    row_ids = row_ids.to(device=device, dtype=torch.int64)
     mask = prompt_mask.clone()
     ids = prompt_ids
     s_cache = t_cache = None
@@ -116,31 +121,28 @@ def sample(
         if teacher is not None:
             t_logits, t_cache = _step(teacher, ids, mask, t_cache)
             t_logits = aligner(t_logits)
-        # One call per row so each row's stream depends on its own seed only (see module doc).
-        outs = [
-            kdext.top_p_sample(
-                s_logits[b : b + 1],
-                top_p=top_p,
-                top_k=top_k,
-                temperature=temperature,
-                teacher_logits=None if t_logits is None else t_logits[b : b + 1],
-                alpha=alpha,
-                seed=mix_seed(seeds[b], t),
-            )
-            for b in range(B)
-        ]
-        tok = torch.cat([o.tokens for o in outs]).to(device)
+        out = kdext.top_p_sample(
+            s_logits,
+            top_p=top_p,
+            top_k=top_k,
+            temperature=temperature,
+            teacher_logits=t_logits,
+            alpha=alpha,
+            seed=mix_seed(seed, t),
+            row_ids=row_ids,
+        )
+        tok = out.tokens
         if bool((tok < 0).any()):  # the op marks a row without a distribution with -1
             bad = (tok < 0).nonzero()[:, 0].tolist()
             raise NonFiniteLogits(f"rows {bad} have NaN/inf logits at generated position {t}; cannot sample")
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         cols["tok"].append(tok)
         cols["live"].append(alive.clone())
-        cols["slp"].append(torch.cat([o.student_logprob for o in outs]).float())
+        cols["slp"].append(out.student_logprob)
         if teacher is not None:
-            cols["tlp"].append(torch.cat([o.teacher_logprob for o in outs]).float())
-        cols["rlp"].append(torch.cat([o.sample_logprob for o in outs]).float())
-        cols["thr"].append(torch.cat([o.threshold for o in outs]).float())
+            cols["tlp"].append(out.teacher_logprob)
+        cols["rlp"].append(out.sample_logprob)
+        cols["thr"].append(out.threshold)
         alive = alive & (tok != eos_id)
         # The next forward sees the new column; finished rows get a masked pad there.
         ids = tok[:, None]

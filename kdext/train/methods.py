@@ -105,9 +105,6 @@ class Prepared:
     stats: dict[str, tuple[float, int]] = field(default_factory=dict)  # name -> (sum, count) to log
 
 
-def _rollout_seeds(cfg: MethodConfig, step: int, batch: Batch, tag: int) -> torch.Tensor:
-    return torch.tensor([generation.mix_seed(cfg.seed, tag, step, int(i)) for i in batch.index])
-
 
 def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teacher=None, alpha=0.0):
     """Replace a batch's responses by samples; returns (new batch, rollout)."""
@@ -121,7 +118,8 @@ def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teach
             eos_id=ctx.eos_id,
             pad_id=ctx.pad_id,
             max_new_tokens=cfg.max_new_tokens,
-            row_seeds=_rollout_seeds(cfg, step, batch, tag),
+            seed=generation.mix_seed(cfg.seed, tag, step),
+            row_ids=batch.index,
             teacher=teacher,
             alpha=alpha,
             top_p=cfg.top_p,

@@ -7,8 +7,9 @@
 //   sim_top_p_sample IN OUT
 //
 // IN (little-endian): int64 rows, V, dtype (0 float32, 1 bfloat16, 2 float16),
-// has_teacher, top_k, seed, offset; float64 top_p, temperature, alpha; then the
-// student rows and (if has_teacher) the teacher rows in that dtype.
+// has_teacher, top_k, seed, offset, has_row_ids; float64 top_p, temperature,
+// alpha; then the student rows, (if has_teacher) the teacher rows in that
+// dtype, and (if has_row_ids) int64 row_ids[rows].
 // OUT: int64 tokens[rows], then float32 student_logprob, teacher_logprob,
 // sample_logprob, threshold, [rows] each.
 #include "cuda_sim.h"  // first: defines the CUDA keywords the kernel header uses
@@ -33,22 +34,24 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::ifstream in(argv[1], std::ios::binary);
-  int64_t hdr[7];
+  int64_t hdr[8];
   double f[3];
   in.read(reinterpret_cast<char*>(hdr), sizeof(hdr));
   in.read(reinterpret_cast<char*>(f), sizeof(f));
-  const int64_t rows = hdr[0], V = hdr[1], dtype = hdr[2], has_t = hdr[3];
+  const int64_t rows = hdr[0], V = hdr[1], dtype = hdr[2], has_t = hdr[3], has_ids = hdr[7];
   const size_t elem = dtype == 0 ? 4 : 2;
   std::vector<char> s(rows * V * elem), t(has_t ? rows * V * elem : 0);
   in.read(s.data(), s.size());
   if (has_t) in.read(t.data(), t.size());
+  std::vector<int64_t> ids(has_ids ? rows : 0);
+  if (has_ids) in.read(reinterpret_cast<char*>(ids.data()), rows * sizeof(int64_t));
   if (!in) {
     std::fprintf(stderr, "short input\n");
     return 2;
   }
   std::vector<int64_t> tokens(rows);
   std::vector<float> out(4 * rows);
-  Params p;
+  Params p{};
   p.s = s.data();
   p.t = has_t ? t.data() : nullptr;
   p.s_row_stride = p.t_row_stride = V;
@@ -59,6 +62,7 @@ int main(int argc, char** argv) {
   p.top_k = hdr[4];
   p.seed = static_cast<uint64_t>(hdr[5]);
   p.offset = static_cast<uint64_t>(hdr[6]);
+  p.row_ids = has_ids ? ids.data() : nullptr;
   p.tokens = tokens.data();
   p.student_logprob = out.data();
   p.teacher_logprob = out.data() + rows;

@@ -25,7 +25,7 @@
 //   draw    tiles of kBlock * kItems values in vocabulary order: a block
 //           exclusive scan of the kept mass per thread, a running total in
 //           double, and the first index whose running mass exceeds u * kept
-//           mass, u from Philox(seed, row, offset) (kdext/philox.h).
+//           mass, u from Philox(seed, row id, offset) (kdext/philox.h).
 // Same stream mapping and the same search as the CPU kernel.
 #pragma once
 
@@ -68,6 +68,7 @@ struct Params {
   double top_p;
   int64_t top_k;
   uint64_t seed, offset;
+  const int64_t* row_ids;  // each row's Philox subsequence; nullptr: the row index
   int64_t* tokens;
   float *student_logprob, *teacher_logprob, *sample_logprob, *threshold;
 };
@@ -394,7 +395,8 @@ __global__ void __launch_bounds__(kBlock) top_p_sample_kernel(Params p) {
         threshold = p_search.threshold();
         kept_mass = p_search.kept_mass();
       }
-      const float u = uniform_open01(philox_block(p.seed, static_cast<uint64_t>(row), p.offset).v[0]);
+      const uint64_t subsequence = static_cast<uint64_t>(p.row_ids ? p.row_ids[row] : row);
+      const float u = uniform_open01(philox_block(p.seed, subsequence, p.offset).v[0]);
       tok = draw(R, threshold, static_cast<double>(u) * static_cast<double>(kept_mass), sh);
     }
   }
