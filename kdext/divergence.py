@@ -246,15 +246,8 @@ def distill_loss(
 
     Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
     """
-    if kind not in _validate.DIVERGENCES:
-        raise ValueError(f"kind must be one of {', '.join(_validate.DIVERGENCES)}, got {kind!r}")
-    _validate.check_logit_pair(student_logits, teacher_logits)
-    _validate.check_temperature(temperature)
-    param = divergence_param(kind, beta, alpha)
-    _validate.check_divergence(kind, param)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    keep = row_mask(student_logits, labels, ignore_index, mask)
+    param, keep = check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature,
+                                  reduction, beta, alpha, mask)
     acc = _validate.acc_dtype(student_logits)
 
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
@@ -279,9 +272,27 @@ def distill_loss(
     return loss
 
 
-def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc):
-    values, _ = ops.divergence_forward(student_logits, teacher_logits, kind, param, temperature)
+def check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature, reduction, beta,
+                    alpha, mask):
+    """distill_loss's checks (shared with kdext.parallel.distill_loss); returns (the divergence's
+    parameter, the boolean mask of the rows that count or None when all do)."""
+    if kind not in _validate.DIVERGENCES:
+        raise ValueError(f"kind must be one of {', '.join(_validate.DIVERGENCES)}, got {kind!r}")
+    _validate.check_logit_pair(student_logits, teacher_logits)
+    _validate.check_temperature(temperature)
+    param = divergence_param(kind, beta, alpha)
+    _validate.check_divergence(kind, param)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    return param, row_mask(student_logits, labels, ignore_index, mask)
+
+
+def reduce_rows(values, keep, reduction):
+    """Per-row values to distill_loss's result: ignored rows exactly 0, then ``none`` / ``sum`` /
+    ``mean`` over the rows that count (NaN when none does)."""
     if keep is not None:
+        # where(), not a product: an ignored NaN row must contribute exactly 0,
+        # and its upstream gradient (hence its logits' gradient) is then 0.
         values = torch.where(keep, values, values.new_zeros(()))
     if reduction == "none":
         return values
@@ -290,3 +301,8 @@ def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, redu
         return total
     count = values.numel() if keep is None else keep.sum()
     return total / count
+
+
+def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc):
+    values, _ = ops.divergence_forward(student_logits, teacher_logits, kind, param, temperature)
+    return reduce_rows(values, keep, reduction)

@@ -79,7 +79,7 @@ import torch.distributed as dist
 
 from . import _validate
 from ._ops import ops
-from .divergence import REDUCTIONS, divergence_param, row_mask
+from .divergence import check_loss_args, reduce_rows
 from .logprobs import _check_tokens
 
 __all__ = [
@@ -354,26 +354,11 @@ def distill_loss(
     computed in backward, one pass over the shard from the saved statistics and
     without any collective. The teacher may require grad.
     """
-    _validate.check_logit_pair(student_logits, teacher_logits)
-    _validate.check_temperature(temperature)
-    param = divergence_param(kind, beta, alpha)
-    _validate.check_divergence(kind, param)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    keep = row_mask(student_logits, labels, ignore_index, mask)
+    param, keep = check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature,
+                                  reduction, beta, alpha, mask)
     _check_group(group)
     values = _Divergence.apply(student_logits, teacher_logits, kind, float(param), float(temperature), group)
-    if keep is not None:
-        # where(), not a product: an ignored NaN row must contribute exactly 0,
-        # and its upstream gradient (hence its logits' gradient) is then 0.
-        values = torch.where(keep, values, values.new_zeros(()))
-    if reduction == "none":
-        return values
-    total = values.sum()
-    if reduction == "sum":
-        return total
-    count = values.numel() if keep is None else keep.sum()
-    return total / count
+    return reduce_rows(values, keep, reduction)
 
 
 # ---------------------------------------------------------------------------
