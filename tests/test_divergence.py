@@ -151,6 +151,34 @@ def test_jsd_endpoints_are_the_two_kls():
     torch.testing.assert_close(kdext.jsd(s, t, beta=1.0), kdext.reverse_kl(s, t))
 
 
+def test_skew_endpoints_and_underflowing_mixtures():
+    """alpha = 1 mixes nothing in: exactly 0 with exactly zero gradients; alpha = 0 is the plain
+    KL, +inf included where the mixed-in side masks a token the front side has. Peaked rows
+    with masks put mixtures below float32's normal range next to ordinary ones in one vector,
+    which the kernels form in log space."""
+    gen = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 67, generator=gen) * 3, torch.randn(4, 67, generator=gen) * 3
+    for kind in ("skew_forward_kl", "skew_reverse_kl"):
+        sg, tg = s.clone().requires_grad_(), t.clone().requires_grad_()
+        d = getattr(kdext, kind)(sg, tg, alpha=1.0)
+        assert (d == 0).all(), kind
+        d.sum().backward()
+        assert (sg.grad == 0).all() and (tg.grad == 0).all(), kind
+    torch.testing.assert_close(kdext.skew_forward_kl(s, t, alpha=0.0), kdext.forward_kl(s, t))
+    torch.testing.assert_close(kdext.skew_reverse_kl(s, t, alpha=0.0), kdext.reverse_kl(s, t))
+    ms, mt = s.clone(), t.clone()
+    ms[0, 5] = -math.inf  # the teacher has this token, the student does not
+    mt[1, 9] = -math.inf  # and the other way round
+    assert kdext.skew_forward_kl(ms, mt, alpha=0.0)[0] == math.inf
+    assert kdext.skew_reverse_kl(ms, mt, alpha=0.0)[1] == math.inf
+    assert torch.isfinite(kdext.skew_forward_kl(ms, mt, alpha=0.1)).all()
+    peaked = torch.Generator().manual_seed(4)
+    ps = make_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
+    pt = make_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
+    for kind, param in (("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.3), ("jsd", 0.2)):
+        check_against_reference(kind, param, ps, pt, 1.0)
+
+
 def test_infinities_follow_the_contract():
     inf = math.inf
     s = torch.tensor([[0.0, 1.0, -inf], [0.0, 1.0, 2.0], [-inf, -inf, -inf], [0.0, 0.0, 0.0]], requires_grad=True)

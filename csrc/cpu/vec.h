@@ -110,6 +110,8 @@ struct VecMathOps {
   static Vec maximum(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
   static Mask gt(const Vec& a, const Vec& b) { return a > b; }
   static Mask lt(const Vec& a, const Vec& b) { return a < b; }
+  // Whether any lane of a comparison mask is set (set lanes are all-ones bits, never zero).
+  static bool any(const Mask& m) { return m.zero_mask() != (1 << Vec::size()) - 1; }
   static Vec select(const Mask& m, const Vec& a, const Vec& b) { return Vec::blendv(b, a, m); }
 };
 

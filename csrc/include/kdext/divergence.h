@@ -57,6 +57,35 @@ struct DivergenceParam {
 
 namespace detail {
 
+// The log of the mixture m = w a + (1 - w) b of two probabilities a = e^la,
+// b = e^lb, and a / m (0 where a is 0): in linear space, one log and one
+// division, while m is a normal number, which is as exact as the log-space
+// form (a and b carry exp's rounding either way and log m rounds once; both
+// forms leave an absolute error of a few float ulps in a divergence's sum) and
+// two exps cheaper. Where m is not normal (in any lane of a vector), the
+// log-space form is used: w a and (1 - w) b may have underflowed there, and it
+// keeps the exact answer, -inf included. For w = 0 or 1, m is b or a and its
+// log is lb or la exactly (a skew KL with alpha = 1 is then exactly 0).
+template <typename V, typename M, typename T>
+struct LogMixture {
+  V lm, ratio;  // log m, a / m
+
+  KDEXT_HD LogMixture(V la, V lb, V a, V b, T w, T log_w, T log_one_minus_w) {
+    const V zero = M::splat(0);
+    const V m = M::splat(w) * a + M::splat(T(1) - w) * b;
+    if (w == T(0) || w == T(1)) {  // m is b or a itself: its log is given, exactly
+      lm = w == T(0) ? lb : la;
+      ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
+    } else if (!M::any(M::lt(m, M::splat(std::numeric_limits<T>::min())))) {
+      lm = M::log(m);
+      ratio = M::select(M::gt(a, zero), a / m, zero);
+    } else {
+      lm = log_add_exp<V, M>(la + M::splat(log_w), lb + M::splat(log_one_minus_w));
+      ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
+    }
+  }
+};
+
 // KL(a || w a + (1 - w) b) and its pieces, for the two skew divergences.
 // a is the distribution in front, b the one mixed in; la, lb their log-probs.
 template <typename V, typename M, typename T>
@@ -64,11 +93,11 @@ struct SkewKL {
   V a, b, lm, ratio;  // ratio = a / m
 
   KDEXT_HD SkewKL(V la, V lb, T w, T log_w, T log_one_minus_w) {
-    V zero = M::splat(0);
     a = M::exp(la);
     b = M::exp(lb);
-    lm = log_add_exp<V, M>(la + M::splat(log_w), lb + M::splat(log_one_minus_w));
-    ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
+    const LogMixture<V, M, T> mix(la, lb, a, b, w, log_w, log_one_minus_w);
+    lm = mix.lm;
+    ratio = mix.ratio;
   }
   KDEXT_HD V value(V la) const { return M::select(M::gt(a, M::splat(0)), a * (la - lm), M::splat(0)); }
   // dKL/da and dKL/db.
@@ -129,14 +158,15 @@ struct DivergenceMath<Divergence::ForwardKL> {
 // h_i = beta (log p_i - log m_i): the mixture's own derivative cancels.
 template <>
 struct DivergenceMath<Divergence::JSD> {
+  // log m, m = beta p + (1 - beta) q.
   template <typename V, typename M, typename T>
-  static KDEXT_HD V log_mixture(V ls, V lt, const DivergenceParam<T>& b) {
-    return log_add_exp<V, M>(lt + M::splat(b.log_value), ls + M::splat(b.log_one_minus_value));
+  static KDEXT_HD V log_mixture(V ls, V lt, V q, V p, const DivergenceParam<T>& b) {
+    return detail::LogMixture<V, M, T>(lt, ls, p, q, b.value, b.log_value, b.log_one_minus_value).lm;
   }
   template <typename V, typename M = MathOps<V>, typename T>
   static KDEXT_HD DivergenceSums<V> terms(V ls, V lt, const DivergenceParam<T>& b) {
-    V lm = log_mixture<V, M>(ls, lt, b);
     V q = M::exp(ls), p = M::exp(lt);
+    V lm = log_mixture<V, M>(ls, lt, q, p, b);
     V ks = detail::guarded<V, M>(q, q * (ls - lm));
     V kt = detail::guarded<V, M>(p, p * (lt - lm));
     V cs = M::splat(T(1) - b.value) * ks;
@@ -145,14 +175,14 @@ struct DivergenceMath<Divergence::JSD> {
   }
   template <typename V, typename M = MathOps<V>, typename T>
   static KDEXT_HD V student_grad(V ls, V lt, const DivergenceParam<T>& b, T cs) {
-    V lm = log_mixture<V, M>(ls, lt, b);
-    V q = M::exp(ls);
+    V q = M::exp(ls), p = M::exp(lt);
+    V lm = log_mixture<V, M>(ls, lt, q, p, b);
     return detail::guarded<V, M>(q, q * (M::splat(T(1) - b.value) * (ls - lm) - M::splat(cs)));
   }
   template <typename V, typename M = MathOps<V>, typename T>
   static KDEXT_HD V teacher_grad(V ls, V lt, const DivergenceParam<T>& b, T ct) {
-    V lm = log_mixture<V, M>(ls, lt, b);
-    V p = M::exp(lt);
+    V q = M::exp(ls), p = M::exp(lt);
+    V lm = log_mixture<V, M>(ls, lt, q, p, b);
     return detail::guarded<V, M>(p, p * (M::splat(b.value) * (lt - lm) - M::splat(ct)));
   }
 };

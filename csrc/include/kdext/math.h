@@ -36,6 +36,7 @@ struct ScalarMathOps {
   static KDEXT_HD S maximum(S a, S b) { return (a != a || a > b) ? a : b; }
   static KDEXT_HD bool gt(S a, S b) { return a > b; }
   static KDEXT_HD bool lt(S a, S b) { return a < b; }
+  static KDEXT_HD bool any(bool m) { return m; }  // any lane of a mask (one lane here)
   static KDEXT_HD S select(bool m, S a, S b) { return m ? a : b; }
 };
 
