@@ -226,6 +226,7 @@ def distill_loss(
     alpha=0.1,
     mask=None,
     fused=True,
+    weights=None,
 ):
     """Distillation loss between student and teacher logits, reduced over rows.
 
@@ -241,39 +242,47 @@ def distill_loss(
         beta: the JSD's beta; alpha: the skew KLs' alpha.
         fused: compute the student's gradient inside the forward kernel (the default). The
             backward is then only a scale of that buffer. Used whenever the student needs a
-            gradient, the teacher does not, and reduction is not ``"none"``; otherwise the
-            per-row ops are used (same values).
+            gradient, the teacher does not (nor ``weights``), and reduction is not ``"none"``;
+            otherwise the per-row ops are used (same values).
+        weights: optional floating ``[...]`` tensor: each row's value is multiplied by its
+            weight before the reduction (a policy-gradient or importance weight, say). ``mean``
+            still divides by the number of rows that count, not by the sum of the weights. A
+            row of weight 0 contributes 0 and its logits get a zero gradient, like an ignored
+            row. The weights get a gradient (through the per-row ops) when they require one:
+            each row's value (0 for a row of weight 0 whose value is not finite).
 
     Ignored rows contribute 0 and get a zero gradient, even when their logits are NaN.
     """
     param, keep = check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature,
-                                  reduction, beta, alpha, mask)
+                                  reduction, beta, alpha, mask, weights)
     acc = _validate.acc_dtype(student_logits)
 
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    if reduction == "none" or not fused or not needs_grad or teacher_logits.requires_grad:
-        return _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc)
+    weights_need_grad = weights is not None and torch.is_grad_enabled() and weights.requires_grad
+    if (reduction == "none" or not fused or not needs_grad or teacher_logits.requires_grad
+            or weights_need_grad):
+        return _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, weights)
 
-    if keep is None:
-        rows = student_logits.numel() // student_logits.shape[-1]
-        weights = student_logits.new_ones(_validate.rows_shape(student_logits), dtype=acc)
-        if reduction == "mean":
-            weights = weights / rows
-    else:
-        weights = keep.to(acc)
-        if reduction == "mean":
-            count = keep.sum()
-            # clamp: with no row counted every weight is 0 (zero gradient), and
-            # the mean itself is NaN, as in F.cross_entropy.
-            weights = weights / count.clamp_min(1)
-            loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
-            return torch.where(count > 0, loss, loss.new_full((), math.nan))
-    loss, _ = ops.divergence_loss(student_logits, teacher_logits, weights, kind, param, temperature)
-    return loss
+    rows_shape = _validate.rows_shape(student_logits)
+    w = student_logits.new_ones(rows_shape, dtype=acc) if weights is None else weights.to(acc)
+    if keep is not None:
+        w = torch.where(keep, w, w.new_zeros(()))
+    if reduction == "sum":
+        loss, _ = ops.divergence_loss(student_logits, teacher_logits, w, kind, param, temperature)
+        return loss
+    count = keep.sum() if keep is not None else None
+    rows = student_logits.numel() // student_logits.shape[-1]
+    # clamp: with no row counted every weight is 0 (zero gradient), and the mean
+    # itself is NaN, as in F.cross_entropy.
+    w = w / (count.clamp_min(1) if count is not None else max(rows, 1))
+    loss, _ = ops.divergence_loss(student_logits, teacher_logits, w, kind, param, temperature)
+    if count is None:
+        return loss
+    return torch.where(count > 0, loss, loss.new_full((), math.nan))
 
 
 def check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature, reduction, beta,
-                    alpha, mask):
+                    alpha, mask, weights=None):
     """distill_loss's checks (shared with kdext.parallel.distill_loss); returns (the divergence's
     parameter, the boolean mask of the rows that count or None when all do)."""
     if kind not in _validate.DIVERGENCES:
@@ -284,12 +293,30 @@ def check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, 
     _validate.check_divergence(kind, param)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if weights is not None:
+        _check_weights(weights, student_logits)
     return param, row_mask(student_logits, labels, ignore_index, mask)
 
 
-def reduce_rows(values, keep, reduction):
-    """Per-row values to distill_loss's result: ignored rows exactly 0, then ``none`` / ``sum`` /
-    ``mean`` over the rows that count (NaN when none does)."""
+def _check_weights(weights, student_logits):
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
+    rows = _validate.rows_shape(student_logits)
+    if tuple(weights.shape) != rows:
+        raise ValueError(f"weights must have shape {list(rows)} (the logits' leading dims), got {list(weights.shape)}")
+    _validate.check_same_device(weights, "weights", student_logits, "student_logits")
+
+
+def reduce_rows(values, keep, reduction, weights=None):
+    """Per-row values to distill_loss's result: weighted, ignored rows and rows of weight 0
+    exactly 0, then ``none`` / ``sum`` / ``mean`` over the rows that count (NaN when none does)."""
+    if weights is not None:
+        # A row of weight 0 is dropped like an ignored one; where its value is not finite it is
+        # zeroed before the product too, so that neither gradient sees 0 * NaN.
+        dropped = (weights == 0) & ~torch.isfinite(values)
+        values = torch.where(dropped, values.new_zeros(()), values) * weights.to(values.dtype)
     if keep is not None:
         # where(), not a product: an ignored NaN row must contribute exactly 0,
         # and its upstream gradient (hence its logits' gradient) is then 0.
@@ -303,6 +330,6 @@ def reduce_rows(values, keep, reduction):
     return total / count
 
 
-def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, acc):
+def _unfused_loss(student_logits, teacher_logits, kind, param, temperature, reduction, keep, weights):
     values, _ = ops.divergence_forward(student_logits, teacher_logits, kind, param, temperature)
-    return reduce_rows(values, keep, reduction)
+    return reduce_rows(values, keep, reduction, weights)

@@ -340,6 +340,7 @@ def distill_loss(
     alpha=0.1,
     mask=None,
     fused=True,
+    weights=None,
     group=None,
 ):
     """kdext.distill_loss over a vocab-sharded pair of logits; the same loss on every rank.
@@ -347,18 +348,18 @@ def distill_loss(
     Same arguments and semantics as :func:`kdext.distill_loss` (labels /
     ignore_index / mask select the rows that count; reduction ``mean`` over those
     rows, NaN when none counts, ``sum``, or ``none`` with ignored rows 0; ignored
-    rows get a zero gradient even when their logits are NaN). ``labels`` and
-    ``mask`` must be the same on every rank. ``fused`` is accepted for signature
+    rows get a zero gradient even when their logits are NaN). ``labels``,
+    ``mask`` and ``weights`` must be the same on every rank. ``fused`` is accepted for signature
     compatibility and has no effect: the student's local gradient slice needs
     the global (c_s) of the forward's second collective, so it is always
     computed in backward, one pass over the shard from the saved statistics and
     without any collective. The teacher may require grad.
     """
     param, keep = check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, temperature,
-                                  reduction, beta, alpha, mask)
+                                  reduction, beta, alpha, mask, weights)
     _check_group(group)
     values = _Divergence.apply(student_logits, teacher_logits, kind, float(param), float(temperature), group)
-    return reduce_rows(values, keep, reduction)
+    return reduce_rows(values, keep, reduction, weights)
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,17 @@ def test_distill_loss_forward_backward(kind):
     _assert_same(_run(compiled_fn, s2, t2, labels2, grads_of=[0]), _run(loss_fn, s2, t2, labels2, grads_of=[0]))
 
 
+def test_distill_loss_with_row_weights():
+    def loss_fn(s, t, labels, w):
+        return kdext.distill_loss(s, t, labels=labels, ignore_index=IGNORE, reduction="sum", weights=w)
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(loss_fn, fullgraph=True)
+    s, t, labels = _inputs(3)
+    w = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3))
+    _assert_same(_run(compiled_fn, s, t, labels, w, grads_of=[0]), _run(loss_fn, s, t, labels, w, grads_of=[0]))
+
+
 def test_reverse_kl_mean_both_gradients():
     def loss_fn(s, t):
         return kdext.reverse_kl(s, t, temperature=0.8).mean()

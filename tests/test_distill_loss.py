@@ -97,6 +97,64 @@ def test_reduction_none_and_mask():
     torch.testing.assert_close(mean, rows.sum() / 4)
 
 
+@pytest.mark.parametrize("kind,param", KINDS)
+def test_row_weights(kind, param):
+    """weights multiply each row's value; mean still divides by the rows that count; weight 0 is
+    an ignored row (no NaN leaks in); fused and unfused agree; weights that require grad get it."""
+    gen = torch.Generator().manual_seed(9)
+    s = torch.randn(3, 5, 257, generator=gen, requires_grad=True)
+    t = torch.randn(3, 5, 257, generator=gen)
+    w = torch.rand(3, 5, generator=gen) * 2 - 0.5  # negative weights too (advantages)
+    w[0, 1] = 0.0
+    w[1, 2] = 0.0  # a finite row of weight 0: dropped, yet d loss / d w is its value
+    with torch.no_grad():
+        s[0, 1] = math.nan  # weight 0: must not leak
+    labels = torch.randint(0, 257, (3, 5), generator=gen)
+    labels[2, :2] = -100
+    keep = labels != -100
+    kw = kwargs_for(kind, param)
+    sr = s.detach().double()
+    sr[0, 1] = 0.0  # its weight is 0: any finite row gives the reference
+    sr.requires_grad_()
+    per_row = divergence(sr, t, kind, param, 1.0)
+    weighted = torch.where(keep & (w != 0), w.double() * per_row, torch.zeros((), dtype=torch.float64))
+    for reduction in ("sum", "mean", "none"):
+        ref = {"sum": weighted.sum(), "mean": weighted.sum() / keep.sum(), "none": weighted}[reduction]
+        grads = []
+        for fused in (True, False):
+            s.grad = None
+            got = kdext.distill_loss(s, t, kind, labels=labels, weights=w, reduction=reduction, fused=fused, **kw)
+            torch.testing.assert_close(got.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+            got.sum().backward()
+            assert torch.isfinite(s.grad).all() and (s.grad[0, 1] == 0).all() and (s.grad[2, :2] == 0).all()
+            grads.append(s.grad.clone())
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+    sr.grad = None
+    weighted.sum().backward()
+    torch.testing.assert_close(grads[0].double(), sr.grad, atol=1e-6, rtol=1e-4)
+    # Weights that require grad get d loss / d w_i = the row's value on the rows that count (0 for
+    # the NaN row of weight 0).
+    wg = w.clone().requires_grad_()
+    kdext.distill_loss(s, t, kind, labels=labels, weights=wg, reduction="sum", **kw).backward()
+    expect = torch.where(keep, per_row.detach(), torch.zeros((), dtype=torch.float64))
+    expect[0, 1] = 0.0
+    torch.testing.assert_close(wg.grad.double(), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_weights():
+    s, t = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    cases = [
+        (dict(weights=torch.ones(2, 3, dtype=torch.int64)), TypeError, "weights must be a floating-point tensor"),
+        (dict(weights=torch.ones(3, 2)), ValueError, r"weights must have shape \[2, 3\]"),
+        (dict(weights=torch.ones(6)), ValueError, "weights must have shape"),
+        (dict(weights=[1.0, 2.0]), TypeError, "weights must be a torch.Tensor"),
+        (dict(weights=torch.ones(2, 3, device="meta")), RuntimeError, "weights is on meta"),
+    ]
+    for kw, exc, word in cases:
+        with pytest.raises(exc, match=word):
+            kdext.distill_loss(s, t, **kw)
+
+
 def test_teacher_gradient_falls_back_to_the_per_row_ops():
     gen = torch.Generator().manual_seed(6)
     s = torch.randn(4, 40, generator=gen, requires_grad=True)

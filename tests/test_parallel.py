@@ -255,11 +255,9 @@ def check_distill_loss(ctx):
                     args = dict(kind=kind, temperature=1.5, reduction=reduction, **kw, **sel)
                     none_counts = "mask" in sel and sel["mask"] is nothing
                     got = P.distill_loss(s_loc, t_loc, **args)
-                    # When no row counts, the single-device fused path (the default) returns
-                    # NaN gradients (its row weights are 0/0), against the contract that
-                    # ignored rows get a zero gradient; its unfused path, like
-                    # F.cross_entropy, gives zeros, and so does kdext.parallel.
-                    ref = kdext.distill_loss(s_ref, t_ref, **args, fused=not none_counts)
+                    # When no row counts, the mean is NaN and every gradient 0 (F.cross_entropy's
+                    # convention), on one device and here.
+                    ref = kdext.distill_loss(s_ref, t_ref, **args)
                     tag = f"distill_loss {kind}({param}) {reduction} {sorted(sel)} teacher_grad={teacher_grad}"
                     if none_counts and reduction == "mean":
                         expect(math.isnan(got) and math.isnan(ref), tag + ": no row counts: NaN")
@@ -274,6 +272,22 @@ def check_distill_loss(ctx):
                         expect(not s_loc.grad.any(), tag + ": no row counts: the gradient must be 0")
                     if teacher_grad:
                         assert_close(t_loc.grad, t_ref.grad[..., lo:hi], what=tag + " teacher grad")
+    # per-row weights (the same on every rank), a NaN row of weight 0 among them
+    weights = torch.rand(rows, generator=g) * 2 - 0.5
+    weights[0, 1] = 0.0
+    for reduction in ("mean", "sum", "none"):
+        s_loc, s_ref = ctx.shard(s).requires_grad_(), s.clone().requires_grad_()
+        w_loc, w_ref = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+        args = dict(kind="reverse_kl", reduction=reduction, labels=labels)
+        got = P.distill_loss(s_loc, ctx.shard(t), weights=w_loc, **args)
+        ref = kdext.distill_loss(s_ref, t, weights=w_ref, **args)
+        assert_close(got, ref, what=f"distill_loss weights {reduction}")
+        got.sum().backward()
+        ref.sum().backward()
+        assert_close(s_loc.grad, s_ref.grad[..., lo:hi], what=f"distill_loss weights {reduction} grad")
+        assert_close(w_loc.grad, w_ref.grad, what=f"distill_loss weights {reduction} weights' grad")
+        expect(torch.isfinite(s_loc.grad).all() and torch.isfinite(w_loc.grad).all(),
+               f"distill_loss weights {reduction}: the NaN row of weight 0 leaked")
     # no labels / mask, default arguments
     s_loc = ctx.shard(s[1:]).requires_grad_()
     s_ref = s[1:].clone().requires_grad_()

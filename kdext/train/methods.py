@@ -14,9 +14,9 @@ each term's sum by its global count. That makes the loss (and its gradient) inde
 the global batch is split into micro-batches and processes, which the DDP test checks.
 
 Every vocabulary-wide quantity comes from a kdext op: ``kdext.logprobs`` (LM loss, policy
-log-probs), ``kdext.distill_loss`` (the token-level divergences), ``kdext.reverse_kl`` (MiniLLM's
-single-step term, per row so it can carry the importance weight) and ``kdext.top_p_sample``
-(every sampled token, in generation.py).
+log-probs), ``kdext.distill_loss`` (the token-level divergences, and MiniLLM's single-step
+reverse KL with each token's importance weight as its row weight, fused) and
+``kdext.top_p_sample`` (every sampled token, in generation.py).
 """
 
 from __future__ import annotations
@@ -387,7 +387,8 @@ class MiniLLM(Method):
         w, adv, old = ex["weight"][m], ex["returns"][m], ex["old_logprob"][m]
         out = {
             "pg": (w * clipped_pg(logq, old, adv, cfg.clip_eps)).sum(),
-            "single": (w * kdext.reverse_kl(s_roll, t_roll, temperature=cfg.temperature)).sum(),
+            "single": kdext.distill_loss(s_roll, t_roll, "reverse_kl", temperature=cfg.temperature,
+                                         reduction="sum", weights=w),
         }
         if cfg.lm_coef > 0:
             out["nll"] = _nll_sum(s[n:], labels[n:])
