@@ -87,15 +87,20 @@ inline void check_scale_factor(const at::Tensor& factor, const at::Tensor& self)
   check_same_device(factor, "factor", self, "self");
 }
 
-// Token ids for logprobs: int64/int32 with the logits' leading shape.
-inline void check_tokens(const at::Tensor& tokens, const at::Tensor& logits) {
-  TORCH_CHECK_TYPE(tokens.scalar_type() == c10::kLong || tokens.scalar_type() == c10::kInt,
-                   "tokens must be int64 or int32, got ", tokens.scalar_type());
-  check_same_device(tokens, "tokens", logits, "logits");
+// One int64/int32 entry per row of `logits`, with its leading shape (token
+// ids for logprobs, row ids for top_p_sample).
+inline void check_row_integers(const at::Tensor& x, const char* name, const at::Tensor& logits) {
+  TORCH_CHECK_TYPE(x.scalar_type() == c10::kLong || x.scalar_type() == c10::kInt, name,
+                   " must be int64 or int32, got ", x.scalar_type());
+  check_same_device(x, name, logits, "logits");
   std::vector<int64_t> rows = logits.sizes().vec();
   rows.pop_back();
-  TORCH_CHECK_VALUE(tokens.sizes() == c10::IntArrayRef(rows), "tokens must have shape ", c10::IntArrayRef(rows),
-                    " (the logits' leading dims), got ", tokens.sizes());
+  TORCH_CHECK_VALUE(x.sizes() == c10::IntArrayRef(rows), name, " must have shape ", c10::IntArrayRef(rows),
+                    " (the logits' leading dims), got ", x.sizes());
+}
+
+inline void check_tokens(const at::Tensor& tokens, const at::Tensor& logits) {
+  check_row_integers(tokens, "tokens", logits);
 }
 
 // softmax_backward's upstream gradient: the output's shape and device.

@@ -76,7 +76,8 @@ struct DivergenceBackwardArgs {
     teacher_grad = want_teacher_grad ? alloc({in.rows, in.V}, teacher.options()) : at::empty({0}, teacher.options());
   }
 
-  // The gradients shaped like the inputs (the empty placeholders as they are).
+  // The gradients shaped like the inputs; a gradient not asked for stays the
+  // zero-element tensor the schema returns for it.
   std::tuple<at::Tensor, at::Tensor> outputs(const at::Tensor& student, const at::Tensor& teacher) const {
     return {want_student_grad ? student_grad.view(student.sizes()) : student_grad,
             want_teacher_grad ? teacher_grad.view(teacher.sizes()) : teacher_grad};

@@ -32,14 +32,7 @@ inline void check_top_p_sample_args(const at::Tensor& logits, const std::optiona
     TORCH_CHECK_VALUE(logits.sizes() == teacher->sizes(), "teacher_logits must have the shape of logits ",
                       logits.sizes(), ", got ", teacher->sizes());
   }
-  if (row_ids.has_value()) {
-    TORCH_CHECK_TYPE(row_ids->scalar_type() == c10::kLong || row_ids->scalar_type() == c10::kInt,
-                     "row_ids must be int64 or int32, got ", row_ids->scalar_type());
-    check_same_device(*row_ids, "row_ids", logits, "logits");
-    const auto rows = row_shape(logits);
-    TORCH_CHECK_VALUE(row_ids->sizes() == c10::IntArrayRef(rows), "row_ids must have shape ",
-                      c10::IntArrayRef(rows), " (the logits' leading dims), got ", row_ids->sizes());
-  }
+  if (row_ids.has_value()) check_row_integers(*row_ids, "row_ids", logits);
   // Counts are kept in float32 by the search (exact below 2^24).
   TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 24), "logits has a vocabulary of ", logits.size(-1),
                     " entries; top_p_sample supports fewer than 2^24");

@@ -37,6 +37,18 @@ def check_same_device(a, a_name, b, b_name):
         raise RuntimeError(f"{a_name} is on {a.device} but {b_name} is on {b.device}; they must be on the same device")
 
 
+def check_row_integers(x, name, logits):
+    """An int64/int32 tensor with one entry per row of ``logits`` (token ids, row ids)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32, got {x.dtype}")
+    check_same_device(x, name, logits, "logits")
+    rows = rows_shape(logits)
+    if tuple(x.shape) != rows:
+        raise ValueError(f"{name} must have shape {list(rows)} (the logits' leading dims), got {list(x.shape)}")
+
+
 def check_logit_pair(s, t):
     check_logits(s, "student_logits")
     check_logits(t, "teacher_logits")

@@ -270,14 +270,14 @@ def distill_loss(
     if reduction == "sum":
         loss, _ = ops.divergence_loss(student_logits, teacher_logits, w, kind, param, temperature)
         return loss
-    count = keep.sum() if keep is not None else None
-    rows = student_logits.numel() // student_logits.shape[-1]
+    if keep is None:
+        rows = student_logits.numel() // student_logits.shape[-1]
+        loss, _ = ops.divergence_loss(student_logits, teacher_logits, w / max(rows, 1), kind, param, temperature)
+        return loss
+    count = keep.sum()
     # clamp: with no row counted every weight is 0 (zero gradient), and the mean
     # itself is NaN, as in F.cross_entropy.
-    w = w / (count.clamp_min(1) if count is not None else max(rows, 1))
-    loss, _ = ops.divergence_loss(student_logits, teacher_logits, w, kind, param, temperature)
-    if count is None:
-        return loss
+    loss, _ = ops.divergence_loss(student_logits, teacher_logits, w / count.clamp_min(1), kind, param, temperature)
     return torch.where(count > 0, loss, loss.new_full((), math.nan))
 
 

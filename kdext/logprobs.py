@@ -7,14 +7,7 @@ from ._ops import ops
 
 
 def _check_tokens(logits, tokens):
-    if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
-    _validate.check_same_device(tokens, "tokens", logits, "logits")
-    rows = _validate.rows_shape(logits)
-    if tuple(tokens.shape) != rows:
-        raise ValueError(f"tokens must have shape {list(rows)} (the logits' leading dims), got {list(tokens.shape)}")
+    _validate.check_row_integers(tokens, "tokens", logits)
 
 
 @torch.library.register_fake("kdext::logprobs_forward")

@@ -92,17 +92,6 @@ def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generato
     return int(word), 0
 
 
-def _check_row_ids(row_ids, logits) -> None:
-    if not isinstance(row_ids, torch.Tensor):
-        raise TypeError(f"row_ids must be a tensor or None, got {type(row_ids).__name__}")
-    if row_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"row_ids must be int64 or int32, got {row_ids.dtype}")
-    _validate.check_same_device(row_ids, "row_ids", logits, "logits")
-    if row_ids.shape != logits.shape[:-1]:
-        raise ValueError(f"row_ids must have shape {list(logits.shape[:-1])} (the logits' leading dims), "
-                         f"got {list(row_ids.shape)}")
-
-
 def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids=None) -> None:
     """The C++ adapters' checks (csrc/top_p_sample_args.h), with the same words, so that fake
     tensors under torch.compile fail the same way."""
@@ -130,7 +119,7 @@ def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_id
             raise ValueError(f"teacher_logits must have the shape of logits {list(logits.shape)}, "
                              f"got {list(teacher_logits.shape)}")
     if row_ids is not None:
-        _check_row_ids(row_ids, logits)
+        _validate.check_row_integers(row_ids, "row_ids", logits)
     if logits.shape[-1] >= 1 << 24:
         raise ValueError(f"logits has a vocabulary of {logits.shape[-1]} entries; top_p_sample supports "
                          "fewer than 2^24")

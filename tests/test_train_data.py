@@ -20,8 +20,8 @@ def test_prompt_and_dolly_records(tmp_path):
     assert [e.prompt for e in ex] == ["Q: say hi\nA:", "Q: sum\n\n1 and 2\nA:", "Q: name one\nA:"]
     assert [e.references for e in ex] == [["hi"], ["3"], ["a", "b"]]
     assert ex[2].response == "a"  # training uses the first reference
-    with pytest.raises(DataError, match="placeholder"):
-        load_jsonl(str(f), template="no placeholder")
+    with pytest.raises(DataError, match=r"has no '\{prompt\}' field"):
+        load_jsonl(str(f), template="no field")
     empty = tmp_path / "e.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="no records"):

@@ -92,7 +92,7 @@ def load_jsonl(path: str, template: str = DEFAULT_TEMPLATE, need_response: bool 
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
     if "{prompt}" not in template:
-        raise DataError(f"prompt template {template!r} has no '{{prompt}}' placeholder")
+        raise DataError(f"prompt template {template!r} has no '{{prompt}}' field to put the prompt in")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):

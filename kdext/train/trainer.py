@@ -11,7 +11,7 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows on each
    optimizer touches the weights (the last checkpoint stays the last good one);
 5. AdamW and the LR schedule step; metrics go to ``OUT/metrics.jsonl``.
 
-Checkpoints (``OUT/checkpoints/step-XXXXXXXX.pt``) hold the student, optimizer, scheduler, the
+Checkpoints (``OUT/checkpoints/step-<step, 8 digits>.pt``, e.g. ``step-00000400.pt``) hold the student, optimizer, scheduler, the
 RNG states of every process, the step and the data position. They are written to a temporary
 file and renamed, so a crash mid-write never leaves a truncated checkpoint. Since the data order
 and every rollout seed are functions of (seed, step), ``--resume`` reproduces an uninterrupted

@@ -58,8 +58,8 @@ struct DivergenceParam {
 namespace detail {
 
 // The log of the mixture m = w a + (1 - w) b of two probabilities a = e^la,
-// b = e^lb, and a / m (0 where a is 0): in linear space, one log and one
-// division, while m is a normal number, which is as exact as the log-space
+// b = e^lb (and, on request, a / m): in linear space, one log (and one
+// division), while m is a normal number, which is as exact as the log-space
 // form (a and b carry exp's rounding either way and log m rounds once; both
 // forms leave an absolute error of a few float ulps in a divergence's sum) and
 // two exps cheaper. Where m is not normal (in any lane of a vector), the
@@ -68,21 +68,26 @@ namespace detail {
 // log is lb or la exactly (a skew KL with alpha = 1 is then exactly 0).
 template <typename V, typename M, typename T>
 struct LogMixture {
-  V lm, ratio;  // log m, a / m
+  V lm;         // log m
+  V m;          // m itself where `linear`
+  bool linear;  // lm = log m (else lm is given or log-space, and m unused)
 
   KDEXT_HD LogMixture(V la, V lb, V a, V b, T w, T log_w, T log_one_minus_w) {
-    const V zero = M::splat(0);
-    const V m = M::splat(w) * a + M::splat(T(1) - w) * b;
+    linear = false;
+    m = M::splat(w) * a + M::splat(T(1) - w) * b;
     if (w == T(0) || w == T(1)) {  // m is b or a itself: its log is given, exactly
       lm = w == T(0) ? lb : la;
-      ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
     } else if (!M::any(M::lt(m, M::splat(std::numeric_limits<T>::min())))) {
       lm = M::log(m);
-      ratio = M::select(M::gt(a, zero), a / m, zero);
+      linear = true;
     } else {
       lm = log_add_exp<V, M>(la + M::splat(log_w), lb + M::splat(log_one_minus_w));
-      ratio = M::select(M::gt(a, zero), M::exp(la - lm), zero);
     }
+  }
+  // a / m, 0 where a is 0 (only the skew KLs' gradients need it).
+  KDEXT_HD V ratio(V la, V a) const {
+    const V zero = M::splat(0);
+    return M::select(M::gt(a, zero), linear ? a / m : M::exp(la - lm), zero);
   }
 };
 
@@ -97,7 +102,7 @@ struct SkewKL {
     b = M::exp(lb);
     const LogMixture<V, M, T> mix(la, lb, a, b, w, log_w, log_one_minus_w);
     lm = mix.lm;
-    ratio = mix.ratio;
+    ratio = mix.ratio(la, a);
   }
   KDEXT_HD V value(V la) const { return M::select(M::gt(a, M::splat(0)), a * (la - lm), M::splat(0)); }
   // dKL/da and dKL/db.
