@@ -235,8 +235,28 @@ def test_module_entry_point_subprocess(tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
-    assert "sft" in r.stderr  # the progress bar
+    # stderr is a pipe, not a terminal: progress lines (here every step), no carriage returns
+    assert "\r" not in r.stderr
+    assert "sft: step 1/2 | loss" in r.stderr and "sft: step 2/2 | loss" in r.stderr
     assert os.path.isfile(out / "final" / "config.json")
+
+
+def test_progress_lines_not_a_bar_off_a_terminal(tiny, tmp_path, capsys):
+    args = ["distill", "--method", "kd", "--teacher", tiny["gpt2_teacher"], "--student", tiny["llama_student"],
+            "--data", tiny["data"], "--out", str(tmp_path), "--batch-size", "2", "--max-steps", "5",
+            "--log-every", "2"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [ln.split(" | ")[0] for ln in err.splitlines() if ln.startswith("kd: step")] == [
+        "kd: step 2/5", "kd: step 4/5", "kd: step 5/5"]
+
+
+def test_largest_seed_runs(tiny, tmp_path):
+    """--seed 2**63 - 1 reaches every stream (data order, dropout, rollouts, the coin, evaluation)."""
+    assert distill(tiny, tmp_path, "gkd", "--max-steps", "2", "--seed", str(2**63 - 1), "--lam", "1",
+                   "--eval-data", tiny["eval"], teacher="gpt2_teacher", student="gpt2_student_dropout") == 0
+    assert all(r["on_policy"] == 1.0 for r in metrics(tmp_path) if "loss" in r)
 
 
 def test_demo_quick_writes_the_report(tmp_path, capsys):

@@ -103,7 +103,10 @@ def _user_errors() -> tuple:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     name = f"kdext {args.command}"
     debug = args.debug or os.environ.get("KDEXT_DEBUG", "") not in ("", "0")
 

@@ -42,6 +42,10 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
 
+    def __post_init__(self):
+        if self.lo is None and self.hi is None:
+            raise ValueError("Range: give lo or hi (or both)")
+
     def __contains__(self, v) -> bool:
         if isinstance(v, float) and not math.isfinite(v):
             return False
@@ -53,7 +57,7 @@ class Range:
 
     def __str__(self) -> str:
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}" if self.lo is not None else "finite"
+            return f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
         if self.lo is None:
             return f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
         return f"in {'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}{')' if self.hi_open else ']'}"
@@ -144,13 +148,14 @@ def check_value(f: dataclasses.Field, t: type, optional: bool, value) -> None:
         raise ConfigError(f"{flag} is required")
     if not _has_type(value, t):
         kinds = {int: "an integer", float: "a number", str: "a string", bool: "True or False"}
-        raise ConfigError(f"{flag} must be {kinds.get(t, t.__name__)}; got {value!r}")
+        raise ConfigError(f"{flag} must be {kinds.get(t, t.__name__)}; got {value!r} ({type(value).__name__})")
     choices = choices_of(f)
     if choices is not None and value not in choices:
         raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
     rng = f.metadata.get("range")
     if rng is not None and value not in rng:
-        raise ConfigError(f"{flag} must be {rng}; got {value!r}")
+        kind = "an integer" if t is int else "a number" if None not in (rng.lo, rng.hi) else "a finite number"
+        raise ConfigError(f"{flag} must be {kind} {rng}; got {value!r}")
 
 
 def check_fields(obj) -> None:
@@ -169,16 +174,17 @@ def check_fields(obj) -> None:
 # argparse
 
 
-def _dest(prefix: str, f: dataclasses.Field) -> str:
-    return prefix + f.name
+def _shown(default) -> str:
+    """A default as the help shows it: strings quoted when they hold spaces or escapes."""
+    if isinstance(default, str):
+        return default if default.isidentifier() else repr(default)
+    return _num(default)
 
 
 def _help(f: dataclasses.Field, t: type) -> str:
     text = f.metadata["help"]
     if t is not bool and f.default is not MISSING and f.default is not None:
-        d = f.default
-        shown = repr(d) if isinstance(d, str) and (not d or not d.isprintable()) else _num(d) if isinstance(d, float) else d
-        text += f" (default: {shown})"
+        text += f" (default: {_shown(f.default)})"
     return text.replace("%", "%%")  # argparse %-formats help strings
 
 
@@ -200,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, groups: Optional[dict] =
             if title not in groups:
                 groups[title] = parser.add_argument_group(title)
             target = groups[title]
-        kw: dict = {"dest": _dest(prefix, f), "help": _help(f, t)}
+        kw: dict = {"dest": prefix + f.name, "help": _help(f, t)}
         if t is bool:
             kw["action"] = "store_false" if f.default else "store_true"
             target.add_argument(flag_of(f, t), **kw)
@@ -227,7 +233,7 @@ def from_namespace(cls, ns: argparse.Namespace, prefix: str = ""):
         if dataclasses.is_dataclass(t):
             kw[f.name] = from_namespace(t, ns, prefix=f"{prefix}{f.name}.")
         elif f.metadata.get("cli", True):
-            kw[f.name] = values[_dest(prefix, f)]
+            kw[f.name] = values[prefix + f.name]
     return cls(**kw)
 
 
@@ -244,9 +250,9 @@ def markdown_table(cls) -> str:
         if f.default is MISSING and f.default_factory is MISSING:
             default = "required"
         elif t is bool:
-            default = ""
+            default = ""  # a switch
         else:
-            default = "none" if f.default is None else f"`{f.default!r}`" if isinstance(f.default, str) else f"`{_num(f.default)}`"
+            default = "none" if f.default is None else f"`{_shown(f.default)}`"
         allowed = ""
         if choices_of(f) is not None:
             allowed = ", ".join(f"`{c}`" for c in choices_of(f))
