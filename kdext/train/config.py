@@ -141,7 +141,6 @@ class TrainConfig:
                 raise ConfigError(
                     f"{flag} must be a multiple of --ppo-epochs ({cycle}): checkpoints fall between rollout cycles"
                 )
-        self.method_cfg.resolved(self.method)
 
 
 @dataclass

@@ -333,9 +333,10 @@ class MiniLLM(Method):
 
     def prepare(self, ctx, batch, step):
         cfg = ctx.cfg
-        cycle = step // cfg.ppo_epochs
+        steps = self.steps_per_cycle(cfg)
+        cycle = step // steps
         key = (cycle, int(batch.index[0]))
-        if key not in self._cache or cfg.ppo_epochs == 1:
+        if key not in self._cache or steps == 1:
             # Rollouts of a cycle come from the prompts of the cycle's first step.
             self._cache = {k: v for k, v in self._cache.items() if k[0] == cycle}
             self._cache[key] = self.rollout(ctx, batch, step)
