@@ -18,7 +18,7 @@ import torch
 
 from kdext.train import cli
 from kdext.train.methods import METHODS
-from kdext.train.trainer import list_checkpoints
+from kdext.train.checkpoint import list_checkpoints
 
 from train_fixtures import tiny as fixtures
 
@@ -138,9 +138,9 @@ def test_resume_refuses_changed_settings(tiny, tmp_path, capsys):
                    student="gpt2_student") == 0
     rc = distill(tiny, tmp_path, "sft", "--max-steps", "4", "--resume", "--batch-size", "2", teacher=None,
                  student="gpt2_student")
-    assert rc == 2 and "--batch-size" in capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "--batch-size" in capsys.readouterr().err
     rc = distill(tiny, tmp_path, "sft", "--max-steps", "4", teacher=None, student="gpt2_student")
-    assert rc == 2 and "--resume" in capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "--resume" in capsys.readouterr().err
 
 
 def test_checkpoint_is_complete_and_atomic(tiny, tmp_path):
@@ -194,34 +194,34 @@ def test_malformed_data_names_file_and_line(tiny, tmp_path, capsys, line, messag
     rc = distill(tiny, tmp_path / "out", "sft", "--max-steps", "1", teacher=None, student="gpt2_student",
                  data=str(bad))
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == cli.EXIT_ERROR
     assert f"{bad}:4:" in err and message in err
 
 
 def test_missing_files_are_named(tiny, tmp_path, capsys):
     assert distill(tiny, tmp_path, "sft", "--max-steps", "1", teacher=None, student="gpt2_student",
-                   data=str(tmp_path / "nope.jsonl")) == 2
+                   data=str(tmp_path / "nope.jsonl")) == cli.EXIT_ERROR
     assert "nope.jsonl: data file not found" in capsys.readouterr().err
     rc = cli.main(["distill", "--method", "kd", "--student", tiny["gpt2_student"], "--teacher", str(tmp_path / "nt"),
                    "--data", tiny["data"], "--out", str(tmp_path), "--no-progress"])
-    assert rc == 2 and "--teacher" in capsys.readouterr().err
+    assert rc == cli.EXIT_ERROR and "--teacher" in capsys.readouterr().err
     rc = cli.main(["distill", "--method", "kd", "--student", tiny["gpt2_student"], "--data", tiny["data"],
                    "--out", str(tmp_path), "--no-progress"])
-    assert rc == 2 and "--teacher is required" in capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and "--teacher is required" in capsys.readouterr().err
 
 
 def test_mismatched_vocab_is_refused(tiny, tmp_path, capsys):
     rc = distill(tiny, tmp_path, "kd", "--max-steps", "1", teacher="gpt2_teacher_other_vocab")
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == cli.EXIT_ERROR
     assert "--teacher and --student tokenizers differ" in err and "first difference at id" in err
 
 
 def test_bad_option_values_name_the_flag(tiny, tmp_path, capsys):
     for flag, value in (("--alpha", "1.5"), ("--top-p", "0"), ("--temperature", "0"), ("--beta", "2")):
-        assert distill(tiny, tmp_path, "minillm", "--max-steps", "1", flag, value) == 2
+        assert distill(tiny, tmp_path, "minillm", "--max-steps", "1", flag, value) == cli.EXIT_USAGE
         assert flag in capsys.readouterr().err
-    assert distill(tiny, tmp_path, "minillm", "--max-steps", "4", "--ppo-epochs", "2", "--save-every", "3") == 2
+    assert distill(tiny, tmp_path, "minillm", "--max-steps", "4", "--ppo-epochs", "2", "--save-every", "3") == cli.EXIT_USAGE
     assert "--save-every must be a multiple of --ppo-epochs" in capsys.readouterr().err
 
 
@@ -235,8 +235,28 @@ def test_module_entry_point_subprocess(tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 2
-    assert "sft" in r.stderr  # the progress bar
+    # stderr is a pipe, not a terminal: progress lines (here every step), no carriage returns
+    assert "\r" not in r.stderr
+    assert "sft: step 1/2 | loss" in r.stderr and "sft: step 2/2 | loss" in r.stderr
     assert os.path.isfile(out / "final" / "config.json")
+
+
+def test_progress_lines_not_a_bar_off_a_terminal(tiny, tmp_path, capsys):
+    args = ["distill", "--method", "kd", "--teacher", tiny["gpt2_teacher"], "--student", tiny["llama_student"],
+            "--data", tiny["data"], "--out", str(tmp_path), "--batch-size", "2", "--max-steps", "5",
+            "--log-every", "2"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [ln.split(" | ")[0] for ln in err.splitlines() if ln.startswith("kd: step")] == [
+        "kd: step 2/5", "kd: step 4/5", "kd: step 5/5"]
+
+
+def test_largest_seed_runs(tiny, tmp_path):
+    """--seed 2**63 - 1 reaches every stream (data order, dropout, rollouts, the coin, evaluation)."""
+    assert distill(tiny, tmp_path, "gkd", "--max-steps", "2", "--seed", str(2**63 - 1), "--lam", "1",
+                   "--eval-data", tiny["eval"], teacher="gpt2_teacher", student="gpt2_student_dropout") == 0
+    assert all(r["on_policy"] == 1.0 for r in metrics(tmp_path) if "loss" in r)
 
 
 def test_demo_quick_writes_the_report(tmp_path, capsys):

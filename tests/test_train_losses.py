@@ -17,7 +17,8 @@ import torch
 from kdext.train import methods as M
 from kdext.train.data import concat_batches
 from kdext.train.models import unwrap
-from kdext.train.trainer import TrainConfig, build, micro_batch
+from kdext.train.config import TrainConfig
+from kdext.train.step import build, micro_batch
 
 from train_fixtures import tiny as fixtures
 

@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .seeds import data_order_seed
+
 # The prompt template: ``{prompt}`` is replaced by the record's prompt (for Dolly records, the
 # instruction followed by the context when there is one).
 DEFAULT_TEMPLATE = "{prompt}\n"
@@ -227,7 +229,7 @@ def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
 class DataSchedule:
     """Which examples each (step, rank, micro-batch) gets: deterministic and layout independent.
 
-    The data are visited in a fresh permutation per epoch (seeded by ``seed + epoch``). Step ``k``
+    The data are visited in a fresh permutation per epoch (seeded by ``data_order_seed(seed, epoch)``). Step ``k``
     takes the next ``global_batch`` positions; rank ``r`` micro-batch ``a`` takes rows
     ``r * accum * B + a * B ... + B`` of them. So one process with batch 4 sees exactly the
     examples that two processes with batch 2 see together, and a resumed run sees exactly what
@@ -246,7 +248,7 @@ class DataSchedule:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(data_order_seed(self.seed, epoch))
             if len(self._perms) >= 2:  # a step spans at most two epochs; keep those cached
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = torch.randperm(self.n, generator=g)

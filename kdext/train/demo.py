@@ -24,7 +24,8 @@ import torch
 
 from . import task
 from .data import write_jsonl
-from .methods import METHODS, MethodConfig
+from .config import MethodConfig, TrainConfig
+from .methods import METHODS
 
 TEMPLATE = "{prompt}\n"
 
@@ -128,7 +129,7 @@ def save_new_model(config, tokenizer, out_dir: str, seed: int) -> int:
 
 def _train(out, method, student, data, budget: Budget, steps, batch, lr, seed, device, teacher=None,
            progress=True, **mkw):
-    from .trainer import TrainConfig, train
+    from .trainer import train
 
     mcfg = MethodConfig(max_new_tokens=budget.max_new_tokens, **mkw)
     cfg = TrainConfig(
@@ -188,11 +189,13 @@ METHOD_KW: dict[str, dict] = {m: {} for m in METHODS}
 def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False, workers: int | None = None) -> dict:
     t_start = time.time()
     budget = Budget.quick() if quick else Budget()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev_name = "cuda" if use_cuda else "cpu"
+    from .distributed import use_cuda
+
+    cuda = use_cuda(device)
+    dev_name = "cuda" if cuda else "cpu"
     if workers is None:
-        workers = 1 if use_cuda else max(1, min(2, os.cpu_count() or 1))
-    threads = 0 if use_cuda else 1
+        workers = 1 if cuda else max(1, min(2, os.cpu_count() or 1))
+    threads = 0 if cuda else 1
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)

@@ -23,6 +23,7 @@ import kdext
 from . import generation
 from .data import Example, collate, encode, pad_prompts
 from .models import VocabAligner, head_width, response_labels, response_logits
+from .seeds import Stream, stream_seed
 
 
 def normalize(text: str) -> str:
@@ -85,7 +86,7 @@ def generate(
                 eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id,
                 max_new_tokens=max_new_tokens,
-                seed=generation.mix_seed(seed, 4),
+                seed=stream_seed(seed, Stream.EVAL_SAMPLING),
                 row_ids=torch.arange(start, start + len(chunk)),
                 top_p=top_p,
                 top_k=1 if greedy else 0,
@@ -174,7 +175,9 @@ def evaluate_folder(model_dir: str, data: str, out: str, *, template: str, devic
     from .data import load_jsonl
     from .models import load_model, load_tokenizer
 
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    from .distributed import use_cuda
+
+    dev = torch.device("cuda" if use_cuda(device) else "cpu")
     tok = load_tokenizer(model_dir, "--model")
     model = load_model(model_dir, "--model", dev, trainable=False)
     examples = load_jsonl(data, template)

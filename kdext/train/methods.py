@@ -32,56 +32,22 @@ import torch
 import kdext
 
 from . import generation
+from .config import MethodConfig
 from .data import Batch, concat_batches
 from .models import VocabAligner, response_labels, response_logits, unwrap
+from .options import ConfigError
+from .seeds import Stream, stream_seed
 
-METHODS = ("sft", "kd", "seqkd", "rkl", "gkd", "distillm", "minillm")
+# Every method registers itself here (``@register``), under its ``name``; METHODS lists them in
+# registration order, which is the order of ``--method``'s choices and of the demo's report.
+REGISTRY: dict[str, type["Method"]] = {}
 
-# Per-method defaults for options whose meaning depends on the method (see MethodConfig).
-DEFAULT_ALPHA = {"minillm": 0.2, "distillm": 0.1}
 
-
-@dataclass
-class MethodConfig:
-    temperature: float = 1.0  # divergences, policy log-probs and sampling use softmax(logits / T)
-    alpha: Optional[float] = None  # minillm: teacher mix in sampling (0.2); distillm: skew (0.1)
-    beta: float = 0.5  # gkd: JSD interpolation (0 = forward KL, 1 = reverse KL)
-    lam: float = 0.5  # gkd: probability that a step trains on student samples
-    lm_coef: float = 0.0  # weight of an LM loss on the data's responses, added to the method's loss
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    gamma: float = 1.0  # minillm: discount of future rewards
-    clip_eps: float = 0.2  # minillm: PPO clip range
-    ppo_epochs: int = 1  # minillm: optimizer steps per batch of rollouts
-    skew: str = "skew_forward_kl"  # distillm: "skew_forward_kl" or "skew_reverse_kl"
-    seed: int = 0
-
-    def resolved(self, method: str) -> "MethodConfig":
-        """A copy with the method-dependent defaults filled in and every value checked."""
-        import dataclasses
-
-        c = dataclasses.replace(self)
-        if c.alpha is None:
-            c.alpha = DEFAULT_ALPHA.get(method, 0.0)
-        checks = [
-            (c.temperature > 0, "--temperature must be > 0"),
-            (0.0 <= c.alpha < 1.0, "--alpha must be in [0, 1)"),
-            (0.0 <= c.beta <= 1.0, "--beta must be in [0, 1]"),
-            (0.0 <= c.lam <= 1.0, "--lam must be in [0, 1]"),
-            (c.lm_coef >= 0, "--lm-coef must be >= 0"),
-            (0.0 < c.top_p <= 1.0, "--top-p must be in (0, 1]"),
-            (c.top_k >= 0, "--top-k must be >= 0"),
-            (c.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-            (0.0 <= c.gamma <= 1.0, "--gamma must be in [0, 1]"),
-            (c.clip_eps > 0, "--clip-eps must be > 0"),
-            (c.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
-            (c.skew in ("skew_forward_kl", "skew_reverse_kl"), "--skew must be skew_forward_kl or skew_reverse_kl"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        return c
+def register(cls: type["Method"]) -> type["Method"]:
+    if cls.name in REGISTRY:
+        raise AssertionError(f"method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 @dataclass
@@ -105,8 +71,7 @@ class Prepared:
     stats: dict[str, tuple[float, int]] = field(default_factory=dict)  # name -> (sum, count) to log
 
 
-
-def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teacher=None, alpha=0.0):
+def _sample_batch(ctx: Context, batch: Batch, policy, step: int, stream: Stream, teacher=None, alpha=0.0):
     """Replace a batch's responses by samples; returns (new batch, rollout)."""
     cfg = ctx.cfg
     with ctx.autocast():
@@ -118,7 +83,7 @@ def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teach
             eos_id=ctx.eos_id,
             pad_id=ctx.pad_id,
             max_new_tokens=cfg.max_new_tokens,
-            seed=generation.mix_seed(cfg.seed, tag, step),
+            seed=stream_seed(cfg.seed, stream, step),
             row_ids=batch.index,
             teacher=teacher,
             alpha=alpha,
@@ -162,6 +127,12 @@ class Method(abc.ABC):
     name = "?"
     needs_teacher = True
     stat_keys: tuple[str, ...] = ()  # what Prepared.stats may hold (logged per step)
+    default_alpha = 0.0  # --alpha when not given (its meaning is the method's)
+
+    @classmethod
+    def steps_per_cycle(cls, cfg: MethodConfig) -> int:
+        """Optimizer steps that share one batch of rollouts; checkpoints fall between cycles."""
+        return 1
 
     def main_term(self, cfg: MethodConfig) -> str:
         return "nll"
@@ -188,6 +159,7 @@ class Method(abc.ABC):
         return sum(w[k] * terms[k] / max(1.0, float(counts[k])) for k in terms if w.get(k, 0.0) != 0)
 
 
+@register
 class SFT(Method):
     """Fine-tune the student on the data's responses (cross-entropy)."""
 
@@ -211,6 +183,7 @@ class _TokenDivergence(Method):
         return out
 
 
+@register
 class KD(_TokenDivergence):
     """Word-level KD: forward KL(p || q) per token on the data."""
 
@@ -220,31 +193,14 @@ class KD(_TokenDivergence):
         return "forward_kl"
 
 
-class RKL(_TokenDivergence):
-    """Off-policy reverse KL(q || p) per token on the data."""
-
-    name = "rkl"
-
-    def main_term(self, cfg):
-        return "reverse_kl"
-
-
-class DistiLLM(_TokenDivergence):
-    """DistiLLM's skew KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = --alpha."""
-
-    name = "distillm"
-
-    def main_term(self, cfg):
-        return cfg.skew
-
-
+@register
 class SeqKD(Method):
     """Sequence-level (black-box) KD: the teacher writes the responses, the student imitates them."""
 
     name = "seqkd"
 
     def prepare(self, ctx, batch, step):
-        new, _ = _sample_batch(ctx, batch, ctx.teacher, step, tag=1)
+        new, _ = _sample_batch(ctx, batch, ctx.teacher, step, Stream.SEQKD_ROLLOUT)
         return Prepared(new, new.prompt_ids.shape[0], {"nll": int(new.response_mask.sum())})
 
     def weights(self, cfg):
@@ -255,6 +211,17 @@ class SeqKD(Method):
         return {"nll": _nll_sum(s, response_labels(prep.batch))}
 
 
+@register
+class RKL(_TokenDivergence):
+    """Off-policy reverse KL(q || p) per token on the data."""
+
+    name = "rkl"
+
+    def main_term(self, cfg):
+        return "reverse_kl"
+
+
+@register
 class GKD(Method):
     """Generalized KD: JSD(beta) per token; with probability lambda a step uses student samples.
 
@@ -269,7 +236,7 @@ class GKD(Method):
         return "jsd"
 
     def on_policy(self, cfg: MethodConfig, step: int) -> bool:
-        return random.Random(generation.mix_seed(cfg.seed, 2, step)).random() < cfg.lam
+        return random.Random(stream_seed(cfg.seed, Stream.GKD_COIN, step)).random() < cfg.lam
 
     def prepare(self, ctx, batch, step):
         cfg = ctx.cfg
@@ -277,7 +244,7 @@ class GKD(Method):
             prep = super().prepare(ctx, batch, step)
             prep.stats["on_policy"] = (0.0, 1)
             return prep
-        sampled, _ = _sample_batch(ctx, batch, unwrap(ctx.student), step, tag=2)
+        sampled, _ = _sample_batch(ctx, batch, unwrap(ctx.student), step, Stream.GKD_ROLLOUT)
         counts = {"jsd": int(sampled.response_mask.sum())}
         rows = sampled
         if cfg.lm_coef > 0:  # the LM loss stays on the data: append the data rows
@@ -298,6 +265,18 @@ class GKD(Method):
         return out
 
 
+@register
+class DistiLLM(_TokenDivergence):
+    """DistiLLM's skew KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = --alpha."""
+
+    name = "distillm"
+    default_alpha = 0.1
+
+    def main_term(self, cfg):
+        return cfg.skew
+
+
+@register
 class MiniLLM(Method):
     """MiniLLM: reverse-KL policy gradient on teacher-mixed samples (Gu et al., 2024).
 
@@ -318,6 +297,11 @@ class MiniLLM(Method):
 
     name = "minillm"
     stat_keys = ("reward", "response_len")
+    default_alpha = 0.2
+
+    @classmethod
+    def steps_per_cycle(cls, cfg):
+        return cfg.ppo_epochs
 
     def __init__(self):
         self._cache: dict[tuple[int, int], Batch] = {}  # (cycle, first row index) -> rollout batch
@@ -328,7 +312,7 @@ class MiniLLM(Method):
     def rollout(self, ctx: Context, batch: Batch, step: int) -> Batch:
         """Sample from the teacher-mixed student; the batch carries what the loss needs."""
         sampled, ro = _sample_batch(
-            ctx, batch, unwrap(ctx.student), step, tag=3, teacher=ctx.teacher, alpha=ctx.cfg.alpha
+            ctx, batch, unwrap(ctx.student), step, Stream.MINILLM_ROLLOUT, teacher=ctx.teacher, alpha=ctx.cfg.alpha
         )
         return self.attach(sampled, ro.student_logprob, ro.teacher_logprob, ctx.cfg)
 
@@ -349,9 +333,10 @@ class MiniLLM(Method):
 
     def prepare(self, ctx, batch, step):
         cfg = ctx.cfg
-        cycle = step // cfg.ppo_epochs
+        steps = self.steps_per_cycle(cfg)
+        cycle = step // steps
         key = (cycle, int(batch.index[0]))
-        if key not in self._cache or cfg.ppo_epochs == 1:
+        if key not in self._cache or steps == 1:
             # Rollouts of a cycle come from the prompts of the cycle's first step.
             self._cache = {k: v for k, v in self._cache.items() if k[0] == cycle}
             self._cache[key] = self.rollout(ctx, batch, step)
@@ -440,10 +425,14 @@ def clipped_pg(logq: torch.Tensor, old_logq: torch.Tensor, adv: torch.Tensor, ep
     return torch.maximum(-adv * rho, -adv * rho.clamp(1.0 - eps, 1.0 + eps))
 
 
-_REGISTRY = {"sft": SFT, "kd": KD, "seqkd": SeqKD, "rkl": RKL, "gkd": GKD, "distillm": DistiLLM, "minillm": MiniLLM}
+METHODS = tuple(REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {name!r}")
+    return REGISTRY[name]
 
 
 def make(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {name!r}")
-    return _REGISTRY[name]()
+    return method_class(name)()

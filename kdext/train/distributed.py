@@ -1,0 +1,68 @@
+"""Data-parallel plumbing: joining torchrun's process group, and the collectives the trainer uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .options import ConfigError
+
+
+@dataclass
+class Dist:
+    """This process's place in the run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Each value summed over the processes, in one collective (float64; exact for counts).
+
+        Every process must pass the same keys (the trainer's come from the method and the
+        configuration, which all processes share); ``device`` is where the backend reduces
+        (CUDA for NCCL).
+        """
+        if not self.enabled:
+            return {k: float(v) for k, v in values.items()}
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, t.cpu().tolist()))
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def use_cuda(device_arg: str) -> bool:
+    """Whether ``--device`` (auto, cpu or cuda) means CUDA here; cuda without one is refused."""
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    return device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+
+
+def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if there is one; pick the device."""
+    cuda = use_cuda(device_arg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), torch.device("cuda" if cuda else "cpu")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        return Dist(rank, world, local), torch.device("cuda", local)
+    return Dist(rank, world, local), torch.device("cpu")

@@ -1,0 +1,180 @@
+"""One optimizer step, and the setup it runs on.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows on each of
+``world_size`` processes (the global batch). Each step:
+
+1. every micro-batch is *prepared* (rollouts sampled, if the method needs them);
+2. the token counts of every loss term are summed over micro-batches and processes;
+3. each micro-batch's loss = sum_k weight_k * term_k / global_count_k (times world_size, since
+   DDP averages gradients over processes) is back-propagated; DDP syncs on the last one only;
+4. gradients are clipped; a non-finite loss or gradient norm stops the run before the
+   optimizer touches the weights (the last checkpoint stays the last good one);
+5. AdamW and the LR schedule step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import methods as M
+from .config import TrainConfig
+from .data import DataSchedule, collate, encode, load_jsonl
+from .distributed import Dist, setup_distributed
+from .generation import NonFiniteLogits
+from .models import VocabAligner, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the message says where and what was kept."""
+
+
+@dataclass
+class Setup:
+    """Everything a run holds; built by :func:`build`, reused by tests."""
+
+    cfg: TrainConfig
+    dd: Dist
+    device: torch.device
+    tokenizer: object
+    student: torch.nn.Module  # DDP-wrapped when world > 1
+    teacher: Optional[torch.nn.Module]
+    method: M.Method
+    ctx: M.Context
+    examples: list
+    schedule: DataSchedule
+    encoded: dict = field(default_factory=dict)  # example index -> Encoded (tokenised once)
+
+
+def build(cfg: TrainConfig) -> Setup:
+    cfg.validate()
+    mcfg = cfg.method_cfg.resolved(cfg.method)
+    mcfg = dataclasses.replace(mcfg, seed=cfg.seed)
+    dd, device = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tok = load_tokenizer(cfg.student, "--student")
+    method = M.make(cfg.method)
+    teacher = None
+    widths, names = [], []
+    if method.needs_teacher:
+        # A teacher folder without tokenizer files is taken to use the student's tokenizer.
+        if has_tokenizer(cfg.teacher):
+            check_vocab(tok, load_tokenizer(cfg.teacher, "--teacher"))
+        teacher = load_model(cfg.teacher, "--teacher", device, trainable=False)
+        widths.append(head_width(teacher))
+        names.append("--teacher")
+    student = load_model(cfg.student, "--student", device, trainable=True)
+    widths.append(head_width(student))
+    names.append("--student")
+    aligner = VocabAligner(len(tok), *widths, names=tuple(names))
+
+    if dd.enabled:
+        student = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast)
+    examples = load_jsonl(cfg.data, cfg.template)
+    schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
+    return Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule)
+
+
+def micro_batch(s: Setup, step: int, micro: int):
+    idx, pos = s.schedule.rows(step, s.dd.rank, micro)
+    for i in idx:
+        if i not in s.encoded:
+            s.encoded[i] = encode(s.tokenizer, s.examples[i], s.cfg.max_prompt_len, s.cfg.max_response_len)
+    enc = [s.encoded[i] for i in idx]
+    return collate(enc, s.tokenizer.pad_token_id, pos).to(s.device)
+
+
+def _prepared_sums(preps: list, names: list[str], stat_names: list[str], failed: bool) -> dict[str, float]:
+    """Token counts per loss term, (sum, count) per logged stat, and whether sampling failed: the
+    numbers every process must add up before any loss is formed. Every process has every key."""
+    sums = {f"count/{k}": 0.0 for k in names}
+    for k in stat_names:
+        sums[f"stat/{k}/sum"] = sums[f"stat/{k}/n"] = 0.0
+    for p in preps:
+        for k in names:
+            sums[f"count/{k}"] += p.counts.get(k, 0)
+        for k in stat_names:
+            if k in p.stats:
+                sums[f"stat/{k}/sum"] += p.stats[k][0]
+                sums[f"stat/{k}/n"] += p.stats[k][1]
+    sums["failed"] = float(failed)
+    return sums
+
+
+def train_step(s: Setup, step: int, opt, sched) -> dict:
+    """One optimizer step (see the module docstring); returns the step's metrics."""
+    cfg, dd, method, ctx = s.cfg, s.dd, s.method, s.ctx
+    weights = method.weights(ctx.cfg)
+    names = sorted(k for k, w in weights.items() if w)  # terms that are part of the loss
+    stat_names = sorted(method.stat_keys)  # fixed per method, so every process agrees
+
+    # 1. prepare every micro-batch (sampling happens here, without gradients)
+    failure = None
+    try:
+        preps = [method.prepare(ctx, micro_batch(s, step, a), step) for a in range(cfg.grad_accum)]
+    except NonFiniteLogits as e:  # reported below, once every process knows
+        preps, failure = [], str(e)
+
+    # 2. global token counts per term (one small all-reduce); stats and failures ride along
+    total = dd.all_sum(_prepared_sums(preps, names, stat_names, failure is not None), s.device)
+    if total["failed"] > 0:
+        where = failure or "another process could not sample"
+        raise TrainingDiverged(f"sampling at step {step + 1} failed: {where}")
+    counts = {k: max(1.0, total[f"count/{k}"]) for k in names}
+
+    # 3. forward/backward per micro-batch; DDP all-reduces gradients on the last one only
+    s.student.train()
+    opt.zero_grad(set_to_none=True)
+    term_sums = {k: 0.0 for k in names}
+    for a, prep in enumerate(preps):
+        sync = (not dd.enabled) or a == len(preps) - 1
+        with contextlib.nullcontext() if sync else s.student.no_sync():
+            terms = method.terms(ctx, prep)
+            loss = method.combine(ctx.cfg, terms, counts)
+            (loss * dd.world).backward()
+        for k in names:
+            if k in terms:
+                term_sums[k] += float(terms[k].detach())
+
+    # 4. clip, check finiteness everywhere, then step
+    params = [p for p in s.student.parameters() if p.requires_grad]
+    if cfg.max_grad_norm > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    else:
+        gnorm = torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in params if p.grad is not None])
+        )
+    term_sums = dd.all_sum(term_sums, s.device)
+    values = {k: term_sums[k] / counts[k] for k in names}
+    loss_value = sum(weights[k] * values[k] for k in names)
+    if not (math.isfinite(loss_value) and math.isfinite(float(gnorm))):
+        raise TrainingDiverged(
+            f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step + 1} "
+            f"(loss {loss_value}, grad norm {float(gnorm)}; terms {values}); the weights were not updated"
+        )
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+
+    rec = {"step": step + 1, "loss": loss_value, **{f"loss/{k}": v for k, v in values.items()}}
+    rec.update(lr=lr, grad_norm=float(gnorm), tokens=int(max(counts.values())), epoch=s.schedule.epoch(step + 1))
+    for k in stat_names:
+        n = total[f"stat/{k}/n"]
+        rec[k] = total[f"stat/{k}/sum"] / n if n else float("nan")
+    return rec
