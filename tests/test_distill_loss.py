@@ -206,6 +206,16 @@ def test_backward_twice_through_the_fused_buffer_is_refused():
     loss.backward()
 
 
+def test_backward_twice_through_a_scaled_fused_loss_is_refused():
+    # A loss scaled by anything but 1 scales the buffer in place, which bumps its version:
+    # the second backward must still raise kdext's message, not autograd's in-place error.
+    s = torch.randn(2, 10, requires_grad=True)
+    loss = 2.5 * kdext.distill_loss(s, torch.randn(2, 10))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward was called twice"):
+        loss.backward()
+
+
 def test_no_counted_rows():
     s = torch.randn(3, 10, requires_grad=True)
     labels = torch.full((3,), -100)
