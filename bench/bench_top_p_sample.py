@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import kdext  # noqa: E402,F401
-from kdext.sampling import top_p_sample  # noqa: E402
+from kdext.top_p_sample import top_p_sample  # noqa: E402
 
 
 def sorted_reference(logits, top_p, teacher=None, alpha=0.0):

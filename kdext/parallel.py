@@ -80,7 +80,7 @@ import torch.distributed as dist
 from . import _validate
 from ._ops import ops
 from .divergence import check_loss_args, reduce_rows
-from .logprobs import _check_tokens
+from .logprobs import check_tokens
 
 __all__ = [
     "count_collectives",
@@ -515,7 +515,7 @@ def logprobs(logits, tokens, temperature=1.0, group=None):
     (the one-hot term lands on the rank that owns the token).
     """
     _check(logits, temperature, group)
-    _check_tokens(logits, tokens)
+    check_tokens(logits, tokens)
     return _LogProbs.apply(logits, tokens, float(temperature), group)
 
 
@@ -523,7 +523,7 @@ def logprobs(logits, tokens, temperature=1.0, group=None):
 # Sampling: top-k / top-p from the teacher-mixed distribution
 # ---------------------------------------------------------------------------
 #
-# The single-device op (kdext/sampling.py, csrc/cpu/top_p_sample.cpp) runs, per
+# The single-device op (kdext/top_p_sample.py, csrc/cpu/top_p_sample.cpp) runs, per
 # row, the sort-free threshold search of csrc/include/kdext/top_p.h. Here every
 # rank runs the very same search (ThresholdSearch below is a line-by-line,
 # row-vectorised port of the C++ struct, in the same float32 arithmetic) on the
@@ -785,9 +785,9 @@ def _run_search(st, r, group, k=_SEARCH_PIVOTS):
 
 
 def _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, row_ids, group):
-    from .sampling import _check_args
+    from .top_p_sample import check_args
 
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
+    check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator to top_p_sample, not both")
     _check_group(group)
@@ -831,12 +831,12 @@ def top_p_sample(
         float32 rounding.
     """
     _check_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, generator, seed, row_ids, group)
-    from .sampling import SampleResult, _philox_seed_offset
+    from .top_p_sample import SampleResult, philox_seed_offset
 
     device = logits.device
     shape = logits.shape[:-1]
     v_local = logits.shape[-1]
-    seed64, offset = _philox_seed_offset(device, generator, seed)
+    seed64, offset = philox_seed_offset(device, generator, seed)
     # Collective 1 (O(W), independent of rows): shard sizes, and every rank's (seed, offset).
     meta = _all_gather(torch.tensor([v_local, seed64, offset], dtype=torch.int64, device=device), group).tolist()
     world, rank = len(meta), dist.get_rank(group)

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdext  # noqa: F401
-from kdext.sampling import SampleResult, top_p_sample
+from kdext.top_p_sample import SampleResult, top_p_sample
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible CUDA device")
@@ -537,6 +537,17 @@ def test_philox_known_answer_python_model():
         c = [((p1 >> 32) ^ c[1] ^ k0) & M, p1 & M, ((p0 >> 32) ^ c[3] ^ k1) & M, p0 & M]
         k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
     assert c == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_function_and_module_share_the_stem():
+    # kdext.top_p_sample is the function; the module of the same stem stays importable.
+    import importlib
+
+    module = importlib.import_module("kdext.top_p_sample")
+    assert kdext.top_p_sample is top_p_sample is module.top_p_sample
+    assert kdext.SampleResult is SampleResult is module.SampleResult
+    res = kdext.top_p_sample(torch.zeros(3, 5), top_p=0.5, seed=1)
+    assert isinstance(res, SampleResult) and res.tokens.shape == (3,)
 
 
 # ---------------------------------------------------------------------------------------------
