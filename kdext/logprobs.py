@@ -7,7 +7,7 @@ from ._ops import ops
 
 
 def check_tokens(logits, tokens):
-    """The checks of logprobs' ``tokens`` (integer, the logits' leading shape, same device);
+    """The checks of logprobs' ``tokens`` (int64 or int32, the logits' leading shape, on their device);
     shared with kdext.parallel.logprobs."""
     _validate.check_row_integers(tokens, "tokens", logits)
 

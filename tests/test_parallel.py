@@ -740,9 +740,11 @@ def compare_sample(ctx, s, t, what, variant=0, seed=1234, max_ill=None, **kw):
         a, b = getattr(got, name), getattr(ref, name)
         expect(a.shape == b.shape and a.dtype == b.dtype, f"{tag} {name}: shape/dtype {a.shape} {a.dtype}")
         assert_same_on_all_ranks(a, f"{tag} {name}")
+    from kdext.parallel.top_p_sample import philox_uniform
+
     rows = s.reshape(-1, s.shape[-1]).shape[0]
     ids = kw.get("row_ids")
-    u = P._philox_uniform(seed, 0, torch.arange(rows, device=s.device) if ids is None else ids.reshape(-1))
+    u = philox_uniform(seed, 0, torch.arange(rows, device=s.device) if ids is None else ids.reshape(-1))
     refs = sample_reference(s.reshape(rows, -1), None if t is None else t.reshape(rows, -1),
                             kw.get("top_p", 1.0), kw.get("top_k", 0), kw.get("temperature", 1.0), alpha, u)
     g_tok, r_tok = got.tokens.reshape(-1), ref.tokens.reshape(-1)
@@ -865,12 +867,12 @@ def check_sample_collective_bytes(ctx):
     """top_p_sample moves O(rows) bytes, bounded independently of V, and never the logits:
     gather (V_local, seed, offset), 24 B per call; gather lse's, 8 B per row and side; gather the
     row totals, 32 B per row; per search round, gather 4K float64 per still-active row, at most
-    _search_round_bound() rounds per search; gather the owner's draw, 32 B per row."""
+    search_round_bound() rounds per search; gather the owner's draw, 32 B per row."""
     import kdext.parallel as P
+    from kdext.parallel.top_p_sample import SEARCH_PIVOTS, search_round_bound
 
-    k = P._SEARCH_PIVOTS
-    per_round = 4 * k * 8
-    bound = P._search_round_bound()
+    per_round = 4 * SEARCH_PIVOTS * 8
+    bound = search_round_bound()
     with CollectiveCounter() as counter:
         for rows in (6, 12):
             for vocab in (ctx.world * 8, ctx.world * 3000):
@@ -1008,10 +1010,10 @@ def test_torchrun_example():
 
 def test_philox_known_answers():
     """The Python Philox4x32-10 of kdext.parallel: Random123's known-answer vectors."""
-    import kdext.parallel as P
+    from kdext.parallel.top_p_sample import philox4x32_10
 
     def words(ctr, key):
-        out = P._philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
+        out = philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
         return [int(w) for w in out]
 
     assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
@@ -1027,16 +1029,31 @@ def test_philox_uniform_matches_the_kernel(seed, offset):
     the top 12 bits of u; 300 rows check (seed, row, offset) -> u, by index and by row_ids
     (negative, repeated and beyond 2^32 included)."""
     import kdext
-    import kdext.parallel as P
+    from kdext.parallel.top_p_sample import philox_uniform
 
     rows, vocab = 300, 4096
     x = torch.zeros(rows, vocab)
     tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset)[0]
-    u = P._philox_uniform(seed, offset, torch.arange(rows))
+    u = philox_uniform(seed, offset, torch.arange(rows))
     assert torch.equal(tokens, (u.double() * vocab).floor().long())
     ids = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=torch.Generator().manual_seed(offset % 1000))
     ids[:3] = torch.tensor([-1, (1 << 63) - 1, 1 << 32])
     ids[3] = ids[4]
     tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset, ids)[0]
-    u = P._philox_uniform(seed, offset, ids)
+    u = philox_uniform(seed, offset, ids)
     assert torch.equal(tokens, (u.double() * vocab).floor().long())
+
+
+def test_signatures_are_the_single_device_ones_plus_group():
+    """Every op of kdext.parallel takes its single-device twin's parameters (same names, order and
+    defaults) plus ``group=None``; distill_loss has no ``fused`` (its gradient is never fused)."""
+    import inspect
+
+    import kdext
+    import kdext.parallel as P
+
+    twins = [name for name in P.__all__ if name not in ("count_collectives", "shard_range")]
+    for name in twins:
+        want = [p for p in inspect.signature(getattr(kdext, name)).parameters.values() if p.name != "fused"]
+        got = list(inspect.signature(getattr(P, name)).parameters.values())
+        assert [(p.name, p.default) for p in got] == [(p.name, p.default) for p in want] + [("group", None)], name
