@@ -4,8 +4,8 @@ Run under the sanitizer with the caching allocator off, so that every
 allocation has exact bounds and an out-of-bounds access is caught:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 9 python bench/sanitize_cuda.py
-    compute-sanitizer --tool racecheck --error-exitcode 9 python bench/sanitize_cuda.py --only onchip
+        --error-exitcode 9 python tools/sanitize_cuda.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python tools/sanitize_cuda.py --only onchip
 
 Each case forces one launcher path (row kernels, split vocabulary, on-chip
 clusters of each size, the unfused loss) through the launchers' environment
