@@ -24,6 +24,7 @@ import traceback
 
 import pytest
 import torch
+from reference import DIVERGENCE_CASES, JSD_ENDPOINTS, call_divergence, divergence_kwargs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +37,7 @@ TOL = {
     torch.float16: (1e-3, 1e-3),
 }
 
-DIVERGENCES = [
-    ("reverse_kl", None),
-    ("forward_kl", None),
-    ("jsd", 0.0),
-    ("jsd", 0.3),
-    ("jsd", 1.0),
-    ("skew_forward_kl", 0.1),
-    ("skew_reverse_kl", 0.25),
-    ("tvd", None),
-]
+DIVERGENCES = DIVERGENCE_CASES + JSD_ENDPOINTS
 
 
 def shard_sizes(vocab, world, variant=0):
@@ -130,14 +122,6 @@ def logits(shape, gen, scale=3.0, dtype=torch.float32):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
-def div_call(module, kind, param, s, t, temperature, **kw):
-    fn = getattr(module, kind)
-    if param is None:
-        return fn(s, t, temperature=temperature, **kw)
-    key = "beta" if kind == "jsd" else "alpha"
-    return fn(s, t, temperature=temperature, **{key: param}, **kw)
-
-
 def compare_divergence(ctx, kind, param, s_full, t_full, temperature, variant=0, what=""):
     import kdext
     import kdext.parallel as P
@@ -146,8 +130,8 @@ def compare_divergence(ctx, kind, param, s_full, t_full, temperature, variant=0,
     t_loc = ctx.shard(t_full, variant=variant).requires_grad_()
     s_ref = s_full.detach().clone().requires_grad_()
     t_ref = t_full.detach().clone().requires_grad_()
-    got = div_call(P, kind, param, s_loc, t_loc, temperature)
-    ref = div_call(kdext, kind, param, s_ref, t_ref, temperature)
+    got = call_divergence(P, kind, param, s_loc, t_loc, temperature)
+    ref = call_divergence(kdext, kind, param, s_ref, t_ref, temperature)
     tag = f"{what} {kind}({param}) T={temperature}"
     expect(got.shape == ref.shape and got.dtype == ref.dtype, tag + ": shape/dtype")
     assert_close(got, ref, what=tag + " value")
@@ -244,7 +228,7 @@ def check_distill_loss(ctx):
     nothing = torch.zeros(rows, dtype=torch.bool)
     lo, hi = ctx.bounds(vocab)
     for kind, param in DIVERGENCES:
-        kw = {} if param is None else ({"beta": param} if kind == "jsd" else {"alpha": param})
+        kw = divergence_kwargs(kind, param)
         for reduction in ("mean", "sum", "none"):
             for sel in ({"labels": labels}, {"mask": mask}, {"labels": labels, "mask": mask}, {"mask": nothing}):
                 for teacher_grad in (False, True):
@@ -592,7 +576,7 @@ def op_runners(ctx, rows, vocab, dtype):
         runners.append((name, forward, backward))
 
     for kind, param in DIVERGENCES:
-        add(f"{kind}({param})", lambda s, t, k=kind, p=param: div_call(P, k, p, s, t, 1.0))
+        add(f"{kind}({param})", lambda s, t, k=kind, p=param: call_divergence(P, k, p, s, t, 1.0))
     add("distill_loss", lambda s, t: P.distill_loss(s, t, kind="jsd", labels=labels))
     add("softmax", lambda s, t: P.softmax(s))
     add("log_softmax", lambda s, t: P.log_softmax(s))
