@@ -24,7 +24,7 @@ import traceback
 
 import pytest
 import torch
-from reference import DIVERGENCE_CASES, JSD_ENDPOINTS, call_divergence, divergence_kwargs
+from reference import DIVERGENCE_CASES, JSD_ENDPOINTS, PHILOX_KNOWN_ANSWERS, call_divergence, divergence_kwargs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -587,7 +587,7 @@ def op_runners(ctx, rows, vocab, dtype):
 
 
 def expected_bytes(name, rows, a, world):
-    """Payload bytes (forward, backward) that the module docstring's schedule promises.
+    """Payload bytes (forward, backward) that the schedule of kdext/parallel/__init__.py promises.
 
     ``a``: bytes of the accumulation dtype; the softmax family and logprobs exchange
     their lse's in float64 (8 bytes) whatever the input dtype.
@@ -992,18 +992,13 @@ def test_torchrun_example():
     assert "all ops agree with the single-device result" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_philox_known_answers():
+@pytest.mark.parametrize("counter,key,words", PHILOX_KNOWN_ANSWERS)
+def test_philox_known_answers(counter, key, words):
     """The Python Philox4x32-10 of kdext.parallel: Random123's known-answer vectors."""
     from kdext.parallel.top_p_sample import philox4x32_10
 
-    def words(ctr, key):
-        out = philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
-        return [int(w) for w in out]
-
-    assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    assert words((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-    assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
-        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    out = philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in counter), *key)
+    assert tuple(int(w) for w in out) == words
 
 
 @pytest.mark.parametrize("seed,offset", [(1234, 0), (-7, 5), ((1 << 63) - 3, (1 << 40) + 3)])
