@@ -17,7 +17,6 @@ load on a shared machine hits them alike; the ratio to `sorted` is what carries 
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -49,19 +48,6 @@ def flashinfer_sampler():
     except Exception:  # not installed, or built for another torch / GPU
         return None
     return lambda logits, top_p: fs.top_p_sampling_from_probs(torch.softmax(logits.float(), -1), top_p)
-
-
-def timed(fn, device):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main():
@@ -104,7 +90,7 @@ def main():
         common.sync(device)
         for i in range(reps):
             for name, fn in providers.items():
-                times[name].append(timed(lambda: fn(i), device))
+                times[name].append(common.time_once(lambda: fn(i), device))
         ref = statistics.median(times["sorted"])
         for name, ts in times.items():
             med = statistics.median(ts)
