@@ -38,7 +38,7 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 
 def ref_mixture(logits, teacher, temperature, alpha):
     """r in float64; probabilities below float32's normal range count as 0 (the contract's
-    float32 r, see kdext/top_p.h mixture_prob)."""
+    float32 r, see csrc/include/kdext/top_p.h mixture_prob)."""
     q = torch.softmax(logits.double() / temperature, -1)
     if alpha == 0.0:
         r = q
