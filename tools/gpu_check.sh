@@ -79,8 +79,10 @@ if ! (cd "$OUT" && "$PY" -c "import kdext, sys; print(kdext.__file__, kdext.BUIL
   exit 1
 fi
 
-# 3. the CUDA tests (the >2^31 indexing test is last, if time is left)
-stage tests 150 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q --maxfail=25 -m 'not slow' \
+# 3. the CUDA tests (the >2^31 indexing test is last, if time is left). --import-mode=importlib does
+# not put tests/ on sys.path, where test_cuda_kernels.py finds the shared cases (tests/reference.py).
+TESTS_PATH="$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+stage tests 150 bash -c "cd '$OUT' && PYTHONPATH='$TESTS_PATH' '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q --maxfail=25 -m 'not slow' \
   --import-mode=importlib -p no:cacheprovider --junitxml='$OUT/tests.xml'"
 
 # 4. compute-sanitizer memcheck (exact allocation bounds: caching allocator off)
@@ -110,7 +112,7 @@ fi
 # The CPU property tests parametrized over devices (tests/conftest.py `device` fixture), on CUDA only.
 stage tests_property 90 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests' -q -k cuda -p no:cacheprovider \
   --ignore='$ROOT/tests/test_cuda_kernels.py'; rc=\$?; [ \$rc -eq 5 ] && echo 'no cuda-parametrized tests' && exit 0; exit \$rc"
-stage tests_large 40 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q -m slow \
+stage tests_large 40 bash -c "cd '$OUT' && PYTHONPATH='$TESTS_PATH' '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q -m slow \
   --import-mode=importlib -p no:cacheprovider"
 
 echo
