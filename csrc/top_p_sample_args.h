@@ -1,5 +1,5 @@
 // kdext::top_p_sample's adapter arguments, shared by its CPU and CUDA
-// adapters: the checks (kdext/sampling.py runs the same checks first, with the
+// adapters: the checks (kdext/top_p_sample.py runs the same checks first, with the
 // same words) and the five per-row outputs.
 #pragma once
 

@@ -120,13 +120,15 @@ def _loss_backward(ctx, grad_loss, _grad_grad):
     # by the upstream gradient, in place (a no-op on the device when it is 1).
     if grad_loss is None:
         return None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
+    # Checked before ctx.saved_tensors is read: once the buffer has been scaled in place,
+    # reading it raises autograd's generic version-counter error instead of this message.
     if ctx.consumed:
         raise RuntimeError(
             "distill_loss: backward was called twice through the fused loss, whose gradient buffer is scaled in "
             "place; use fused=False if you need retain_graph=True"
         )
     ctx.consumed = True
+    (grad,) = ctx.saved_tensors
     if _tracing(grad):
         # Under torch.compile / AOT tracing the buffer is also a forward output
         # of the graph, which a backward must not mutate: scale out of place.
