@@ -12,25 +12,22 @@
 
 namespace kdext {
 
-// The logits, and the tokens as a flat int64 vector, one per row.
-struct TokenRowsInput {
-  RowsInput in;
-  at::Tensor tokens;  // [rows], int64
-
-  TokenRowsInput(const at::Tensor& logits, const at::Tensor& tokens_in, double temperature)
-      : in(logits, "logits") {
-    check_temperature(temperature);
-    check_tokens(tokens_in, logits);
-    tokens = per_row_vector(tokens_in, at::kLong);
-  }
-};
+// The tokens (checked: one int64/int32 per row of logits) as a flat int64 vector.
+inline at::Tensor token_vector(const at::Tensor& tokens, const at::Tensor& logits) {
+  check_row_integers(tokens, "tokens", logits);
+  return per_row_vector(tokens, at::kLong);
+}
 
 // logprobs_forward: the log-probs and per-row lse, in the accumulation dtype.
-struct LogprobsForwardArgs : TokenRowsInput {
+struct LogprobsForwardArgs {
+  RowsInput in;
+  at::Tensor tokens;    // [rows], int64
   at::Tensor out, lse;  // [rows]
 
   LogprobsForwardArgs(const at::Tensor& logits, const at::Tensor& tokens_in, double temperature)
-      : TokenRowsInput(logits, tokens_in, temperature) {
+      : in(logits, "logits") {
+    check_temperature(temperature);
+    tokens = token_vector(tokens_in, logits);
     const auto opts = logits.options().dtype(acc_dtype(logits));
     out = at::empty({in.rows}, opts);
     lse = at::empty({in.rows}, opts);
@@ -39,13 +36,17 @@ struct LogprobsForwardArgs : TokenRowsInput {
 
 // logprobs_backward: the upstream gradient and saved lse (accumulation dtype)
 // and the [rows, V] gradient in the logits' dtype.
-struct LogprobsBackwardArgs : TokenRowsInput {
+struct LogprobsBackwardArgs {
+  RowsInput in;
+  at::Tensor tokens;     // [rows], int64
   at::Tensor grad, lse;  // [rows]
   at::Tensor out;
 
   LogprobsBackwardArgs(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& tokens_in,
                        const at::Tensor& lse_in, double temperature, OutputAllocator alloc)
-      : TokenRowsInput(logits, tokens_in, temperature) {
+      : in(logits, "logits") {
+    check_temperature(temperature);
+    tokens = token_vector(tokens_in, logits);
     const auto acc = acc_dtype(logits);
     check_per_row(grad_in, "grad", in.rows, logits, "logits");
     check_per_row(lse_in, "lse", in.rows, logits, "logits");

@@ -4,7 +4,8 @@
 // registered in Python (kdext/_ops.py).
 //
 // Stems: divergence (divergence_* and the public divergence ops), softmax
-// (softmax, log_softmax, logsumexp, entropy), logprobs, top_p_sample.
+// (softmax, log_softmax, logsumexp, entropy), logprobs, common (scale_),
+// top_p_sample.
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
@@ -80,9 +81,6 @@ TORCH_LIBRARY(kdext, m) {
   m.def(
       "divergence_partial(Tensor student_logits, Tensor teacher_logits, Tensor student_lse, Tensor teacher_lse, "
       "str divergence, float param, float temperature) -> Tensor");
-  // self *= factor (a 0-dim tensor), skipped on the device when factor == 1, so
-  // a fused loss's backward costs nothing in the common case and needs no sync.
-  m.def("scale_(Tensor(a!) self, Tensor factor) -> ()");
 
   m.def("reverse_kl(Tensor student_logits, Tensor teacher_logits, float temperature=1.0) -> Tensor");
   m.def("forward_kl(Tensor student_logits, Tensor teacher_logits, float temperature=1.0) -> Tensor");
@@ -113,6 +111,11 @@ TORCH_LIBRARY(kdext, m) {
   // Tokens outside [0, V) contribute no one-hot term (used by vocab shards).
   m.def("logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor lse, float temperature) -> Tensor");
   m.def("logprobs(Tensor logits, Tensor tokens, float temperature=1.0) -> Tensor");
+
+  // ---- generic ops (stem: common) ------------------------------------------
+  // self *= factor (one element), skipped on the device when factor == 1, so a
+  // fused loss's backward costs nothing in the common case and needs no sync.
+  m.def("scale_(Tensor(a!) self, Tensor factor) -> ()");
 
   // ---- sampling (stem: top_p_sample) --------------------------------------
   // One token per row from r = (1-alpha) softmax(logits/T) + alpha softmax(teacher/T)

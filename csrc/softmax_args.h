@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <optional>
@@ -24,6 +25,13 @@ struct SoftmaxArgs {
   }
 };
 
+// softmax_backward's upstream gradient: the output's shape and device.
+inline void check_softmax_grad(const at::Tensor& grad_output, const at::Tensor& output) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
+                    " but output has shape ", output.sizes());
+  check_same_device(grad_output, "grad_output", output, "output");
+}
+
 // softmax_backward: the forward's output, the upstream gradient and the
 // [rows, V] input gradient in the output's dtype.
 struct SoftmaxBackwardArgs {
@@ -33,22 +41,16 @@ struct SoftmaxBackwardArgs {
 
   SoftmaxBackwardArgs(const at::Tensor& grad_output_in, const at::Tensor& output_in, double temperature,
                       OutputAllocator alloc)
-      : output(output_in, "output"),
-        grad_output(checked_grad_output(grad_output_in, output_in, temperature), "grad_output") {
-    grad = alloc({output.rows, output.V}, output_in.options());
-  }
-
- private:
-  // float64 pairs only with float64 in the kernels: when exactly one of the
-  // two is float64, grad_output takes the output's dtype. That is the value
-  // the accumulation dtype (the output's) would round it to anyway.
-  static at::Tensor checked_grad_output(const at::Tensor& grad_output, const at::Tensor& output,
-                                        double temperature) {
+      : output(output_in, "output"), grad_output(grad_output_in, "grad_output") {
     check_temperature(temperature);
-    check_softmax_grad(grad_output, output);
-    const bool f64_mix = (grad_output.scalar_type() == at::kDouble) != (output.scalar_type() == at::kDouble);
-    return f64_mix && is_supported_float(grad_output.scalar_type()) ? grad_output.to(output.scalar_type())
-                                                                    : grad_output;
+    check_softmax_grad(grad_output_in, output_in);
+    // float64 pairs only with float64 in the kernels: when exactly one of the
+    // two is float64, grad_output takes the output's dtype. That is the value
+    // the accumulation dtype (the output's) would round it to anyway.
+    const auto out_dtype = output.x.scalar_type();
+    if ((grad_output.x.scalar_type() == at::kDouble) != (out_dtype == at::kDouble))
+      grad_output.x = grad_output.x.to(out_dtype);
+    grad = alloc({output.rows, output.V}, output_in.options());
   }
 };
 

@@ -1,6 +1,6 @@
 // CPU kernels of the divergence family: divergence_forward, divergence_backward,
-// divergence_loss (the fused loss + student gradient), divergence_partial
-// (a vocab shard's sums) and scale_.
+// divergence_loss (the fused loss + student gradient) and divergence_partial
+// (a vocab shard's sums).
 //
 // Rows are split across threads; each row is streamed in chunks (cpu/vec.h)
 // and reduced with SIMD lanes. Reverse KL takes one pass per row (the online
@@ -17,6 +17,7 @@
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 #include "kdext/divergence.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cpu {
@@ -140,16 +141,14 @@ RowResult<acc_t> row_forward(const RowPair<acc_t>& row, const DivergenceParam<ac
 }
 
 // Gradient pass: writes scale * dD/ds (and/or dD/dt) * T for one row. `scale`
-// carries 1/T and the upstream gradient. Empty rows get zeros, poisoned rows NaN.
+// carries 1/T and the upstream gradient. Rows whose gradient is a constant
+// (empty or poisoned rows, a zero scale) are filled: constant_gradient.
 template <typename acc_t, Divergence D>
 void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const DivergenceParam<acc_t>& prm,
                   acc_t scale, void* gs, c10::ScalarType gs_dtype, void* gt, c10::ScalarType gt_dtype,
                   Buffers<acc_t>& buf) {
-  const RowKind kind = classify_row(st.lse_s, st.lse_t);
-  // A zero upstream gradient (an ignored row) gives a zero gradient even for a
-  // NaN row, as autograd treats "no gradient"; empty rows always get zeros.
-  if (kind != RowKind::Normal || scale == acc_t(0)) {
-    const acc_t fill = (kind == RowKind::Poisoned && scale != acc_t(0)) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+  acc_t fill;
+  if (constant_gradient(classify_row(st.lse_s, st.lse_t), scale, &fill)) {
     std::fill(buf.out, buf.out + kChunk, fill);
     for (int64_t b = 0; b < row.V; b += kChunk) {
       const int64_t n = std::min<int64_t>(kChunk, row.V - b);
@@ -388,12 +387,6 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
   return a.out;
 }
 
-void scale_(at::Tensor& self, const at::Tensor& factor) {
-  check_scale_factor(factor, self);
-  const double f = factor.item<double>();
-  if (f != 1.0) self.mul_(f);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
@@ -401,7 +394,6 @@ TORCH_LIBRARY_IMPL(kdext, CPU, m) {
   m.impl("divergence_backward", &divergence_backward);
   m.impl("divergence_loss", &divergence_loss);
   m.impl("divergence_partial", &divergence_partial);
-  m.impl("scale_", &scale_);
 }
 
 }  // namespace cpu

@@ -341,16 +341,14 @@ RowOut sample_row(const RowIn& in, const Options& o, uint64_t subsequence, Scrat
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
     double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
-  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
-  const at::Tensor ids = row_ids_vector(row_ids);
-  const int64_t* idp = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  const TopPSampleArgs a(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
+  const int64_t* idp = a.row_ids.defined() ? a.row_ids.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor s = as_rows(logits);
   const at::Tensor t = teacher_logits.has_value() ? as_rows(*teacher_logits) : at::Tensor();
   const int64_t rows = s.size(0), V = s.size(1);
-  const TopPSampleOutputs out(logits);
-  int64_t* tp = out.tokens.data_ptr<int64_t>();
-  float *sp = out.student_logprob.data_ptr<float>(), *tq = out.teacher_logprob.data_ptr<float>();
-  float *xp = out.sample_logprob.data_ptr<float>(), *hp = out.threshold.data_ptr<float>();
+  int64_t* tp = a.tokens.data_ptr<int64_t>();
+  float *sp = a.student_logprob.data_ptr<float>(), *tq = a.teacher_logprob.data_ptr<float>();
+  float *xp = a.sample_logprob.data_ptr<float>(), *hp = a.threshold.data_ptr<float>();
 
   const Options o{top_p, top_k, static_cast<float>(1.0 / temperature), static_cast<float>(alpha),
                   static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
@@ -370,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
       hp[r] = res.threshold;
     }
   });
-  return out.as_tuple();
+  return a.outputs();
 }
 
 }  // namespace

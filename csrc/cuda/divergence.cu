@@ -1,5 +1,5 @@
 // CUDA adapters of the divergence family: divergence_forward,
-// divergence_backward, divergence_loss, divergence_partial and scale_.
+// divergence_backward, divergence_loss and divergence_partial.
 //
 // Each adapter checks its inputs (csrc/checks.h, the same words as the CPU
 // kernels), takes a device guard and the current stream, and calls a
@@ -86,23 +86,6 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
   return a.out;
 }
 
-// self *= factor, skipped when factor == 1. The factor is read on the device,
-// inside the kernel, so that no host synchronisation happens.
-void scale_(at::Tensor& self, const at::Tensor& factor) {
-  check_scale_factor(factor, self);
-  if (self.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(self.device());
-  const bool fast = self.is_contiguous() && is_supported_float(self.scalar_type());
-  if (!fast) {  // still no sync; x * 1 == x, so skipping is only an optimisation
-    self.mul_(factor.reshape({}));
-    return;
-  }
-  const at::Tensor f = is_supported_float(factor.scalar_type()) ? factor : factor.to(at::kDouble);
-  C10_CUDA_CHECK(kdext::cuda::scale_inplace(self.data_ptr(), to_dtype(self.scalar_type()), self.numel(),
-                                            f.const_data_ptr(), to_dtype(f.scalar_type()), 1.0, current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
@@ -110,7 +93,6 @@ TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
   m.impl("divergence_backward", &divergence_backward);
   m.impl("divergence_loss", &divergence_loss);
   m.impl("divergence_partial", &divergence_partial);
-  m.impl("scale_", &scale_);
 }
 
 }  // namespace cuda_adapter

@@ -27,8 +27,8 @@
 
 #include "kdext/cuda/block_reduce.cuh"
 #include "kdext/cuda/vec_load.cuh"
-#include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cuda {
@@ -174,7 +174,7 @@ __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, con
     const double lse = lse_f64(st.sm);
     if (sk.lse64) sk.lse64[r] = lse;
     if (sk.entropy) {
-      sk.entropy[r] = classify_row(lse, 0.0) != RowKind::Normal
+      sk.entropy[r] = classify_row(lse) != RowKind::Normal
                           ? quiet_nan<Acc>()
                           : MathOps<Acc>::log(st.sm.sum) - st.centred / st.sm.sum;
     }
@@ -187,25 +187,6 @@ __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, con
     sk.logprob[r] = (tok >= 0 && tok < a.V) ? (mul_rn(to_acc<Acc>(row[tok]), a.inv_t) - st.sm.max) - log_z(st.sm)
                                             : quiet_nan<Acc>();
   }
-}
-
-// log q = x/T - lse with a float64 lse: split into hi + lo floats so that
-// (x - hi) - lo keeps full precision (csrc/cpu/softmax.cpp, SplitLse).
-template <typename Acc>
-struct SplitLse {
-  Acc hi, lo;
-};
-
-__device__ __forceinline__ SplitLse<float> split_lse(double lse, float) {
-  const float hi = static_cast<float>(lse);
-  const float lo = isfinite(lse) ? static_cast<float>(lse - double(hi)) : 0.0f;
-  return {hi, lo};
-}
-__device__ __forceinline__ SplitLse<double> split_lse(double lse, double) { return {lse, 0.0}; }
-
-template <typename Acc>
-__device__ __forceinline__ Acc log_q(Acc x, const SplitLse<Acc>& l) {
-  return (x - l.hi) - l.lo;
 }
 
 // Accumulates packs [k0, k1) of a row, `G` threads apart starting at k0 + lane.
@@ -411,8 +392,8 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
     bool normal = false;
     if (pos.active) {
       const double l64 = lse[pos.row];
-      const SplitLse<Acc> l = split_lse(l64, Acc(0));
-      normal = classify_row(l64, 0.0) == RowKind::Normal;
+      const SplitLse<Acc> l = split_lse<Acc>(l64);
+      normal = classify_row(l64) == RowKind::Normal;
       if (normal) {
         const X* row = row_ptr<X>(a.x, pos.row, a.stride);
         const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, nullptr));
@@ -469,14 +450,14 @@ __global__ void __launch_bounds__(kThreads)
     const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
     int64_t k0, k1;
     chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-    const SplitLse<Acc> l = split_lse(lse[r], Acc(0));
+    const SplitLse<Acc> l = split_lse<Acc>(lse[r]);
     const Acc h = entropy[r], scale = -grad[r] * a.inv_t;
-    const RowKind kind = classify_row(lse[r], 0.0);
+    const RowKind kind = classify_row(lse[r]);
     for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
       const int64_t start = L.base + k * N;
       Acc v[N];
       if (kind != RowKind::Normal) {
-        const Acc fill = kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
+        const Acc fill = constant_row_gradient<Acc>(kind);
 #pragma unroll
         for (int l2 = 0; l2 < N; ++l2) v[l2] = fill;
       } else {
