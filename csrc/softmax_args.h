@@ -54,14 +54,15 @@ struct SoftmaxBackwardArgs {
   }
 };
 
-// logsumexp: the logits and one accumulation-dtype value per row.
-struct LogsumexpArgs {
+// logsumexp and lse_float64: the logits and one value per row, in the
+// accumulation dtype (logsumexp) or in float64 (lse_float64).
+struct LseArgs {
   RowsInput in;
   at::Tensor out;  // [rows]
 
-  LogsumexpArgs(const at::Tensor& logits, double temperature) : in(logits, "logits") {
+  LseArgs(const at::Tensor& logits, double temperature, c10::ScalarType out_dtype) : in(logits, "logits") {
     check_temperature(temperature);
-    out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+    out = at::empty({in.rows}, logits.options().dtype(out_dtype));
   }
 };
 

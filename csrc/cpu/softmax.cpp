@@ -1,5 +1,6 @@
 // CPU kernels of the softmax family: softmax, log_softmax (with temperature),
-// their backward, logsumexp, and entropy (forward, shard partial, backward).
+// their backward, logsumexp, lse_float64, and entropy (forward, shard partial,
+// backward).
 //
 // Each is one or two streamed passes over a row (cpu/vec.h), with the online
 // softmax state of csrc/include/kdext/online_softmax.h.
@@ -104,20 +105,37 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
   return grad.view(output.sizes());
 }
 
-at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  LogsumexpArgs a(logits, temperature);
+// The per-row lse of x/T from the row's online softmax state: in the
+// accumulation dtype (logsumexp) or, from the same state, in float64 (lse_float64).
+at::Tensor row_lse(const at::Tensor& logits, double temperature, bool float64) {
+  LseArgs a(logits, temperature, float64 ? at::kDouble : acc_dtype(logits));
   const RowsInput& in = a.in;
-  const at::Tensor& out = a.out;
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "kdext::logsumexp", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::row_lse", [&] {
     using acc_t = scalar_t;
-    acc_t* o = out.data_ptr<acc_t>();
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    acc_t* out = float64 ? nullptr : a.out.data_ptr<acc_t>();
+    double* out64 = float64 ? a.out.data_ptr<double>() : nullptr;
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
-      for (int64_t r = begin; r < end; ++r)
-        o[r] = log_sum_exp(row_softmax_state(row_ptr(in.x, r), in.x.scalar_type(), in.V, acc_t(1.0 / temperature), buf));
+      for (int64_t r = begin; r < end; ++r) {
+        const auto st = row_softmax_state(row_ptr(in.x, r), in.x.scalar_type(), in.V, inv_t, buf);
+        if (float64) {
+          out64[r] = log_sum_exp_float64(st);
+        } else {
+          out[r] = log_sum_exp(st);
+        }
+      }
     });
   });
-  return out.view(row_shape(logits));
+  return a.out.view(row_shape(logits));
+}
+
+at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
+  return row_lse(logits, temperature, /*float64=*/false);
+}
+
+at::Tensor lse_float64(const at::Tensor& logits, double temperature) {
+  return row_lse(logits, temperature, /*float64=*/true);
 }
 
 // The per-row log-normaliser that entropy_forward returns is float64 even for
@@ -159,7 +177,7 @@ std::pair<acc_t, double> row_entropy(const void* row, c10::ScalarType dtype, int
     centred = centred + c;
   });
   const auto s = st.finish();
-  const double lse = log_sum_exp(SoftmaxState<double>{double(s.max), double(s.sum)});
+  const double lse = log_sum_exp_float64(s);
   if (classify_row(lse) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
   return {MathOps<acc_t>::log(s.sum) - reduce_sum(centred) / s.sum, lse};
 }
@@ -250,6 +268,7 @@ TORCH_LIBRARY_IMPL(kdext, CPU, m) {
   m.impl("log_softmax", &log_softmax);
   m.impl("softmax_backward", &softmax_backward);
   m.impl("logsumexp", &logsumexp);
+  m.impl("lse_float64", &lse_float64);
   m.impl("entropy_forward", &entropy_forward);
   m.impl("entropy_backward", &entropy_backward);
 }

@@ -1,7 +1,8 @@
 // CUDA adapters of the softmax family: softmax, log_softmax, softmax_backward,
-// logsumexp, entropy_forward, entropy_backward. Checks (csrc/checks.h), device
-// guard, current stream, then the framework-free launchers of
-// csrc/include/kdext/cuda/softmax_kernels.cuh. Semantics: csrc/cpu/softmax.cpp.
+// logsumexp, lse_float64, entropy_forward, entropy_backward. Checks
+// (csrc/softmax_args.h), device guard, current stream, then the framework-free
+// launchers of csrc/include/kdext/cuda/softmax_kernels.cuh. Semantics:
+// csrc/cpu/softmax.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -50,11 +51,21 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
 }
 
 at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  LogsumexpArgs a(logits, temperature);
+  LseArgs a(logits, temperature, acc_dtype(logits));
   const c10::cuda::CUDAGuard guard(logits.device());
   WorkspaceHolder ws(logits.device());
   C10_CUDA_CHECK(
       kdext::cuda::logsumexp(row_tensor(a.in), temperature, a.out.data_ptr(), ws.workspace(), current_stream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return a.out.view(row_shape(logits));
+}
+
+at::Tensor lse_float64(const at::Tensor& logits, double temperature) {
+  LseArgs a(logits, temperature, at::kDouble);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  WorkspaceHolder ws(logits.device());
+  C10_CUDA_CHECK(
+      kdext::cuda::lse_float64(row_tensor(a.in), temperature, a.out.data_ptr(), ws.workspace(), current_stream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return a.out.view(row_shape(logits));
 }
@@ -90,6 +101,7 @@ TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
   m.impl("log_softmax", &log_softmax);
   m.impl("softmax_backward", &softmax_backward);
   m.impl("logsumexp", &logsumexp);
+  m.impl("lse_float64", &lse_float64);
   m.impl("entropy_forward", &entropy_forward);
   m.impl("entropy_backward", &entropy_backward);
 }

@@ -1,6 +1,6 @@
 // CUDA kernels and launchers of the softmax family (framework-free): softmax
-// and log_softmax with temperature, their backward, logsumexp, and entropy
-// (forward, vocab-shard partial, backward). Included by csrc/cuda/softmax.cu
+// and log_softmax with temperature, their backward, logsumexp, lse_float64 and
+// entropy (forward, vocab-shard partial, backward). Included by csrc/cuda/softmax.cu
 // (and, for the row-state kernel, by logprobs.cu).
 //
 // Semantics are those of csrc/cpu/softmax.cpp formula by formula; the online
@@ -146,7 +146,7 @@ struct StateSink {
   Acc* lse = nullptr;      // logsumexp, logprobs_forward
   Acc* max = nullptr;      // softmax of split rows: the row max ...
   Acc* logz = nullptr;     // ... and log Z (sum relative to the max)
-  double* lse64 = nullptr;  // entropy_forward: the lse in float64 (as the CPU kernel)
+  double* lse64 = nullptr;  // entropy_forward, lse_float64: the lse in float64 (as the CPU kernels)
   Acc* entropy = nullptr;
   const int64_t* tokens = nullptr;  // logprobs_forward: the token of each row
   Acc* logprob = nullptr;
@@ -158,21 +158,15 @@ __host__ __device__ __forceinline__ Acc log_z(const SoftmaxState<Acc>& st) {
   return st.max == neg_inf<Acc>() ? st.max : MathOps<Acc>::log(st.sum);
 }
 
-// The lse in float64 from a float32 state, as csrc/cpu/softmax.cpp's row_entropy.
-template <typename Acc>
-__host__ __device__ __forceinline__ double lse_f64(const SoftmaxState<Acc>& st) {
-  return log_sum_exp(SoftmaxState<double>{double(st.max), double(st.sum)});
-}
-
 template <typename X, typename Acc, bool kEntropy>
 __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, const RowArgs<Acc>& a, int64_t r,
                                                    const EntropyState<Acc>& st) {
   if (sk.lse) sk.lse[r] = log_sum_exp(st.sm);
   if (sk.max) sk.max[r] = st.sm.max;
   if (sk.logz) sk.logz[r] = log_z(st.sm);
+  if (sk.lse64) sk.lse64[r] = log_sum_exp_float64(st.sm);
   if (kEntropy) {
-    const double lse = lse_f64(st.sm);
-    if (sk.lse64) sk.lse64[r] = lse;
+    const double lse = log_sum_exp_float64(st.sm);
     if (sk.entropy) {
       sk.entropy[r] = classify_row(lse) != RowKind::Normal
                           ? quiet_nan<Acc>()
@@ -581,6 +575,19 @@ inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out,
     using Acc = typename AccOf<X>::type;
     StateSink<Acc> sink;
     sink.lse = static_cast<Acc*>(out);
+    return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
+  });
+}
+
+// out: [rows] float64, the lse of the same state in float64 (as entropy_forward's).
+inline cudaError_t lse_float64(const RowTensor& in, double temperature, void* out, const Workspace& ws,
+                               cudaStream_t stream) {
+  if (in.rows == 0) return cudaSuccess;
+  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
+    using X = typename decltype(tx)::type;
+    using Acc = typename AccOf<X>::type;
+    StateSink<Acc> sink;
+    sink.lse64 = static_cast<double*>(out);
     return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
   });
 }
