@@ -152,21 +152,36 @@ struct LogprobsFunction : torch::autograd::Function<LogprobsFunction> {
   }
 };
 
-// One public divergence op: its name in kDivergenceNames and its kernels.
+// A public op's value below autograd (CompositeExplicitAutograd) and its
+// autograd (Autograd), registered together.
+template <typename Value, typename Grad>
+void register_differentiable(torch::Library& m, const char* name, Value* value, Grad* autograd) {
+  m.impl(name, torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd, value));
+  m.impl(name, torch::dispatch(c10::DispatchKey::Autograd, autograd));
+}
+
+// A public divergence op, by its name in kDivergenceNames: divergence_forward
+// and divergence_backward with that name (and the op's beta or alpha; 0 for
+// the ops without a parameter, as divergence_forward takes it).
 template <const char* kName>
 struct DivergenceOp {
   static at::Tensor value(const at::Tensor& s, const at::Tensor& t, double temperature) {
     return std::get<0>(divergence_forward(s, t, kName, 0.0, temperature));
   }
-  static at::Tensor value_with_param(const at::Tensor& s, const at::Tensor& t, double param, double temperature) {
-    return std::get<0>(divergence_forward(s, t, kName, param, temperature));
-  }
   static at::Tensor autograd(const at::Tensor& s, const at::Tensor& t, double temperature) {
     return DivergenceFunction::apply(s, t, std::string(kName), 0.0, temperature);
+  }
+  static at::Tensor value_with_param(const at::Tensor& s, const at::Tensor& t, double param, double temperature) {
+    return std::get<0>(divergence_forward(s, t, kName, param, temperature));
   }
   static at::Tensor autograd_with_param(const at::Tensor& s, const at::Tensor& t, double param,
                                         double temperature) {
     return DivergenceFunction::apply(s, t, std::string(kName), param, temperature);
+  }
+
+  static void register_without_param(torch::Library& m) { register_differentiable(m, kName, &value, &autograd); }
+  static void register_with_param(torch::Library& m) {
+    register_differentiable(m, kName, &value_with_param, &autograd_with_param);
   }
 };
 
@@ -198,27 +213,18 @@ at::Tensor lse_float64_without_grad(const at::Tensor& logits, double temperature
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdext, CompositeExplicitAutograd, m) {
-  m.impl("reverse_kl", &DivergenceOp<kReverseKL>::value);
-  m.impl("forward_kl", &DivergenceOp<kForwardKL>::value);
-  m.impl("jsd", &DivergenceOp<kJSD>::value_with_param);
-  m.impl("skew_forward_kl", &DivergenceOp<kSkewForwardKL>::value_with_param);
-  m.impl("skew_reverse_kl", &DivergenceOp<kSkewReverseKL>::value_with_param);
-  m.impl("tvd", &DivergenceOp<kTVD>::value);
-  m.impl("entropy", &entropy_value);
-  m.impl("logprobs", &logprobs_value);
-}
-
-TORCH_LIBRARY_IMPL(kdext, Autograd, m) {
-  m.impl("reverse_kl", &DivergenceOp<kReverseKL>::autograd);
-  m.impl("forward_kl", &DivergenceOp<kForwardKL>::autograd);
-  m.impl("jsd", &DivergenceOp<kJSD>::autograd_with_param);
-  m.impl("skew_forward_kl", &DivergenceOp<kSkewForwardKL>::autograd_with_param);
-  m.impl("skew_reverse_kl", &DivergenceOp<kSkewReverseKL>::autograd_with_param);
-  m.impl("tvd", &DivergenceOp<kTVD>::autograd);
-  m.impl("entropy", &entropy_autograd);
-  m.impl("logprobs", &logprobs_autograd);
-  m.impl("lse_float64", &lse_float64_without_grad);
+// Implementations under two dispatch keys each, so a fragment of the library
+// (the schemas are in csrc/ops.cpp) rather than a TORCH_LIBRARY_IMPL per key.
+TORCH_LIBRARY_FRAGMENT(kdext, m) {
+  DivergenceOp<kReverseKL>::register_without_param(m);
+  DivergenceOp<kForwardKL>::register_without_param(m);
+  DivergenceOp<kJSD>::register_with_param(m);
+  DivergenceOp<kSkewForwardKL>::register_with_param(m);
+  DivergenceOp<kSkewReverseKL>::register_with_param(m);
+  DivergenceOp<kTVD>::register_without_param(m);
+  register_differentiable(m, "entropy", &entropy_value, &entropy_autograd);
+  register_differentiable(m, "logprobs", &logprobs_value, &logprobs_autograd);
+  m.impl("lse_float64", torch::dispatch(c10::DispatchKey::Autograd, &lse_float64_without_grad));
 }
 
 }  // namespace kdext

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <string>
@@ -165,5 +166,27 @@ struct DivergencePartialArgs {
     out = at::empty(shape, student.options().dtype(acc));
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels: both register the same ops, under the schema names of
+// csrc/ops.cpp, with the same signatures.
+struct DivergenceKernels {
+  std::tuple<at::Tensor, at::Tensor> (*divergence_forward)(const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                           double, double);
+  std::tuple<at::Tensor, at::Tensor> (*divergence_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, c10::string_view, double, double,
+                                                            bool, bool);
+  std::tuple<at::Tensor, at::Tensor> (*divergence_loss)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        c10::string_view, double, double);
+  at::Tensor (*divergence_partial)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   c10::string_view, double, double);
+};
+
+inline void register_kernels(torch::Library& m, const DivergenceKernels& k) {
+  m.impl("divergence_forward", k.divergence_forward);
+  m.impl("divergence_backward", k.divergence_backward);
+  m.impl("divergence_loss", k.divergence_loss);
+  m.impl("divergence_partial", k.divergence_partial);
+}
 
 }  // namespace kdext

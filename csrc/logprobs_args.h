@@ -4,8 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "adapter_args.h"
 #include "checks.h"
@@ -55,5 +57,17 @@ struct LogprobsBackwardArgs {
     out = alloc({in.rows, in.V}, logits.options());
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels (see DivergenceKernels, csrc/divergence_args.h).
+struct LogprobsKernels {
+  std::tuple<at::Tensor, at::Tensor> (*logprobs_forward)(const at::Tensor&, const at::Tensor&, double);
+  at::Tensor (*logprobs_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+};
+
+inline void register_kernels(torch::Library& m, const LogprobsKernels& k) {
+  m.impl("logprobs_forward", k.logprobs_forward);
+  m.impl("logprobs_backward", k.logprobs_backward);
+}
 
 }  // namespace kdext

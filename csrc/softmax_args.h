@@ -5,9 +5,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "adapter_args.h"
 #include "checks.h"
@@ -110,5 +112,27 @@ struct EntropyBackwardArgs {
     out = alloc({in.rows, in.V}, logits.options());
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels (see DivergenceKernels, csrc/divergence_args.h).
+struct SoftmaxKernels {
+  at::Tensor (*softmax)(const at::Tensor&, double);
+  at::Tensor (*log_softmax)(const at::Tensor&, double);
+  at::Tensor (*softmax_backward)(const at::Tensor&, const at::Tensor&, double, bool);
+  at::Tensor (*logsumexp)(const at::Tensor&, double);
+  at::Tensor (*lse_float64)(const at::Tensor&, double);
+  std::tuple<at::Tensor, at::Tensor> (*entropy_forward)(const at::Tensor&, double, const std::optional<at::Tensor>&);
+  at::Tensor (*entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+};
+
+inline void register_kernels(torch::Library& m, const SoftmaxKernels& k) {
+  m.impl("softmax", k.softmax);
+  m.impl("log_softmax", k.log_softmax);
+  m.impl("softmax_backward", k.softmax_backward);
+  m.impl("logsumexp", k.logsumexp);
+  m.impl("lse_float64", k.lse_float64);
+  m.impl("entropy_forward", k.entropy_forward);
+  m.impl("entropy_backward", k.entropy_backward);
+}
 
 }  // namespace kdext

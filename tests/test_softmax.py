@@ -342,7 +342,7 @@ def test_all_masked_row():
     torch.testing.assert_close(kdext.softmax(x), torch.softmax(xd, -1), equal_nan=True)
     torch.testing.assert_close(kdext.log_softmax(x), torch.log_softmax(xd, -1), equal_nan=True)
     torch.testing.assert_close(kdext.logsumexp(x), torch.logsumexp(xd, -1))
-    # entropy: no distribution, so NaN, and a zero gradient (DESIGN.md).
+    # entropy: no distribution, so NaN, and a zero gradient (docs/DESIGN.md).
     h = kdext.entropy(x, 1.3)
     assert torch.isnan(h[1]) and torch.isfinite(h[[0, 2]]).all()
     (g,) = torch.autograd.grad(h[[0, 2]].sum() + h[1], x)  # NaN upstream value included

@@ -4,7 +4,7 @@
 //
 // Rows are split across threads; each row is streamed in chunks (cpu/vec.h)
 // and reduced with SIMD lanes. Reverse KL takes one pass per row (the online
-// state of DESIGN.md); the other divergences need the log-normalisers before
+// state of docs/DESIGN.md); the other divergences need the log-normalisers before
 // their terms, so they take a second pass over the row, which is still in L2.
 // The gradient pass is one more read of the row and one write.
 #include <ATen/Dispatch.h>
@@ -57,7 +57,7 @@ struct RowPair {
 };
 
 // Softmax states of both rows in one pass; with kWeighted also the reverse-KL
-// sum A = sum_i exp(x_i - m_s) (x_i - y_i) (DESIGN.md).
+// sum A = sum_i exp(x_i - m_s) (x_i - y_i) (docs/DESIGN.md).
 template <typename acc_t, bool kWeighted>
 ReverseKLState<acc_t> pair_state(const RowPair<acc_t>& row, Buffers<acc_t>& buf) {
   LaneSoftmax<acc_t> s, t;
@@ -158,30 +158,29 @@ void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const D
     return;
   }
   const Vec<acc_t> vls(st.lse_s), vlt(st.lse_t), vscale(scale), inv(row.inv_t);
+  // grad(log q, log p) * scale over chunk [b, b + n) of one gradient row.
+  const auto write_chunk = [&](void* g, c10::ScalarType g_dtype, const auto& c, int64_t b, int64_t n, auto grad) {
+    acc_t* out = chunk_out(g, g_dtype, b, n, buf.out);
+    for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+      const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
+      (grad(ls, lt) * vscale).store(out + i);
+    }
+    finish_chunk(out, buf.out, n, g_dtype, g, b);
+  };
   for (int64_t b = 0; b < row.V; b += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, row.V - b);
     const auto c = row.load(b, n, buf);
-    if (gs) {
-      acc_t* out = chunk_out(gs, gs_dtype, b, n, buf.out);
-      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
-        (DivergenceMath<D>::student_grad(ls, lt, prm, st.cs) * vscale).store(out + i);
-      }
-      finish_chunk(out, buf.out, n, gs_dtype, gs, b);
-    }
-    if (gt) {
-      acc_t* out = chunk_out(gt, gt_dtype, b, n, buf.out);
-      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
-        (DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct) * vscale).store(out + i);
-      }
-      finish_chunk(out, buf.out, n, gt_dtype, gt, b);
-    }
+    if (gs) write_chunk(gs, gs_dtype, c, b, n, [&](const auto& ls, const auto& lt) {
+      return DivergenceMath<D>::student_grad(ls, lt, prm, st.cs);
+    });
+    if (gt) write_chunk(gt, gt_dtype, c, b, n, [&](const auto& ls, const auto& lt) {
+      return DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct);
+    });
   }
 }
 
 // The fused reverse-KL loss row in two passes and two exps per entry. Pass 1
-// is the online state of DESIGN.md, and it also keeps e_j = exp(x_j - m_c)
+// is the online state of docs/DESIGN.md, and it also keeps e_j = exp(x_j - m_c)
 // (m_c: the running max when chunk c was seen) in `scratch`, a row-sized
 // per-thread buffer that stays in L2. Pass 2 then needs no exp at all:
 // q_j = e_j exp(m_c - m_s) / Z_s, and the student gradient is
@@ -390,10 +389,10 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("divergence_forward", &divergence_forward);
-  m.impl("divergence_backward", &divergence_backward);
-  m.impl("divergence_loss", &divergence_loss);
-  m.impl("divergence_partial", &divergence_partial);
+  register_kernels(m, {.divergence_forward = &divergence_forward,
+                       .divergence_backward = &divergence_backward,
+                       .divergence_loss = &divergence_loss,
+                       .divergence_partial = &divergence_partial});
 }
 
 }  // namespace cpu

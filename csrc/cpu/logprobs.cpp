@@ -97,8 +97,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("logprobs_forward", &logprobs_forward);
-  m.impl("logprobs_backward", &logprobs_backward);
+  register_kernels(m, {.logprobs_forward = &logprobs_forward, .logprobs_backward = &logprobs_backward});
 }
 
 }  // namespace cpu

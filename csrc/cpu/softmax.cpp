@@ -264,13 +264,13 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("softmax", &softmax);
-  m.impl("log_softmax", &log_softmax);
-  m.impl("softmax_backward", &softmax_backward);
-  m.impl("logsumexp", &logsumexp);
-  m.impl("lse_float64", &lse_float64);
-  m.impl("entropy_forward", &entropy_forward);
-  m.impl("entropy_backward", &entropy_backward);
+  register_kernels(m, {.softmax = &softmax,
+                       .log_softmax = &log_softmax,
+                       .softmax_backward = &softmax_backward,
+                       .logsumexp = &logsumexp,
+                       .lse_float64 = &lse_float64,
+                       .entropy_forward = &entropy_forward,
+                       .entropy_backward = &entropy_backward});
 }
 
 }  // namespace cpu

@@ -10,12 +10,12 @@
 //      mass), each round one vectorized pass at 6 pivots (mass and count above
 //      each). Before a round, the values in the bracket (lo, hi] are compacted
 //      into a second buffer whenever they are clearly fewer than those scanned,
-//      and the
-//      round scans only that list (with F(hi) carried as a base), so only the
-//      first round reads the whole row;
+//      and the round scans only that list (with F(hi) carried as a base), so
+//      only the first round reads the whole row;
 //   4. the inverse-CDF draw in vocabulary order at u * kept_mass, u from
-//      Philox(seed, row, offset), scanning blocks of 64 values and stepping
-//      into the block where the running mass passes the target.
+//      Philox(seed, the row's subsequence (row_ids[row] or its index), offset),
+//      scanning blocks of 64 values and stepping into the block where the
+//      running mass passes the target.
 // Rows whose distribution does not exist (all -inf, NaN or +inf logits on a
 // side in use) get token -1 and NaN in the four float outputs.
 #include <ATen/Parallel.h>
@@ -224,8 +224,7 @@ int64_t compact(const float* x, int64_t n, float lo, float hi, float* out, float
 // Runs a search to the end over the row's r (length `padded`). Before each
 // round, the values in the window (lo, hi] are compacted into sc.list when
 // they are clearly fewer than those scanned, so a round costs what its window
-// holds;
-// F(v) = F(hi at the compaction) + the list's sum above v. Compaction also
+// holds: F(v) = F(hi at the compaction) + the list's sum above v. Compaction also
 // gives the window's smallest and largest values, which end the search as
 // soon as they coincide (a threshold shared by any number of ties).
 void run_search(top_p::ThresholdSearch& st, const float* r, int64_t padded, Scratch& sc) {

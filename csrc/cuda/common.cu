@@ -3,8 +3,6 @@
 // kernel of csrc/include/kdext/cuda/common_kernels.cuh, so that no host
 // synchronisation happens. Semantics: csrc/cpu/common.cpp.
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common_args.h"
@@ -18,16 +16,16 @@ namespace {
 void scale_(at::Tensor& self, const at::Tensor& factor) {
   const ScaleArgs a(self, factor);
   if (self.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(self.device());
   const bool fast = self.is_contiguous() && is_supported_float(self.scalar_type());
   if (!fast) {  // still no sync; x * 1 == x, so skipping is only an optimisation
     self.mul_(factor.reshape({}));
     return;
   }
   const at::Tensor f = is_supported_float(factor.scalar_type()) ? factor : factor.to(at::kDouble);
-  C10_CUDA_CHECK(kdext::cuda::scale_inplace(self.data_ptr(), to_dtype(self.scalar_type()), self.numel(),
-                                            f.const_data_ptr(), to_dtype(f.scalar_type()), 1.0, current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(self.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return kdext::cuda::scale_inplace(self.data_ptr(), to_dtype(self.scalar_type()), self.numel(),
+                                      f.const_data_ptr(), to_dtype(f.scalar_type()), 1.0, stream);
+  });
 }
 
 }  // namespace

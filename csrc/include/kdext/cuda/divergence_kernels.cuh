@@ -163,7 +163,7 @@ __host__ __device__ __forceinline__ bool raise_max(SoftmaxState<Acc>& st, const 
   return true;
 }
 
-// The online update of DESIGN.md for one pack of x = s/T and y = t/T: one exp
+// The online update of docs/DESIGN.md for one pack of x = s/T and y = t/T: one exp
 // per entry per distribution, plus one per pack when a max moves.
 template <typename Acc, int N, bool kWeighted>
 __host__ __device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const Acc (&xs)[N], const Acc (&xt)[N]) {
