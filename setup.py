@@ -4,7 +4,7 @@ Environment knobs:
   KDEXT_CUDA=0/1          force the CUDA sources off / on (default: auto-detect; no GPU needed)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0" when no GPU is visible)
   KDEXT_CPU_ISA=avx512|avx2|default   vector ISA of the CPU kernels (default: the build CPU's widest)
-  KDEXT_DEBUG=1           a debug build: -O0 -g, and -G -lineinfo for the CUDA kernels
+  KDEXT_DEBUG=1           a debug build: -O0 -g, and -G (device debug, with line info) for the CUDA kernels
   MAX_JOBS                parallel compile jobs (ninja)
 
 The compiler flags themselves are in build_flags.txt, the one list that
