@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import _validate
+from . import _validate, common  # noqa: F401  (common: scale_, the fused loss's backward)
 from ._ops import ops
 
 # ---------------------------------------------------------------------------
@@ -69,12 +69,6 @@ def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teache
     _validate.check_divergence(divergence, param)
     rows = _validate.rows_shape(student_logits)
     return student_logits.new_empty(rows + (3,), dtype=_validate.acc_dtype(student_logits))
-
-
-@torch.library.register_fake("kdext::scale_")
-def _scale_fake(self, factor):
-    _validate.check_same_device(factor, "factor", self, "self")
-    return None
 
 
 # ---------------------------------------------------------------------------

@@ -210,7 +210,10 @@ _BY_ID = {c.id: c for c in PUBLIC_CASES}
 
 @pytest.mark.parametrize("cid", FAKE_IDS)
 def test_same_error_under_fake_tensors(cid):
-    case = _BY_ID[cid]
+    check_same_error_under_fake_tensors(_BY_ID[cid])
+
+
+def check_same_error_under_fake_tensors(case):
     with pytest.raises(case.exc) as eager:
         case.fn()
     with FakeTensorMode():
@@ -343,6 +346,14 @@ def raw_cases():
         Case("softmax_backward-device", lambda: sb(L(3, 5, device="meta"), L(3, 5), 1.0, False), RuntimeError,
              "grad_output"),
     ]
+    lf64 = ops.lse_float64
+    c += [
+        Case("lse_float64-int", lambda: lf64(I(3, 5), 1.0), TypeError, "logits"),
+        Case("lse_float64-zero_dim", lambda: lf64(L(), 1.0), ValueError, "logits"),
+        Case("lse_float64-empty_vocab", lambda: lf64(L(3, 0), 1.0), ValueError, ("logits", "vocabulary")),
+        Case("lse_float64-temperature", lambda: lf64(L(3, 5), 0.0), ValueError, "temperature"),
+        Case("lse_float64-temperature_nan", lambda: lf64(L(3, 5), math.nan), ValueError, "temperature"),
+    ]
     ef, eb = ops.entropy_forward, ops.entropy_backward
     c += [
         Case("entropy_forward-int", lambda: ef(I(3, 5), 1.0), TypeError, "logits"),
@@ -388,6 +399,18 @@ RAW_CASES = raw_cases()
 @pytest.mark.parametrize("case", RAW_CASES, ids=lambda c: c.id)
 def test_raw_op_error(case):
     case.check()
+
+
+# Raw ops that the Python wrappers do not check first: their fake kernels alone
+# must raise the eager words.
+RAW_FAKE_IDS = ["lse_float64-int", "lse_float64-empty_vocab", "lse_float64-temperature", "scale_-factor_shape",
+                "scale_-factor_device"]
+_RAW_BY_ID = {c.id: c for c in RAW_CASES}
+
+
+@pytest.mark.parametrize("cid", RAW_FAKE_IDS)
+def test_raw_op_same_error_under_fake_tensors(cid):
+    check_same_error_under_fake_tensors(_RAW_BY_ID[cid])
 
 
 def test_every_op_has_error_cases():

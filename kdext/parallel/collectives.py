@@ -139,10 +139,9 @@ def local_lse64(x, temperature):
     single-device softmax, log-probs and entropy avoid by forming (x/T - max) - log Z;
     the float64 lse keeps that precision through the merge.
     """
-    # entropy_forward returns the row's lse in float64 for every input dtype
-    # (csrc/cpu/softmax.cpp, SplitLse); its entropy output is not needed here.
-    # This line becomes ops.lse_float64(x, temperature), the explicit op for it.
-    return ops.entropy_forward(x, temperature)[1]
+    # The float32 row state's max + log(sum), taken in float64
+    # (csrc/include/kdext/row_contract.h, SplitLse).
+    return ops.lse_float64(x, temperature)
 
 
 def global_lse64(x, temperature, group):

@@ -30,7 +30,7 @@ def log_q(z, lse64):
 
     For float32, lse is split into hi + lo (two floats) and (z - hi) - lo formed,
     so that the difference keeps full precision however large the logits
-    (the SplitLse of csrc/cpu/softmax.cpp). A non-finite lse gives z - lse.
+    (the SplitLse of csrc/include/kdext/row_contract.h). A non-finite lse gives z - lse.
     In place: z is modified and returned.
     """
     if z.dtype == torch.float64:
