@@ -28,7 +28,8 @@ from .config import TrainConfig
 from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
 from .generation import NonFiniteLogits
-from .models import VocabAligner, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+from .models import VocabAligner, check_context, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+from .resume import input_fingerprints
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,18 +51,36 @@ class Setup:
     examples: list
     schedule: DataSchedule
     encoded: dict = field(default_factory=dict)  # example index -> Encoded (tokenised once)
+    eval_set: Optional[list] = None  # --eval-data's examples (at most --eval-max-examples)
+    inputs: dict = field(default_factory=dict)  # fingerprints of the inputs (resume.py)
+
+
+def sequence_needs(cfg: TrainConfig, samples: bool) -> list[tuple[str, int]]:
+    """The longest sequences a run forms, with the flags that make them: data rows (prompt and
+    response), and rollouts and evaluation samples (prompt and generated tokens)."""
+    P, R, N = cfg.max_prompt_len, cfg.max_response_len, cfg.method_cfg.max_new_tokens
+    needs = [(f"--max-prompt-len {P} + --max-response-len {R}", P + R)]
+    if samples or cfg.eval_data:
+        needs.append((f"--max-prompt-len {P} + --max-new-tokens {N}", P + N))
+    return needs
 
 
 def build(cfg: TrainConfig) -> Setup:
     cfg.validate()
     mcfg = cfg.method_cfg.resolved(cfg.method)
     mcfg = dataclasses.replace(mcfg, seed=cfg.seed)
-    dd, device = setup_distributed(cfg.device)
+    method = M.make(cfg.method)
+    # Everything that can be checked without the weights is, before any model is loaded.
+    examples = load_jsonl(cfg.data, cfg.template)
+    eval_set = load_jsonl(cfg.eval_data, cfg.template)[: cfg.eval_max_examples] if cfg.eval_data else None
+    models = [("--teacher", cfg.teacher)] if method.needs_teacher else []
+    check_context(models + [("--student", cfg.student)], sequence_needs(cfg, method.samples))
+    inputs = input_fingerprints(cfg, method.needs_teacher)
+    dd, device = setup_distributed(cfg.device, cfg.collective_timeout)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     tok = load_tokenizer(cfg.student, "--student")
-    method = M.make(cfg.method)
     teacher = None
     widths, names = [], []
     if method.needs_teacher:
@@ -86,9 +105,9 @@ def build(cfg: TrainConfig) -> Setup:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast)
-    examples = load_jsonl(cfg.data, cfg.template)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
-    return Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule)
+    return Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
+                 eval_set=eval_set, inputs=inputs)
 
 
 def micro_batch(s: Setup, step: int, micro: int):
