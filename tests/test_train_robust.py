@@ -189,6 +189,17 @@ def test_checksums_cover_every_tensor_and_every_value(tiny, tmp_path):
     assert "no checksums" in resaved(lambda s: s.pop("checksums"))
 
 
+def test_checksums_of_every_dtype_and_shape():
+    state = {"a": torch.ones(3, dtype=torch.bfloat16), "b": torch.tensor(1.5), "c": torch.zeros(0, 4),
+             "d": torch.arange(12.0).reshape(3, 4).t(), "e": [torch.tensor([True, False]), (1, "x", None, 2.5)]}
+    c = checkpoint.checksums(state)
+    assert set(c["tensors"]) == {"/a", "/b", "/c", "/d", "/e/0"}
+    changed = dict(state, a=torch.tensor([1, 1, 1.0078125], dtype=torch.bfloat16))
+    assert checkpoint.checksums(changed)["tensors"]["/a"] != c["tensors"]["/a"]
+    assert checkpoint.checksums(dict(state, e=[state["e"][0], (1, "x", None, 2.25)]))["values"] != c["values"]
+    assert checkpoint.checksums({k: state[k] for k in state})["values"] == c["values"]
+
+
 def test_checksum_of_unchanged_state_passes(tiny, tmp_path):
     (path,) = stopped_run(tiny, tmp_path, at=2)
     s = torch.load(path, weights_only=True)
@@ -563,9 +574,13 @@ def test_prompt_past_the_context_is_refused_naming_the_flags(tiny, tmp_path, mon
     one_line_error(capsys.readouterr().err, "--max-prompt-len 256 + --max-response-len 128 = 384 tokens",
                    "128 positions of --student (n_positions in its config.json)")
     monkeypatch.undo()
-    # Within the limit, the 600-token prompt keeps its last --max-prompt-len tokens and trains.
+    # Within the limit, the 600-token prompt keeps its last --max-prompt-len tokens and trains,
+    # and a line says so once.
     assert distill(tiny, tmp_path / "o", "sft", "--max-steps", "2", "--max-prompt-len", "96",
                    "--max-response-len", "32", teacher=None, student="gpt2_student_short", data=data) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and f"note: {data}:1: the prompt has " in err
+    assert "more than --max-prompt-len 96; it keeps its last 96" in err
 
 
 def test_rollouts_past_the_context_are_refused(tiny, tmp_path, capsys):

@@ -159,17 +159,20 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 class Encoded:
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS unless truncated
+    prompt_cut: int = 0  # tokens dropped from the prompt's start (--max-prompt-len)
+    response_cut: int = 0  # tokens dropped from the response's end, EOS included (--max-response-len)
 
 
 def encode(tokenizer, ex: Example, max_prompt_len: int, max_response_len: int) -> Encoded:
     """Tokenise one example. Long prompts keep their end (the part next to the response)."""
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-    if len(prompt_ids) > max_prompt_len:
-        prompt_ids = prompt_ids[-max_prompt_len:]
+    prompt_cut = max(0, len(prompt_ids) - max_prompt_len)
+    prompt_ids = prompt_ids[prompt_cut:]
     if not prompt_ids:
         raise DataError(f"{ex.where or 'a record'}: the prompt {ex.prompt!r} tokenises to nothing")
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Encoded(prompt_ids, response_ids[:max_response_len])
+    response_cut = max(0, len(response_ids) - max_response_len)
+    return Encoded(prompt_ids, response_ids[:max_response_len], prompt_cut, response_cut)
 
 
 @dataclass

@@ -110,6 +110,8 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
     new = dataclasses.replace(cfg, method_cfg=method_cfg)
     refused, notes = [], []
     for f, t, old, value in _walk(type(new), saved_settings, new):
+        if not f.metadata.get("cli", True) or f.name == "resume":
+            continue  # set by the code from other options (the method's seed is --seed's), or --resume itself
         policy = resume_policy(f)
         flag = flag_of(f, t) if t is not bool else "--" + f.name.replace("_", "-")
         if policy == INPUT:
@@ -123,8 +125,7 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
             continue
         change = f"{_show(t, old)} in the checkpoint, {_show(t, value)} now"
         if policy == APPLY:
-            if f.metadata.get("cli", True) and f.name != "resume":
-                notes.append(f"{flag}: {_show(t, value)} (was {_show(t, old)})")
+            notes.append(f"{flag}: {_show(t, value)} (was {_show(t, old)})")
             continue
         reason = "it changes what the run computes" if policy == REFUSE else policy(step, old, value, new)
         if reason:

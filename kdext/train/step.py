@@ -29,6 +29,7 @@ from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
 from .generation import NonFiniteLogits
 from .models import VocabAligner, check_context, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+from .reporting import notice
 from .resume import input_fingerprints
 
 
@@ -53,6 +54,7 @@ class Setup:
     encoded: dict = field(default_factory=dict)  # example index -> Encoded (tokenised once)
     eval_set: Optional[list] = None  # --eval-data's examples (at most --eval-max-examples)
     inputs: dict = field(default_factory=dict)  # fingerprints of the inputs (resume.py)
+    noted: set = field(default_factory=set)  # what has been reported once (cut prompts, responses)
 
 
 def sequence_needs(cfg: TrainConfig, samples: bool) -> list[tuple[str, int]]:
@@ -110,11 +112,24 @@ def build(cfg: TrainConfig) -> Setup:
                  eval_set=eval_set, inputs=inputs)
 
 
+def _say_cut_once(s: Setup, enc, ex) -> None:
+    """Long prompts keep their end, long responses their start, as the flags say; the first of
+    each is reported (main process), so a cut is never silent."""
+    cuts = (("prompt", enc.prompt_cut, "--max-prompt-len", s.cfg.max_prompt_len, "last"),
+            ("response", enc.response_cut, "--max-response-len", s.cfg.max_response_len, "first"))
+    for what, n, flag, limit, keep in cuts:
+        if n and what not in s.noted:
+            s.noted.add(what)
+            notice(f"note: {ex.where}: the {what} has {n + limit} tokens, more than {flag} {limit}; it keeps its "
+                   f"{keep} {limit}, as does every longer {what} of the run (said once)", enabled=s.dd.main)
+
+
 def micro_batch(s: Setup, step: int, micro: int):
     idx, pos = s.schedule.rows(step, s.dd.rank, micro)
     for i in idx:
         if i not in s.encoded:
             s.encoded[i] = encode(s.tokenizer, s.examples[i], s.cfg.max_prompt_len, s.cfg.max_response_len)
+            _say_cut_once(s, s.encoded[i], s.examples[i])
     enc = [s.encoded[i] for i in idx]
     return collate(enc, s.tokenizer.pad_token_id, pos).to(s.device)
 
