@@ -403,6 +403,22 @@ def test_full_disk_writing_the_final_model(tiny, tmp_path, reference, monkeypatc
     same_as(reference, tmp_path)
 
 
+def test_a_small_disk_is_warned_about_after_loading(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(storage, "free_bytes", lambda folder: 10_000)
+    assert distill(tiny, tmp_path, "kd", "--max-steps", "1") == 0
+    err = capsys.readouterr().err
+    assert f"warning: --out {tmp_path} has 10 KB free; this run needs about " in err
+    assert "(3 checkpoints of about " in err
+
+
+def test_eval_checks_its_out_folder_before_loading(tiny, tmp_path, monkeypatch, capsys):
+    _no_model_loading(monkeypatch)  # (evaluate_folder imports load_model from models when it runs)
+    _failing_open(monkeypatch, errno.EROFS, ".write-probe")
+    rc = cli.main(["eval", "--model", tiny["llama_teacher"], "--data", tiny["eval"], "--out", str(tmp_path / "s.json")])
+    assert rc == cli.EXIT_ERROR
+    one_line_error(capsys.readouterr().err, f"--out {tmp_path} is not writable: read-only file system")
+
+
 def test_write_errors_in_words():
     for code, words in ((errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system"),
                         (errno.EACCES, "permission denied"), (errno.EDQUOT, "disk quota exceeded")):
@@ -548,7 +564,8 @@ def test_byte_order_mark_and_null_context_are_fine(tmp_path):
     from kdext.train.data import load_jsonl
 
     p = tmp_path / "bom.jsonl"
-    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n{"instruction": "i", "context": null, "response": "r"}\n')
+    p.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n'
+                  b'{"instruction": "i", "context": null, "response": "r"}\n')
     ex = load_jsonl(str(p))
     assert [e.prompt for e in ex] == ["a\n", "i\n"] and ex[1].where == f"{p}:2"
 
