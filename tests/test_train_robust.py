@@ -165,6 +165,11 @@ def test_no_checkpoint_verifies_names_each(tiny, tmp_path, capsys):
     assert list_checkpoints(str(tmp_path)) == ckpts  # nothing renamed when there is nothing to resume from
 
 
+def test_resume_without_a_checkpoint_says_it_starts_afresh(tiny, tmp_path, capsys):
+    assert distill(tiny, tmp_path, "kd", "--max-steps", "1", "--resume") == 0
+    assert f"note: --resume: {tmp_path} has no checkpoint yet; starting at step 0" in capsys.readouterr().err
+
+
 def test_checksums_cover_every_tensor_and_every_value(tiny, tmp_path):
     (path,) = stopped_run(tiny, tmp_path, at=2)
     state = read_checkpoint(path)
@@ -492,9 +497,10 @@ def test_resume_applies_run_control_and_says_so(tiny, tmp_path, reference, capsy
     assert distill(tiny, tmp_path, "kd", *RUN, "--stop-after", 2) == 0
     capsys.readouterr()
     assert distill(tiny, tmp_path, "kd", *RUN[:-2], "--keep-checkpoints", "5", "--resume", "--eval-every", "2",
-                   "--eval-data", tiny["eval"]) == 0
+                   "--eval-data", tiny["eval"], "--no-bf16") == 0
     err = capsys.readouterr().err
     assert "resume: --eval-every: 2 (was 0)" in err and "resume: --keep-checkpoints: 5 (was 3)" in err
+    assert "resume: --no-bf16: given (was not given)" in err
     assert [r["step"] for r in metrics(tmp_path) if "eval/rougeL" in r] == [4, 6]  # applied (6: the end)
     same_as(reference, tmp_path)  # and the run's result did not change
 

@@ -84,9 +84,9 @@ def _walk(cls, saved: dict, new, prefix=""):
         yield f, t, old, value
 
 
-def _show(t, value) -> str:
-    if t is bool:
-        return "on" if value else "off"
+def _show(f, t, value) -> str:
+    if t is bool:  # a switch: --name or --no-name, given when the value is not the default
+        return "given" if value != f.default else "not given"
     return "none" if value is None else repr(value)
 
 
@@ -113,7 +113,7 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
         if not f.metadata.get("cli", True) or f.name == "resume":
             continue  # set by the code from other options (the method's seed is --seed's), or --resume itself
         policy = resume_policy(f)
-        flag = flag_of(f, t) if t is not bool else "--" + f.name.replace("_", "-")
+        flag = flag_of(f, t)
         if policy == INPUT:
             reason, note = _input_change(f.name, flag, saved_inputs, inputs)
             if reason:
@@ -123,15 +123,15 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
             continue
         if old == value:
             continue
-        change = f"{_show(t, old)} in the checkpoint, {_show(t, value)} now"
+        change = f"{_show(f, t, old)} in the checkpoint, {_show(f, t, value)} now"
         if policy == APPLY:
-            notes.append(f"{flag}: {_show(t, value)} (was {_show(t, old)})")
+            notes.append(f"{flag}: {_show(f, t, value)} (was {_show(f, t, old)})")
             continue
         reason = "it changes what the run computes" if policy == REFUSE else policy(step, old, value, new)
         if reason:
             refused.append((flag, f"{change}: {reason}"))
         else:
-            notes.append(f"{flag}: {_show(t, value)} (was {_show(t, old)})")
+            notes.append(f"{flag}: {_show(f, t, value)} (was {_show(f, t, old)})")
     if refused:
         flags = list(dict.fromkeys(flag for flag, _ in refused))
         details = "; ".join(f"{flag}: {reason}" for flag, reason in refused)

@@ -74,6 +74,8 @@ def train(cfg: TrainConfig) -> dict:
     start, last_ckpt = 0, None
     if cfg.resume:
         start, last_ckpt = load_checkpoint(cfg, dd, s.student, opt, sched, same_run, lambda t: say(f"warning: {t}"))
+        if last_ckpt is None:
+            say(f"note: --resume: {cfg.out} has no checkpoint yet; starting at step 0")
     elif list_checkpoints(cfg.out):
         raise ConfigError(
             f"--out {cfg.out!r} already has checkpoints; pass --resume to continue that run or choose another --out"
