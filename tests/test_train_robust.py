@@ -658,3 +658,12 @@ def test_a_weight_file_safetensors_cannot_read_is_a_model_error(tiny, tmp_path, 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
     with pytest.raises(models.ModelError, match=r"--teacher: cannot load a causal LM from .*SafetensorError"):
         models.load_model(tiny["gpt2_teacher"], "--teacher", torch.device("cpu"), trainable=False)
+
+
+def test_collective_failures_are_told_from_bugs():
+    from kdext.train.distributed import collective_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [::1]:5")
+    assert collective_failure(gloo) == "Connection closed by peer [::1]:5"
+    assert collective_failure(torch.distributed.DistBackendError("NCCL watchdog timeout")) == "NCCL watchdog timeout"
+    assert collective_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

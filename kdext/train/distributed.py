@@ -30,8 +30,9 @@ def collective_failure(e: BaseException):
     """The one-line reason when ``e`` is a collective that failed (a peer died, or did not answer
     within the timeout), else None. NCCL raises DistError; Gloo a RuntimeError from its transport."""
     text = (str(e).strip().splitlines() or [""])[0]
+    nccl = dist.is_available() and isinstance(e, dist.DistError)
     gloo = isinstance(e, RuntimeError) and "gloo" in text.lower()
-    if not (isinstance(e, dist.DistError) if dist.is_available() else False) and not gloo:
+    if not (nccl or gloo):
         return None
     return re.sub(r"^\[[^\]]*\]\s*", "", text)  # drop "[.../gloo/transport/tcp/pair.cc:561] "
 
