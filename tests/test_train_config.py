@@ -208,7 +208,7 @@ def test_generated_parser_keeps_flags_and_defaults(command, original, required):
     p = cli.parser()
     sub = next(a for a in p._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[command]
     flags = _flags(sub)
-    new = {"--debug"} | ({"--log-every"} if command == "distill" else set())
+    new = {"--debug"} | ({"--log-every", "--collective-timeout"} if command == "distill" else set())
     assert set(flags) == set(original) | required | new
     for flag, default in original.items():
         got = flags[flag]

@@ -1,9 +1,17 @@
 """Checkpoints: ``OUT/checkpoints/step-<step, 8 digits>.pt`` (e.g. ``step-00000400.pt``).
 
-A checkpoint holds the student, optimizer, scheduler, the RNG states of every process, the step
-and the data position. It is written to a temporary file and renamed, so a crash mid-write never
-leaves a truncated checkpoint. Since the data order and every rollout seed are functions of
-(seed, step) (seeds.py), ``--resume`` reproduces an uninterrupted run.
+A checkpoint holds the student, optimizer, scheduler, the RNG states of every process, the step,
+the data position, every setting of the run and a fingerprint of its inputs (resume.py), and
+checksums of all of that: a CRC-32 of every tensor's bytes and one of every other value. It is
+written atomically (storage.py: a temporary file, fsync, rename, fsync of the folder), so a
+kill mid-write never leaves a truncated checkpoint. Since the data order and every rollout
+seed are functions of (seed, step) (seeds.py), ``--resume`` reproduces an uninterrupted run.
+
+On ``--resume`` the newest checkpoint is verified before it is used: it must load, be a
+checkpoint of this format and match its checksums (computed on the loaded tensors, in memory:
+no second read of the file). One that does not is skipped with a line saying which and why,
+renamed to ``<name>.damaged``, and the next older one is tried; when none verifies the run
+stops with an error naming each and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -11,24 +19,24 @@ from __future__ import annotations
 import glob
 import os
 import random
-from typing import Optional
+import zlib
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from . import storage
 from .data import DataSchedule
 from .distributed import Dist
 from .models import unwrap
 from .options import ConfigError
 
+FORMAT = 2  # 1: before checksums and the full settings record
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file."""
-
-
-# Settings that must not change between a run and its resumption (they change the data order
-# or the meaning of a step).
-RESUME_KEYS = ("method", "batch_size", "grad_accum", "max_steps", "seed", "schedule", "warmup_steps")
+    """A checkpoint that cannot be used; the message names the file."""
 
 
 def _rng_state() -> dict:
@@ -50,31 +58,109 @@ def checkpoint_dir(out: str) -> str:
 
 
 def list_checkpoints(out: str) -> list[str]:
-    """Complete checkpoints, oldest first (temporary files from an interrupted write are ignored)."""
+    """Checkpoint files, oldest first (temporary files of an interrupted write and checkpoints
+    renamed .damaged are not checkpoints)."""
     return sorted(glob.glob(os.path.join(checkpoint_dir(out), "step-*.pt")))
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path`` such that ``path`` is either absent, the old file, or complete."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX
+# ---------------------------------------------------------------------------------------------
+# Checksums
 
 
-def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule) -> Optional[str]:
+def _tensor_crc(t: torch.Tensor) -> int:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checksums(state) -> dict:
+    """{"tensors": {path: CRC-32 of the bytes}, "values": CRC-32 of everything else (the structure,
+    keys, numbers, strings, tensor dtypes and shapes)}."""
+    tensors: dict[str, int] = {}
+    parts: list[str] = []
+
+    def walk(x, path):
+        if torch.is_tensor(x):
+            tensors[path] = _tensor_crc(x)
+            parts.append(f"tensor {x.dtype} {tuple(x.shape)}")
+        elif isinstance(x, Mapping):
+            parts.append("{")
+            for k, v in x.items():
+                parts.append(repr(k))
+                walk(v, f"{path}/{k}")
+            parts.append("}")
+        elif isinstance(x, (list, tuple)):
+            parts.append("[" if isinstance(x, list) else "(")
+            for i, v in enumerate(x):
+                walk(v, f"{path}/{i}")
+            parts.append("]")
+        else:
+            parts.append(repr(x))
+
+    walk(state, "")
+    return {"tensors": tensors, "values": zlib.crc32("\n".join(parts).encode())}
+
+
+def _mismatch(state: dict) -> Optional[str]:
+    """What differs from the stored checksums, or None."""
+    stored = state.pop("checksums")
+    now = checksums(state)
+    for path, crc in stored["tensors"].items():
+        if now["tensors"].get(path) != crc:
+            return f"tensor {path.lstrip('/')} does not match its checksum"
+    if now["values"] != stored["values"] or now["tensors"].keys() != stored["tensors"].keys():
+        return "its settings or structure do not match their checksum"
+    return None
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load and verify one checkpoint (CPU tensors); CheckpointError saying what is wrong."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot be read ({storage.reason(e)})") from None
+    if size == 0:
+        raise CheckpointError("the file is empty")
+    try:
+        # weights_only: a damaged file is never executed as a pickle, only rejected.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to unpickle means the same thing to the user
+        raise CheckpointError(f"cannot be read, truncated or not a checkpoint ({_first_line(e)})") from None
+    if not isinstance(state, dict) or "format" not in state or "checksums" not in state:
+        raise CheckpointError("not a kdext checkpoint of this version (no checksums; written before they were added?)")
+    if state["format"] != FORMAT:
+        raise CheckpointError(f"checkpoint format {state['format']!r}, this kdext reads format {FORMAT}")
+    bad = _mismatch(state)
+    if bad:
+        raise CheckpointError(f"{bad}: the file is damaged")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule, record: dict) -> Optional[str]:
+    """Write the checkpoint of ``step`` (main process; every process takes part). ``record``:
+    {"settings": ..., "inputs": ...} (resume.py). Returns its path; StorageError (the partial
+    file removed, older checkpoints untouched) when it cannot be written."""
     rngs = [None] * dd.world
     if dd.enabled:
         dist.all_gather_object(rngs, _rng_state())
     else:
         rngs = [_rng_state()]
-    path = None
-    if dd.main:
+
+    def write() -> str:
         os.makedirs(checkpoint_dir(cfg.out), exist_ok=True)
         path = os.path.join(checkpoint_dir(cfg.out), f"step-{step:08d}.pt")
         state = {
+            "format": FORMAT,
             "step": step,
             "examples_seen": step * schedule.global_batch,
             "world_size": dd.world,
@@ -82,40 +168,75 @@ def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSche
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "rng": rngs,
-            "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
+            **record,
         }
-        atomic_save(state, path)
+        state["checksums"] = checksums(state)
+        storage.atomic_write(path, lambda f: torch.save(state, f))
         for old in list_checkpoints(cfg.out)[: -cfg.keep_checkpoints]:
             os.remove(old)
-    dd.barrier()
-    return path
+        return path
+
+    return dd.on_main(write, "writing a checkpoint")
 
 
-def load_checkpoint(cfg, dd: Dist, student, opt, sched, device) -> int:
-    """Restore the newest checkpoint; returns its step (0 when there is none)."""
-    ckpts = list_checkpoints(cfg.out)
-    if not ckpts:
-        return 0
-    try:
-        # On the CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
-        state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
-        saved = state["config"]
-    except Exception as e:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"--resume: cannot read the checkpoint {ckpts[-1]}: {e}") from None
-    for k in RESUME_KEYS:
-        if saved[k] != getattr(cfg, k):
-            flag = "--" + k.replace("_", "-")
-            raise ConfigError(
-                f"{flag}: the checkpoint {ckpts[-1]} was written with {saved[k]!r}, "
-                f"not {getattr(cfg, k)!r}; resuming with a different value would not continue the same run"
-            )
+def estimated_size(student, opt_states_per_param: int = 2) -> int:
+    """Bytes of a checkpoint: the student's parameters and buffers plus AdamW's two moments."""
+    model = unwrap(student)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return params * (1 + opt_states_per_param) + buffers
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def _choose(out: str, warn: Callable[[str], None], keep: dict) -> str:
+    """The newest checkpoint that verifies (its state kept in ``keep``); the damaged newer ones
+    are renamed aside, each with a line saying why."""
+    ckpts = list_checkpoints(out)
+    skipped = []
+    for path in reversed(ckpts):
+        try:
+            keep["state"] = read_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        for bad, why in skipped:
+            # Aside, not deleted (it may be worth a look), and out of the way of the retention
+            # of the checkpoints the resumed run writes.
+            os.replace(bad, bad + ".damaged")
+            warn(f"skipped the checkpoint {bad}: {why}; renamed it to {os.path.basename(bad)}.damaged "
+                 f"and resuming from the older {os.path.basename(path)}")
+        if skipped:
+            storage.fsync_dir(checkpoint_dir(out))
+        return path
+    listing = "; ".join(f"{p}: {why}" for p, why in skipped)
+    raise CheckpointError(f"--resume: no checkpoint in {checkpoint_dir(out)} can be used ({listing})")
+
+
+def load_checkpoint(cfg, dd: Dist, student, opt, sched, check: Callable[[str, dict], None],
+                    warn: Callable[[str], None]) -> tuple[int, Optional[str]]:
+    """Restore the newest checkpoint that verifies; returns (its step, its path), (0, None) when
+    there is none. ``check(path, state)`` refuses a checkpoint of another run (ConfigError)."""
+    if not list_checkpoints(cfg.out):
+        return 0, None
+    keep: dict = {}
+    path = dd.on_main(lambda: _choose(cfg.out, warn, keep), "choosing the checkpoint to resume from")
+    state = keep.get("state")
+    if state is None:  # another process: the main one verified this file; verify our own read of it
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {path}: {e}") from None
+    check(path, state)
     if state["world_size"] != dd.world:
         raise ConfigError(
-            f"--resume: the checkpoint {ckpts[-1]} was written by {state['world_size']} processes, this run has {dd.world}; "
+            f"--resume: the checkpoint {path} was written by {state['world_size']} processes, this run has {dd.world}; "
             "keep the number of processes (the global batch and RNG streams depend on it)"
         )
     unwrap(student).load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][dd.rank])
-    return int(state["step"])
+    return int(state["step"]), path

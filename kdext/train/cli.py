@@ -7,8 +7,9 @@ The options are generated from the dataclasses in config.py. Exit codes:
 
 * 0: done;
 * 1: a runtime error the user can fix (a data or model file that cannot be used, a checkpoint
-  that cannot be read, a full disk, out of GPU memory), or a bug (an unexpected exception:
-  reported in one line, with its traceback under ``--debug`` or ``KDEXT_DEBUG=1``);
+  that cannot be read, a full disk, out of GPU memory, another process of a data-parallel run
+  that died or stopped answering), or a bug (an unexpected exception: reported in one line,
+  with its traceback under ``--debug`` or ``KDEXT_DEBUG=1``);
 * 2: a usage error (a bad flag value or combination, also against the checkpoint being resumed);
 * 3: training diverged (a NaN/inf loss or gradient; see the message for the last checkpoint).
 
@@ -97,9 +98,10 @@ def _user_errors() -> tuple:
 
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import PeerFailed
     from .models import ModelError
 
-    return (DataError, ModelError, CheckpointError, OSError, torch.cuda.OutOfMemoryError)
+    return (DataError, ModelError, CheckpointError, PeerFailed, OSError, torch.cuda.OutOfMemoryError)
 
 
 def main(argv=None) -> int:
@@ -130,6 +132,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return fail(EXIT_INTERRUPTED, "interrupted")
     except Exception as e:
+        from .distributed import collective_failure
+
+        why = collective_failure(e)
+        if why is not None:
+            return fail(EXIT_ERROR, "error: another process of the run died or did not answer within "
+                                    f"--collective-timeout ({why})")
         return fail(EXIT_ERROR, f"internal error: {type(e).__name__}: {e}",
                     "this is a bug in kdext; rerun with --debug (or KDEXT_DEBUG=1) for the traceback")
     finally:

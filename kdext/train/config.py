@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .data import DEFAULT_TEMPLATE
-from .options import INT64_MAX, ConfigError, Range, check_fields, option
+from .options import APPLY, INPUT, INT64_MAX, ConfigError, Range, check_fields, option
 
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -46,6 +46,17 @@ def _method_class(name: str):
 def _check_template(template: str) -> None:
     if "{prompt}" not in template:
         raise ConfigError(f"--template must contain {{prompt}} (where the prompt goes); got {template!r}")
+
+
+def _max_steps_on_resume(step: int, old: int, new: int, cfg: "TrainConfig") -> Optional[str]:
+    """may change under `--schedule constant` (the learning rate then does not depend on it), to no
+    fewer steps than the checkpoint has done"""
+    if cfg.schedule != "constant":
+        return (f"the learning rate of --schedule {cfg.schedule} depends on it "
+                "(a run can be extended under --schedule constant only)")
+    if new < step:
+        return f"the checkpoint is already at step {step}"
+    return None
 
 
 # Argument groups of ``kdext distill --help``.
@@ -88,14 +99,16 @@ class TrainConfig:
     """A distillation run (``kdext distill``)."""
 
     method: str = option(choices=_method_names, group=WHAT, help="the distillation method (docs/TRAINER.md)")
-    student: str = option(group=WHAT, help="student model folder (with its tokenizer)")
-    data: str = option(group=WHAT, help="JSONL: prompt/response or instruction/context/response")
-    out: str = option(group=WHAT, help="output folder")
-    teacher: Optional[str] = option(None, group=WHAT, help="teacher model folder (save_pretrained); not needed for sft")
-    eval_data: Optional[str] = option(None, group=WHAT, help="JSONL scored at the end (and every --eval-every steps)")
+    student: str = option(group=WHAT, resume=INPUT, help="student model folder (with its tokenizer)")
+    data: str = option(group=WHAT, resume=INPUT, help="JSONL: prompt/response or instruction/context/response")
+    out: str = option(group=WHAT, resume=APPLY, help="output folder")
+    teacher: Optional[str] = option(None, group=WHAT, resume=INPUT,
+                                    help="teacher model folder (save_pretrained); not needed for sft")
+    eval_data: Optional[str] = option(None, group=WHAT, resume=APPLY,
+                                      help="JSONL scored at the end (and every --eval-every steps)")
     template: str = option(DEFAULT_TEMPLATE, group=WHAT, help="prompt template; {prompt} is replaced")
 
-    max_steps: int = option(100, range=COUNT_1, group=OPTIM, help="optimizer steps")
+    max_steps: int = option(100, range=COUNT_1, group=OPTIM, resume=_max_steps_on_resume, help="optimizer steps")
     batch_size: int = option(8, range=COUNT_1, group=OPTIM, help="rows per micro-batch per process")
     grad_accum: int = option(1, range=COUNT_1, group=OPTIM, help="micro-batches per optimizer step")
     lr: float = option(5e-5, range=POSITIVE, group=OPTIM, help="peak learning rate (AdamW)")
@@ -111,21 +124,28 @@ class TrainConfig:
 
     method_cfg: MethodConfig = option(default_factory=MethodConfig, help="the method's options")
 
-    save_every: int = option(0, range=COUNT_0, group=RUN, help="checkpoint every N steps (0: at the end only)")
-    keep_checkpoints: int = option(2, range=COUNT_1, group=RUN, help="checkpoints kept (the newest)")
-    eval_every: int = option(0, range=COUNT_0, group=RUN,
+    # Run control: how often to save, evaluate and report, where and how to run; all of it may
+    # change on --resume (resume=APPLY) without changing what the run computes.
+    save_every: int = option(0, range=COUNT_0, group=RUN, resume=APPLY,
+                             help="checkpoint every N steps (0: at the end only)")
+    keep_checkpoints: int = option(2, range=COUNT_1, group=RUN, resume=APPLY, help="checkpoints kept (the newest)")
+    eval_every: int = option(0, range=COUNT_0, group=RUN, resume=APPLY,
                              help="score --eval-data every N steps (0: at the end only)")
-    eval_max_examples: int = option(256, range=COUNT_1, group=RUN, help="examples of --eval-data scored")
-    resume: bool = option(False, group=RUN, help="continue from the newest checkpoint in --out")
-    stop_after: Optional[int] = option(None, range=COUNT_1, group=RUN,
+    eval_max_examples: int = option(256, range=COUNT_1, group=RUN, resume=APPLY, help="examples of --eval-data scored")
+    resume: bool = option(False, group=RUN, resume=APPLY, help="continue from the newest checkpoint in --out")
+    stop_after: Optional[int] = option(None, range=COUNT_1, group=RUN, resume=APPLY,
                                        help="stop (with a checkpoint) after this step, as if preempted; --resume continues")
-    device: str = option("auto", choices=DEVICES, group=RUN, help="where to train (auto: CUDA when there is one)")
-    bf16: bool = option(True, group=RUN, help="no bf16 autocast on CUDA")
-    progress: bool = option(True, group=RUN, help="no progress bar or progress lines")
-    log_every: int = option(0, range=COUNT_0, group=RUN,
+    device: str = option("auto", choices=DEVICES, group=RUN, resume=APPLY,
+                         help="where to train (auto: CUDA when there is one)")
+    bf16: bool = option(True, group=RUN, resume=APPLY, help="no bf16 autocast on CUDA")
+    progress: bool = option(True, group=RUN, resume=APPLY, help="no progress bar or progress lines")
+    log_every: int = option(0, range=COUNT_0, group=RUN, resume=APPLY,
                             help="when stderr is not a terminal, a progress line every N steps instead of a bar "
                                  "(0: every max(1, max_steps // 20) steps)")
-    save_final: bool = option(True, cli=False, help="write OUT/final at the end")
+    save_final: bool = option(True, cli=False, resume=APPLY, help="write OUT/final at the end")
+    collective_timeout: float = option(1800.0, range=POSITIVE, group=RUN, resume=APPLY,
+                                       help="data parallel: seconds a process waits for the others in a collective "
+                                            "before the run stops (a dead or hung process)")
 
     def validate(self) -> None:
         """Every check of the run's settings, before anything is loaded: each field's type and
@@ -186,9 +206,11 @@ COMMANDS = {"distill": TrainConfig, "eval": EvalConfig, "demo": DemoConfig}
 
 def options_markdown() -> str:
     """docs/TRAINER.md's option tables (``python -m kdext.train.config`` prints them)."""
-    from .options import markdown_table
+    from .options import markdown_table, resume_markdown
 
-    return "\n\n".join(f"`kdext {name}`:\n\n{markdown_table(cls)}" for name, cls in COMMANDS.items())
+    tables = [f"`kdext {name}`:\n\n{markdown_table(cls)}" for name, cls in COMMANDS.items()]
+    tables.insert(1, resume_markdown(TrainConfig))
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,40 @@
-"""Data-parallel plumbing: joining torchrun's process group, and the collectives the trainer uses."""
+"""Data-parallel plumbing: joining torchrun's process group, and the collectives the trainer uses.
+
+A process that dies or hangs must not leave the others waiting forever: the process group is
+created with ``--collective-timeout`` (every collective of a run, and joining it, gives up after
+that long), and work done by the main process alone (checkpoints, evaluation, the final model)
+runs through :meth:`Dist.on_main`, which tells every process whether it failed.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .options import ConfigError
+
+T = TypeVar("T")
+
+
+class PeerFailed(RuntimeError):
+    """Another process of the run failed; the message says what it was doing and why."""
+
+
+def collective_failure(e: BaseException):
+    """The one-line reason when ``e`` is a collective that failed (a peer died, or did not answer
+    within the timeout), else None. NCCL raises DistError; Gloo a RuntimeError from its transport."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    nccl = dist.is_available() and isinstance(e, dist.DistError)
+    gloo = isinstance(e, RuntimeError) and "gloo" in text.lower()
+    if not (nccl or gloo):
+        return None
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)  # drop "[.../gloo/transport/tcp/pair.cc:561] "
 
 
 @dataclass
@@ -45,6 +71,26 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def on_main(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` on the main process; every process gets its (small, picklable) result, or
+        raises when it failed: the main process its own exception, the others PeerFailed."""
+        if not self.enabled:
+            return fn()
+        box, err = [None], None
+        if self.main:
+            try:
+                box[0] = ("ok", fn())
+            except BaseException as e:  # every process must hear of it, whatever it is
+                err = e
+                box[0] = ("failed", f"{e}")
+        dist.broadcast_object_list(box, src=0)
+        if err is not None:
+            raise err
+        status, payload = box[0]
+        if status != "ok":
+            raise PeerFailed(f"the main process failed {what}: {payload}")
+        return payload
+
 
 def use_cuda(device_arg: str) -> bool:
     """Whether ``--device`` (auto, cpu or cuda) means CUDA here; cuda without one is refused."""
@@ -53,15 +99,16 @@ def use_cuda(device_arg: str) -> bool:
     return device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
 
 
-def setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if there is one; pick the device."""
+def setup_distributed(device_arg: str, timeout_s: float = 1800.0) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if there is one (collectives time out after
+    ``timeout_s`` seconds); pick the device."""
     cuda = use_cuda(device_arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), torch.device("cuda" if cuda else "cpu")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     if cuda:
         torch.cuda.set_device(local)
         return Dist(rank, world, local), torch.device("cuda", local)

@@ -126,6 +126,7 @@ class Method(abc.ABC):
 
     name = "?"
     needs_teacher = True
+    samples = False  # whether prepare() generates responses (up to --max-new-tokens after the prompt)
     stat_keys: tuple[str, ...] = ()  # what Prepared.stats may hold (logged per step)
     default_alpha = 0.0  # --alpha when not given (its meaning is the method's)
 
@@ -198,6 +199,7 @@ class SeqKD(Method):
     """Sequence-level (black-box) KD: the teacher writes the responses, the student imitates them."""
 
     name = "seqkd"
+    samples = True
 
     def prepare(self, ctx, batch, step):
         new, _ = _sample_batch(ctx, batch, ctx.teacher, step, Stream.SEQKD_ROLLOUT)
@@ -230,6 +232,7 @@ class GKD(Method):
     """
 
     name = "gkd"
+    samples = True
     stat_keys = ("on_policy",)
 
     def main_term(self, cfg):
@@ -296,6 +299,7 @@ class MiniLLM(Method):
     """
 
     name = "minillm"
+    samples = True
     stat_keys = ("reward", "response_len")
     default_alpha = 0.2
 

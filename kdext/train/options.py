@@ -10,7 +10,8 @@ The dataclasses in :mod:`kdext.train.config` are the single source of every opti
   dataclasses included, with messages that name the flag;
 * :func:`add_arguments` / :func:`from_namespace` generate the argparse options of a command
   and read the parsed values back into the dataclass;
-* :func:`markdown_table` writes the option table of docs/TRAINER.md.
+* :func:`markdown_table` writes the option table of docs/TRAINER.md;
+* :func:`resume_policy` says what ``--resume`` does when the option differs from the checkpoint's.
 
 Boolean fields become switches: ``--name`` (``store_true``) when the default is False,
 ``--no-name`` (``store_false``) when it is True.
@@ -26,6 +27,13 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Optional, Union
 
 INT64_MAX = 2**63 - 1
+
+# What --resume does with an option whose value differs from the checkpoint's (``option(resume=...)``):
+REFUSE = "refuse"  # it changes the run's meaning: the resume is refused, naming the flag (the default)
+APPLY = "apply"  # run control (cadences, logging, where and how to run): the new value is used and logged
+INPUT = "input"  # a file or folder: refused if its content differs; the same content under a new path is fine
+# ... or a function (checkpoint step, old value, new value, new configuration) -> None when the
+# change may be applied, else the reason it is refused.
 
 
 class ConfigError(ValueError):
@@ -77,14 +85,24 @@ def option(
     group: Optional[str] = None,
     cli: bool = True,
     default_factory: Any = MISSING,
+    resume: Union[str, Callable] = REFUSE,
 ) -> Any:
     """A dataclass field with its option metadata.
 
     ``choices`` may be a function returning them (for choices defined in a module that imports
-    this one); ``cli=False`` keeps the field off the command line (set by the code).
+    this one); ``cli=False`` keeps the field off the command line (set by the code). ``resume``
+    says whether the option may differ from the checkpoint's on --resume (REFUSE, APPLY, INPUT or
+    a function; see above): unless a field says otherwise, a change is refused, so an option
+    added later is safe by default.
     """
-    metadata = {"help": help, "range": range, "choices": choices, "flag": flag, "group": group, "cli": cli}
+    metadata = {"help": help, "range": range, "choices": choices, "flag": flag, "group": group, "cli": cli,
+                "resume": resume}
     return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def resume_policy(f: dataclasses.Field) -> Union[str, Callable]:
+    """REFUSE, APPLY, INPUT or a rule function (see option()); REFUSE unless the field says otherwise."""
+    return f.metadata.get("resume", REFUSE)
 
 
 def flag_of(f: dataclasses.Field, t: Optional[type] = None) -> str:
@@ -261,3 +279,24 @@ def markdown_table(cls) -> str:
         text = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| `{flag_of(f, t)}` | {default} | {allowed} | {text} |")
     return "\n".join(rows)
+
+
+def resume_markdown(cls) -> str:
+    """What --resume does with each option of ``cls`` that differs from the checkpoint's."""
+    apply, inputs, rules = [], [], []
+    for f, t, _ in option_fields(cls):
+        if not f.metadata.get("cli", True) or f.name == "resume":  # (--resume itself)
+            continue
+        policy, flag = resume_policy(f), f"`{flag_of(f, t)}`"
+        if policy == APPLY:
+            apply.append(flag)
+        elif policy == INPUT:
+            inputs.append(flag)
+        elif callable(policy):
+            rules.append(f"{flag} {' '.join(policy.__doc__.split())}")
+    return (
+        "On `--resume`, an option that differs from the checkpoint's is refused (exit code 2, naming the "
+        "flag), except: " + ", ".join(apply) + " may change (the new value is used, and a line says so); "
+        + ", ".join(inputs) + " may name another path with the same content (a different content is "
+        "refused, also under the same path); " + "; ".join(rules) + "."
+    )

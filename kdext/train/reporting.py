@@ -15,7 +15,15 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from . import storage
+
 POSTFIX_KEYS = ("loss", "reward", "lr")  # shown with the bar / in each line, when present
+
+
+def notice(text: str, enabled: bool = True, stream: Optional[TextIO] = None) -> None:
+    """A line for the user on stderr (``kdext distill: warning: ...``), main process only."""
+    if enabled:
+        print(f"kdext distill: {text}", file=stream if stream is not None else sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -25,10 +33,10 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and os.path.exists(path):
             # Drop records from beyond the checkpoint we resume from (or all, on a fresh run),
-            # so the file describes exactly one run.
+            # so the file describes exactly one run. Rewritten atomically: a kill here loses nothing.
             keep = []
             if resume_step > 0:
-                with open(path) as f:
+                with open(path, encoding="utf-8", errors="replace") as f:
                     for line in f:
                         try:
                             rec = json.loads(line)
@@ -36,13 +44,11 @@ class MetricsLog:
                             continue
                         if rec.get("step", 0) <= resume_step:
                             keep.append(line if line.endswith("\n") else line + "\n")
-            with open(path, "w") as f:
-                f.writelines(keep)
+            storage.atomic_write(path, lambda f: f.write("".join(keep).encode("utf-8")))
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            storage.append_line(self.path, json.dumps(record) + "\n")
 
 
 def default_log_every(max_steps: int) -> int:
@@ -95,3 +101,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -28,7 +28,9 @@ from .config import TrainConfig
 from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
 from .generation import NonFiniteLogits
-from .models import VocabAligner, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+from .models import VocabAligner, check_context, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer
+from .reporting import notice
+from .resume import input_fingerprints
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,18 +52,37 @@ class Setup:
     examples: list
     schedule: DataSchedule
     encoded: dict = field(default_factory=dict)  # example index -> Encoded (tokenised once)
+    eval_set: Optional[list] = None  # --eval-data's examples (at most --eval-max-examples)
+    inputs: dict = field(default_factory=dict)  # fingerprints of the inputs (resume.py)
+    noted: set = field(default_factory=set)  # what has been reported once (cut prompts, responses)
+
+
+def sequence_needs(cfg: TrainConfig, samples: bool) -> list[tuple[str, int]]:
+    """The longest sequences a run forms, with the flags that make them: data rows (prompt and
+    response), and rollouts and evaluation samples (prompt and generated tokens)."""
+    P, R, N = cfg.max_prompt_len, cfg.max_response_len, cfg.method_cfg.max_new_tokens
+    needs = [(f"--max-prompt-len {P} + --max-response-len {R}", P + R)]
+    if samples or cfg.eval_data:
+        needs.append((f"--max-prompt-len {P} + --max-new-tokens {N}", P + N))
+    return needs
 
 
 def build(cfg: TrainConfig) -> Setup:
     cfg.validate()
     mcfg = cfg.method_cfg.resolved(cfg.method)
     mcfg = dataclasses.replace(mcfg, seed=cfg.seed)
-    dd, device = setup_distributed(cfg.device)
+    method = M.make(cfg.method)
+    # Everything that can be checked without the weights is, before any model is loaded.
+    examples = load_jsonl(cfg.data, cfg.template)
+    eval_set = load_jsonl(cfg.eval_data, cfg.template)[: cfg.eval_max_examples] if cfg.eval_data else None
+    models = [("--teacher", cfg.teacher)] if method.needs_teacher else []
+    check_context(models + [("--student", cfg.student)], sequence_needs(cfg, method.samples))
+    inputs = input_fingerprints(cfg, method.needs_teacher)
+    dd, device = setup_distributed(cfg.device, cfg.collective_timeout)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     tok = load_tokenizer(cfg.student, "--student")
-    method = M.make(cfg.method)
     teacher = None
     widths, names = [], []
     if method.needs_teacher:
@@ -86,9 +107,21 @@ def build(cfg: TrainConfig) -> Setup:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast)
-    examples = load_jsonl(cfg.data, cfg.template)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
-    return Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule)
+    return Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
+                 eval_set=eval_set, inputs=inputs)
+
+
+def _say_cut_once(s: Setup, enc, ex) -> None:
+    """Long prompts keep their end, long responses their start, as the flags say; the first of
+    each is reported (main process), so a cut is never silent."""
+    cuts = (("prompt", enc.prompt_cut, "--max-prompt-len", s.cfg.max_prompt_len, "last"),
+            ("response", enc.response_cut, "--max-response-len", s.cfg.max_response_len, "first"))
+    for what, n, flag, limit, keep in cuts:
+        if n and what not in s.noted:
+            s.noted.add(what)
+            notice(f"note: {ex.where}: the {what} has {n + limit} tokens, more than {flag} {limit}; it keeps its "
+                   f"{keep} {limit}, as does every longer {what} of the run (said once)", enabled=s.dd.main)
 
 
 def micro_batch(s: Setup, step: int, micro: int):
@@ -96,6 +129,7 @@ def micro_batch(s: Setup, step: int, micro: int):
     for i in idx:
         if i not in s.encoded:
             s.encoded[i] = encode(s.tokenizer, s.examples[i], s.cfg.max_prompt_len, s.cfg.max_response_len)
+            _say_cut_once(s, s.encoded[i], s.examples[i])
     enc = [s.encoded[i] for i in idx]
     return collate(enc, s.tokenizer.pad_token_id, pos).to(s.device)
 

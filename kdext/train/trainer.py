@@ -2,8 +2,8 @@
 
 The pieces live beside it: the options and their checks in config.py, the process group in
 distributed.py, AdamW and the LR schedule in optim.py, one optimizer step in step.py,
-checkpoints and resume in checkpoint.py, metrics.jsonl and progress in reporting.py, the random
-streams in seeds.py.
+checkpoints and resume in checkpoint.py and resume.py, writing files safely in storage.py,
+metrics.jsonl and progress in reporting.py, the random streams in seeds.py.
 """
 
 from __future__ import annotations
@@ -11,41 +11,86 @@ from __future__ import annotations
 import os
 import time
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from . import storage
+from .checkpoint import estimated_size, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import load_jsonl
 from .models import unwrap
 from .optim import make_optimizer
 from .options import ConfigError
-from .reporting import MetricsLog, Progress, default_log_every
+from .reporting import MetricsLog, Progress, default_log_every, notice
+from .resume import check_resume, settings_record
 from .step import Setup, TrainingDiverged, build, train_step
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or no torchrun): the process that writes --out (known before the group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_out(out: str, main: bool) -> None:
+    """Before anything is loaded: --out must be writable, and temporaries of killed writes go."""
+    if not main:
+        return
+    storage.check_writable(out)
+    from .checkpoint import checkpoint_dir
+
+    removed = storage.remove_stale(out, checkpoint_dir(out))
+    if removed:
+        notice(f"removed {len(removed)} temporary file(s) of interrupted writes: {', '.join(removed)}")
+
+
+def _warn_if_disk_small(s: Setup, cfg: TrainConfig) -> None:
+    free = storage.free_bytes(cfg.out)
+    one = estimated_size(s.student)
+    need = one * (cfg.keep_checkpoints + 1) + one // 3  # the kept ones, the one being written, final/
+    if free is not None and free < need:
+        notice(f"warning: --out {cfg.out} has {storage.human_bytes(free)} free; this run needs about "
+               f"{storage.human_bytes(need)} ({cfg.keep_checkpoints + 1} checkpoints of about "
+               f"{storage.human_bytes(one)}, and the final model)")
+
+
+def _with_state(e: storage.StorageError, last_ckpt) -> storage.StorageError:
+    where = (f"the previous checkpoint {last_ckpt} is intact (--resume continues from it)" if last_ckpt
+             else "no checkpoint had been written yet")
+    return storage.StorageError(e.errno, f"{e}; {where}")
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a distillation run; returns a summary. Writes everything under cfg.out."""
+    cfg.validate()
+    prepare_out(cfg.out, _is_main_process())
     s = build(cfg)
     dd = s.dd
-    os.makedirs(cfg.out, exist_ok=True)
     opt, sched = make_optimizer(unwrap(s.student), cfg)
+    record = {"settings": settings_record(cfg, s.ctx.cfg), "inputs": s.inputs}
 
-    start = 0
+    def say(text):
+        notice(text, enabled=dd.main)
+
+    def same_run(path, state):
+        for note in check_resume(path, state["step"], state["settings"], state["inputs"], cfg, s.ctx.cfg, s.inputs):
+            say(f"resume: {note}")
+
+    start, last_ckpt = 0, None
     if cfg.resume:
-        start = load_checkpoint(cfg, dd, s.student, opt, sched, s.device)
+        start, last_ckpt = load_checkpoint(cfg, dd, s.student, opt, sched, same_run, lambda t: say(f"warning: {t}"))
+        if last_ckpt is None:
+            say(f"note: --resume: {cfg.out} has no checkpoint yet; starting at step 0")
     elif list_checkpoints(cfg.out):
         raise ConfigError(
             f"--out {cfg.out!r} already has checkpoints; pass --resume to continue that run or choose another --out"
         )
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dd.main, start)
-    eval_set = _load_eval(cfg)
-    last_ckpt = list_checkpoints(cfg.out)[-1] if start else None
+    if dd.main:
+        _warn_if_disk_small(s, cfg)
     end = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
-
     progress = Progress(cfg.method, cfg.max_steps, start, end, enabled=dd.main and cfg.progress,
                         every=cfg.log_every or default_log_every(cfg.max_steps))
     t0 = time.time()
     rec: dict = {}
     step = start
+    summary = {"method": cfg.method}
     try:
+        log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), dd.main, start)
         while step < end:
             try:
                 rec = train_step(s, step, opt, sched)
@@ -54,43 +99,46 @@ def train(cfg: TrainConfig) -> dict:
                 raise TrainingDiverged(f"{e}; {where}. Lower --lr or check the data, then --resume.") from None
             step += 1
             rec["elapsed"] = time.time() - t0
-            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < end:
-                rec.update(_evaluate(s, eval_set))
+            if s.eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+                rec.update(_evaluate(s, s.eval_set))
             log.write(rec)
             progress.update(step, rec)
             if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule) or last_ckpt
+                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule, record)
+        progress.close()
+        summary.update(steps=step, train_seconds=time.time() - t0, last=rec)
+        if step == cfg.max_steps:
+            if s.eval_set:
+                ev = _evaluate(s, s.eval_set)
+                log.write({"step": step, **ev})
+                summary["eval"] = ev
+            if cfg.save_final:
+                summary["final"] = dd.on_main(lambda: _save_final(s, cfg), "writing the final model")
+    except storage.StorageError as e:
+        raise _with_state(e, last_ckpt) from None
     finally:
         progress.close()
-
-    summary = {"method": cfg.method, "steps": step, "train_seconds": time.time() - t0, "last": rec}
-    if step == cfg.max_steps:
-        if eval_set:
-            ev = _evaluate(s, eval_set)
-            log.write({"step": step, **ev})
-            summary["eval"] = ev
-        if cfg.save_final and dd.main:
-            final = os.path.join(cfg.out, "final")
-            unwrap(s.student).save_pretrained(final)
-            s.tokenizer.save_pretrained(final)
-            summary["final"] = final
     dd.barrier()
     return summary
 
 
-def _load_eval(cfg: TrainConfig):
-    if not cfg.eval_data:
-        return None
-    ex = load_jsonl(cfg.eval_data, cfg.template)
-    return ex[: cfg.eval_max_examples]
+def _save_final(s: Setup, cfg: TrainConfig) -> str:
+    final = os.path.join(cfg.out, "final")
+
+    def write(folder):
+        unwrap(s.student).save_pretrained(folder)
+        s.tokenizer.save_pretrained(folder)
+
+    storage.atomic_dir(final, write)
+    return final
 
 
 def _evaluate(s: Setup, eval_set) -> dict:
-    """Rouge-L / exact match / ECE of the student on the eval data (main process; others wait)."""
+    """Rouge-L / exact match / ECE of the student on the eval data (main process; every process
+    gets the numbers)."""
     from .evaluate import evaluate_model
 
-    res = {}
-    if s.dd.main:
+    def run():
         mcfg = s.ctx.cfg
         r = evaluate_model(
             unwrap(s.student),
@@ -102,7 +150,7 @@ def _evaluate(s: Setup, eval_set) -> dict:
             seed=s.cfg.seed,
             autocast=s.ctx.autocast,
         )
-        res = {f"eval/{k}": v for k, v in r.items() if isinstance(v, (int, float))}
         unwrap(s.student).train()
-    s.dd.barrier()
-    return res
+        return {f"eval/{k}": v for k, v in r.items() if isinstance(v, (int, float))}
+
+    return s.dd.on_main(run, "evaluating")
