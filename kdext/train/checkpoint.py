@@ -1,7 +1,8 @@
 """Checkpoints: ``OUT/checkpoints/step-<step, 8 digits>.pt`` (e.g. ``step-00000400.pt``).
 
 A checkpoint holds the student, optimizer, scheduler, the RNG states of every process, the step
-and the data position. It is written to a temporary file and renamed, so a crash mid-write never
+and the data position, and under ``"extras"`` the state of what else the run trains or keeps
+(the hidden-state projection, DistiLLM's schedule and replay buffer), when there is any. It is written to a temporary file and renamed, so a crash mid-write never
 leaves a truncated checkpoint. Since the data order and every rollout seed are functions of
 (seed, step) (seeds.py), ``--resume`` reproduces an uninterrupted run.
 """
@@ -64,7 +65,8 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX
 
 
-def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule) -> Optional[str]:
+def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule,
+                    extras: Optional[dict] = None) -> Optional[str]:
     rngs = [None] * dd.world
     if dd.enabled:
         dist.all_gather_object(rngs, _rng_state())
@@ -84,6 +86,8 @@ def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSche
             "rng": rngs,
             "config": {k: getattr(cfg, k) for k in RESUME_KEYS},
         }
+        if extras:  # name -> object with state_dict() (the same on every process)
+            state["extras"] = {k: v.state_dict() for k, v in extras.items()}
         atomic_save(state, path)
         for old in list_checkpoints(cfg.out)[: -cfg.keep_checkpoints]:
             os.remove(old)
@@ -91,8 +95,9 @@ def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSche
     return path
 
 
-def load_checkpoint(cfg, dd: Dist, student, opt, sched, device) -> int:
-    """Restore the newest checkpoint; returns its step (0 when there is none)."""
+def load_checkpoint(cfg, dd: Dist, student, opt, sched, device, extras: Optional[dict] = None) -> int:
+    """Restore the newest checkpoint; returns its step (0 when there is none). ``extras``: the
+    objects saved beside the model (see save_checkpoint), restored by load_state_dict."""
     ckpts = list_checkpoints(cfg.out)
     if not ckpts:
         return 0
@@ -114,7 +119,15 @@ def load_checkpoint(cfg, dd: Dist, student, opt, sched, device) -> int:
             f"--resume: the checkpoint {ckpts[-1]} was written by {state['world_size']} processes, this run has {dd.world}; "
             "keep the number of processes (the global batch and RNG streams depend on it)"
         )
+    saved_extras = state.get("extras", {})
+    if set(saved_extras) != set(extras or {}):
+        raise ConfigError(
+            f"--resume: the checkpoint {ckpts[-1]} holds state for {sorted(saved_extras) or 'nothing'} beside the "
+            f"model, this run needs {sorted(extras or {}) or 'nothing'} (--hidden-coef or the method's schedule changed)"
+        )
     unwrap(student).load_state_dict(state["model"])
+    for k, obj in (extras or {}).items():
+        obj.load_state_dict(saved_extras[k])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][dd.rank])

@@ -14,6 +14,7 @@ import time
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import load_jsonl
+from .hidden import FILE_NAME as HIDDEN_FILE
 from .models import unwrap
 from .optim import make_optimizer
 from .options import ConfigError
@@ -26,11 +27,11 @@ def train(cfg: TrainConfig) -> dict:
     s = build(cfg)
     dd = s.dd
     os.makedirs(cfg.out, exist_ok=True)
-    opt, sched = make_optimizer(unwrap(s.student), cfg)
+    opt, sched = make_optimizer(s.trainable(), cfg)
 
     start = 0
     if cfg.resume:
-        start = load_checkpoint(cfg, dd, s.student, opt, sched, s.device)
+        start = load_checkpoint(cfg, dd, s.student, opt, sched, s.device, s.checkpoint_extras())
     elif list_checkpoints(cfg.out):
         raise ConfigError(
             f"--out {cfg.out!r} already has checkpoints; pass --resume to continue that run or choose another --out"
@@ -59,7 +60,8 @@ def train(cfg: TrainConfig) -> dict:
             log.write(rec)
             progress.update(step, rec)
             if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule) or last_ckpt
+                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule,
+                                            s.checkpoint_extras()) or last_ckpt
     finally:
         progress.close()
 
@@ -74,6 +76,9 @@ def train(cfg: TrainConfig) -> dict:
             unwrap(s.student).save_pretrained(final)
             s.tokenizer.save_pretrained(final)
             summary["final"] = final
+            if s.projection is not None:  # beside the student, not part of it
+                summary["hidden_projection"] = os.path.join(cfg.out, HIDDEN_FILE)
+                s.projection.save(summary["hidden_projection"])
     dd.barrier()
     return summary
 
