@@ -19,7 +19,6 @@ student) with the layer pairs and the loss in its metadata.
 
 from __future__ import annotations
 
-import json
 from typing import Optional, Sequence
 
 import torch
@@ -147,7 +146,3 @@ def build_projection(cfg, student, teacher, seed: int, device) -> Optional[Hidde
         torch.manual_seed(stream_seed(seed, Stream.HIDDEN_INIT))
         proj = HiddenProjection(pairs, s_width, t_width, cfg.hidden_loss)
     return proj.to(device)
-
-
-def describe(proj: HiddenProjection) -> str:
-    return json.dumps(proj.metadata())

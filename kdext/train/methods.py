@@ -50,7 +50,10 @@ from .options import ConfigError
 from .seeds import Stream, stream_seed
 
 # Every method registers itself here (``@register``), under its ``name``; METHODS lists them in
-# registration order, which is the order of ``--method``'s choices and of the demo's report.
+# the order of ``--method``'s choices and of the demo's report: this one, then any other method
+# in registration order. (DistiLLM and MiniLLM live in their own modules, which this one
+# imports; whichever of the three is imported first, the order is the same.)
+_ORDER = ("sft", "kd", "seqkd", "rkl", "gkd", "distillm", "minillm")
 REGISTRY: dict[str, type["Method"]] = {}
 
 
@@ -58,6 +61,9 @@ def register(cls: type["Method"]) -> type["Method"]:
     if cls.name in REGISTRY:
         raise AssertionError(f"method {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
+    ranked = sorted(REGISTRY.values(), key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
+    REGISTRY.clear()
+    REGISTRY.update((c.name, c) for c in ranked)
     return cls
 
 
@@ -383,18 +389,23 @@ class GKD(_TokenDivergence):
         return self.with_lm(ctx, sampled, batch, step, micro, {"on_policy": (1.0, 1)})
 
 
-from . import distillm as _distillm  # noqa: E402,F401  (registers DistiLLM, in --method order)
+from . import distillm as _distillm  # noqa: E402,F401  (registers DistiLLM)
 from . import minillm as _minillm  # noqa: E402,F401  (registers MiniLLM)
 
-DistiLLM = _distillm.DistiLLM
-MiniLLM = _minillm.MiniLLM
 
-METHODS = tuple(REGISTRY)
+def __getattr__(name: str):
+    """``METHODS`` (every registered method, in order) and the two classes defined elsewhere,
+    looked up when asked for, so they are complete whatever module was imported first."""
+    if name == "METHODS":
+        return tuple(REGISTRY)
+    if name in ("DistiLLM", "MiniLLM"):
+        return REGISTRY[name.lower()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_class(name: str) -> type[Method]:
     if name not in REGISTRY:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {name!r}")
+        raise ConfigError(f"--method must be one of {', '.join(REGISTRY)}; got {name!r}")
     return REGISTRY[name]
 
 
