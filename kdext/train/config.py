@@ -243,7 +243,8 @@ class TrainConfig:
         for flag, v in (("--save-every", self.save_every), ("--stop-after", self.stop_after or 0)):
             if v % cycle:
                 raise ConfigError(
-                    f"{flag} must be a multiple of --ppo-epochs ({cycle}): checkpoints fall between rollout cycles"
+                    f"{flag} must be a multiple of --ppo-epochs x --rollout-batches ({cycle}): checkpoints fall "
+                    "between rollout cycles"
                 )
 
 
