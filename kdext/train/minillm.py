@@ -172,7 +172,7 @@ class MiniLLM(Method):
         return {"pg": 1.0, "single": 1.0}
 
     def prepare(self, ctx, batch, step, micro=0):
-        raise ConfigError("MiniLLM prepares a whole step at a time: use prepare_step")
+        raise RuntimeError("MiniLLM prepares a whole step at a time (its rollout buffer): use prepare_step")
 
     # -- rollouts ------------------------------------------------------------------------------
 
