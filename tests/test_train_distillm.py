@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from kdext.train import distillm as D
 from kdext.train import methods as M

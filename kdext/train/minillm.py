@@ -42,7 +42,6 @@ import kdext
 from .data import Batch, pad_prompts, pad_responses
 from .methods import Method, eval_mode, register, sample_batch, teacher_rows
 from .models import response_labels, response_logits, unwrap
-from .options import ConfigError
 from .seeds import Stream, stream_seed
 
 WHITEN_EPS = 1e-8  # LMOps utils.whiten
