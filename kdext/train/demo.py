@@ -200,8 +200,11 @@ MINILLM_PAPER = dict(returns="paper", whiten="off", pg_clip="ratio", single_step
 # paper form of MiniLLM; the best of these is rerun with feature distillation (HIDDEN_KW).
 RUNS: list[tuple[str, str, dict]] = [(m, m, {}) for m in METHODS] + [("minillm_paper", "minillm", MINILLM_PAPER)]
 # Feature distillation added to the best run: student blocks 1, 2 to teacher blocks 2, 4 (the
-# default layer map), mean squared error through the learned projection, weight 1 (not tuned).
-HIDDEN_KW = dict(hidden_coef=1.0, hidden_loss="mse")
+# default layer map), mean squared error through the learned projection. The weight was chosen
+# on the dev prompts (data/dev.jsonl, never the scored ones), with rkl, among cosine 0.1 / 1 and
+# MSE 0.001 / 0.01 (Rouge-L 90.0, 90.7, 91.2, 93.1; 91.5 without): the teacher's hidden states
+# are large (the MSE starts near 150), so a weight of 1 swamps the divergence (29 Rouge-L).
+HIDDEN_KW = dict(hidden_coef=0.01, hidden_loss="mse")
 
 
 def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False, workers: int | None = None) -> dict:
