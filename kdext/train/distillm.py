@@ -232,6 +232,6 @@ class DistiLLM(Method):
             cfg = ctx.cfg
             self.threshold, self.reference = update_threshold(self.threshold, self.reference, loss,
                                                               cfg.sgo_loss_eps, cfg.sgo_raise)
-            rec["sgo_val_loss"] = loss
+            rec["sgo_val_loss"], rec["sgo_reference"] = loss, self.reference
         rec["sgo_threshold"] = self.threshold
         return rec
