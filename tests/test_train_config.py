@@ -128,7 +128,12 @@ def test_range_checks_run_before_the_rules_between_fields(no_work, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--ppo-epochs", "2", "--stop-after", "3"], "--stop-after must be a multiple of --ppo-epochs (2)"),
+        (["--ppo-epochs", "2", "--stop-after", "3"], "--stop-after must be a multiple of --ppo-epochs x --rollout-batches (2)"),
+        (["--ppo-epochs", "2", "--rollout-batches", "3", "--save-every", "4"], "x --rollout-batches (6)"),
+        (["--method", "distillm"], "--eval-data is required for --method distillm with --sgo adaptive"),
+        (["--method", "sft", "--lm-data", "lm.jsonl"], "--lm-data: --method sft has no LM term"),
+        (["--hidden-coef", "1", "--hidden-layers", "1-2"], "--hidden-layers must look like S1:T1,S2:T2"),
+        (["--whiten", "zeros"], "argument --whiten: invalid choice"),
         (["--template", "no placeholder"], "--template must contain {prompt}"),
         (["--schedule", "cos"], "argument --schedule: invalid choice"),
         (["--max-steps", "ten"], "argument --max-steps: invalid int value"),
@@ -166,27 +171,44 @@ def test_api_configs_are_checked_too():
     DemoConfig().validate()
 
 
-def test_method_dependent_alpha_default():
+def test_method_dependent_defaults():
     assert MethodConfig().resolved("minillm").alpha == 0.2
     assert MethodConfig().resolved("distillm").alpha == 0.1
     assert MethodConfig().resolved("kd").alpha == 0.0
     assert MethodConfig(alpha=0.3).resolved("minillm").alpha == 0.3
+    # the official codes' normalisation and LM-term mix, kdext's elsewhere
+    assert [MethodConfig().resolved(m).token_mean for m in ("minillm", "distillm", "kd", "gkd")] == [
+        "micro_batch", "micro_batch", "global", "global"]
+    assert MethodConfig(token_mean="global").resolved("minillm").token_mean == "global"
+    assert (MethodConfig().resolved("minillm").kd_ratio, MethodConfig().resolved("rkl").kd_ratio) == (0.5, 0.0)
+    # the LM term is on by default (lm_coef 1, LMOps' default) exactly when --lm-data is given
+    assert MethodConfig().resolved("minillm").lm_coef == 0.0
+    assert MethodConfig().resolved("minillm", lm_data=True).lm_coef == 1.0
+    assert MethodConfig(lm_coef=0.3).resolved("kd", lm_data=True).lm_coef == 0.3
 
 
 # ---------------------------------------------------------------------------------------------
 # The generated command line keeps the original flags and defaults
 
 
-# kdext distill's flags and defaults before the options moved into config.py.
+# kdext distill's flags and defaults before the options moved into config.py, with the defaults
+# issue 13 changed (LMOps' --gamma and --ppo-epochs; --lm-coef: 1 with --lm-data, else 0).
 ORIGINAL_DISTILL = {
     "--teacher": None, "--eval-data": None, "--template": "{prompt}\n", "--max-steps": 100, "--batch-size": 8,
     "--grad-accum": 1, "--lr": 5e-5, "--weight-decay": 0.0, "--warmup-steps": 0, "--schedule": "cosine",
     "--min-lr-ratio": 0.1, "--max-grad-norm": 1.0, "--max-prompt-len": 256, "--max-response-len": 128, "--seed": 0,
-    "--temperature": 1.0, "--alpha": None, "--beta": 0.5, "--lam": 0.5, "--lm-coef": 0.0,
-    "--skew": "skew_forward_kl", "--top-p": 1.0, "--top-k": 0, "--max-new-tokens": 64, "--gamma": 1.0,
-    "--clip-eps": 0.2, "--ppo-epochs": 1, "--save-every": 0, "--keep-checkpoints": 2, "--eval-every": 0,
+    "--temperature": 1.0, "--alpha": None, "--beta": 0.5, "--lam": 0.5, "--lm-coef": None,
+    "--skew": "skew_forward_kl", "--top-p": 1.0, "--top-k": 0, "--max-new-tokens": 64, "--gamma": 0.95,
+    "--clip-eps": 0.2, "--ppo-epochs": 4, "--save-every": 0, "--keep-checkpoints": 2, "--eval-every": 0,
     "--eval-max-examples": 256, "--resume": False, "--stop-after": None, "--device": "auto", "--no-bf16": False,
     "--no-progress": False,
+}
+# Flags added since (issue 13: the official MiniLLM / DistiLLM recipes, the LM stream, feature distillation).
+DISTILL_ADDED = {
+    "--log-every", "--lm-data", "--token-mean", "--kd-ratio", "--rollout-batches", "--returns", "--whiten",
+    "--pg-clip", "--single-step-weight", "--reward-scaling", "--cliprange-reward", "--reward-temperature", "--sgo",
+    "--sgo-init", "--sgo-raise", "--sgo-loss-eps", "--sgo-capacity", "--sgo-replay", "--sgo-eval-every",
+    "--hidden-coef", "--hidden-loss", "--hidden-layers", "--collective-timeout",
 }
 ORIGINAL_EVAL = {"--template": "{prompt}\n", "--max-new-tokens": 64, "--max-prompt-len": 256,
                  "--max-response-len": 128, "--temperature": 1.0, "--top-p": 1.0, "--greedy": False,
@@ -208,7 +230,7 @@ def test_generated_parser_keeps_flags_and_defaults(command, original, required):
     p = cli.parser()
     sub = next(a for a in p._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[command]
     flags = _flags(sub)
-    new = {"--debug"} | ({"--log-every", "--collective-timeout"} if command == "distill" else set())
+    new = {"--debug"} | (DISTILL_ADDED if command == "distill" else set())
     assert set(flags) == set(original) | required | new
     for flag, default in original.items():
         got = flags[flag]
@@ -225,7 +247,7 @@ def test_parsed_arguments_fill_the_dataclasses():
     cfg = cli.config_from_args(args)
     assert isinstance(cfg, TrainConfig) and isinstance(cfg.method_cfg, MethodConfig)
     assert (cfg.bf16, cfg.progress, cfg.resume, cfg.stop_after, cfg.seed) == (False, True, True, 4, 7)
-    assert (cfg.method_cfg.alpha, cfg.method_cfg.lam, cfg.method_cfg.ppo_epochs) == (0.3, 1.0, 1)
+    assert (cfg.method_cfg.alpha, cfg.method_cfg.lam, cfg.method_cfg.ppo_epochs) == (0.3, 1.0, 4)
     default = cli.config_from_args(cli.parser().parse_args(BASE["distill"]))
     assert default == TrainConfig(method="minillm", teacher="t", student="s", data="d.jsonl", out="o")
 

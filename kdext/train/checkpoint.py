@@ -1,8 +1,9 @@
 """Checkpoints: ``OUT/checkpoints/step-<step, 8 digits>.pt`` (e.g. ``step-00000400.pt``).
 
 A checkpoint holds the student, optimizer, scheduler, the RNG states of every process, the step,
-the data position, every setting of the run and a fingerprint of its inputs (resume.py), and
-checksums of all of that: a CRC-32 of every tensor's bytes and one of every other value. It is
+the data position, every setting of the run and a fingerprint of its inputs (resume.py), under
+``"extras"`` the state of what else the run trains or keeps (the hidden-state projection,
+DistiLLM's schedule and replay buffer) when there is any, and checksums of all of that: a CRC-32 of every tensor's bytes and one of every other value. It is
 written atomically (storage.py: a temporary file, fsync, rename, fsync of the folder), so a
 kill mid-write never leaves a truncated checkpoint. Since the data order and every rollout
 seed are functions of (seed, step) (seeds.py), ``--resume`` reproduces an uninterrupted run.
@@ -146,9 +147,11 @@ def read_checkpoint(path: str) -> dict:
 # Saving
 
 
-def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule, record: dict) -> Optional[str]:
+def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSchedule, record: dict,
+                    extras: Optional[dict] = None) -> Optional[str]:
     """Write the checkpoint of ``step`` (main process; every process takes part). ``record``:
-    {"settings": ..., "inputs": ...} (resume.py). Returns its path; StorageError (the partial
+    {"settings": ..., "inputs": ...} (resume.py); ``extras``: name -> object with state_dict()
+    (the same on every process), saved beside the model. Returns its path; StorageError (the partial
     file removed, older checkpoints untouched) when it cannot be written."""
     rngs = [None] * dd.world
     if dd.enabled:
@@ -170,6 +173,8 @@ def save_checkpoint(cfg, dd: Dist, step, student, opt, sched, schedule: DataSche
             "rng": rngs,
             **record,
         }
+        if extras:
+            state["extras"] = {k: v.state_dict() for k, v in extras.items()}
         state["checksums"] = checksums(state)
         storage.atomic_write(path, lambda f: torch.save(state, f))
         for old in list_checkpoints(cfg.out)[: -cfg.keep_checkpoints]:
@@ -216,9 +221,10 @@ def _choose(out: str, warn: Callable[[str], None], keep: dict) -> str:
 
 
 def load_checkpoint(cfg, dd: Dist, student, opt, sched, check: Callable[[str, dict], None],
-                    warn: Callable[[str], None]) -> tuple[int, Optional[str]]:
+                    warn: Callable[[str], None], extras: Optional[dict] = None) -> tuple[int, Optional[str]]:
     """Restore the newest checkpoint that verifies; returns (its step, its path), (0, None) when
-    there is none. ``check(path, state)`` refuses a checkpoint of another run (ConfigError)."""
+    there is none. ``check(path, state)`` refuses a checkpoint of another run (ConfigError);
+    ``extras``: the objects saved beside the model (see save_checkpoint), restored by load_state_dict."""
     if not list_checkpoints(cfg.out):
         return 0, None
     keep: dict = {}
@@ -235,7 +241,15 @@ def load_checkpoint(cfg, dd: Dist, student, opt, sched, check: Callable[[str, di
             f"--resume: the checkpoint {path} was written by {state['world_size']} processes, this run has {dd.world}; "
             "keep the number of processes (the global batch and RNG streams depend on it)"
         )
+    saved_extras = state.get("extras", {})
+    if set(saved_extras) != set(extras or {}):
+        raise ConfigError(
+            f"--resume: the checkpoint {path} holds state for {sorted(saved_extras) or 'nothing'} beside the "
+            f"model, this run needs {sorted(extras or {}) or 'nothing'} (--hidden-coef or the method's schedule changed)"
+        )
     unwrap(student).load_state_dict(state["model"])
+    for k, obj in (extras or {}).items():
+        obj.load_state_dict(saved_extras[k])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][dd.rank])

@@ -67,6 +67,25 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return dict(zip(keys, t.cpu().tolist()))
 
+    def gather_objects(self, obj) -> list:
+        """``obj`` from every process, in rank order (picklable objects; tensors on the CPU)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_sum_tensors_(self, tensors: list) -> None:
+        """Sum each tensor over the processes, in place (one flat collective)."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        i = 0
+        for t in tensors:
+            t.copy_(flat[i : i + t.numel()].view_as(t))
+            i += t.numel()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -233,11 +233,13 @@ def _bool_keep_supported() -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
-def response_logits(model, batch: Batch) -> torch.Tensor:
+def response_logits(model, batch: Batch, hidden_states: bool = False):
     """Logits predicting every real response token, as rows [N, V] in row-major (b, j) order.
 
     Only those rows go through the LM head (transformers' ``logits_to_keep`` with a boolean
-    mask), which on a large vocabulary is most of the cost.
+    mask), which on a large vocabulary is most of the cost. With ``hidden_states`` it returns
+    ``(logits, states)``: ``states[i]`` is transformers' ``hidden_states[i]`` (0: the
+    embeddings, i: the output of block i) at the same positions, as rows [N, width].
     """
     P = batch.prompt_ids.shape[1]
     input_ids = batch.input_ids
@@ -245,9 +247,17 @@ def response_logits(model, batch: Batch) -> torch.Tensor:
     keep = torch.zeros_like(attn)
     keep[:, P - 1 : -1] = batch.response_mask  # column c predicts the token at column c + 1
     kwargs = dict(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids(attn), use_cache=False)
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
     if _bool_keep_supported():
-        return model(**kwargs, logits_to_keep=keep).logits
-    return model(**kwargs).logits[keep]
+        out = model(**kwargs, logits_to_keep=keep)
+        logits = out.logits
+    else:
+        out = model(**kwargs)
+        logits = out.logits[keep]
+    if not hidden_states:
+        return logits
+    return logits, tuple(h[keep] for h in out.hidden_states)
 
 
 def response_labels(batch: Batch) -> torch.Tensor:

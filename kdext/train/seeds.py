@@ -14,6 +14,13 @@ GKD rollouts           ``stream_seed(seed, Stream.GKD_ROLLOUT, step)``
 MiniLLM rollouts       ``stream_seed(seed, Stream.MINILLM_ROLLOUT, step)``
 evaluation sampling    ``stream_seed(seed, Stream.EVAL_SAMPLING)``
 GKD's coin             ``stream_seed(seed, Stream.GKD_COIN, step)``: on-policy or not this step
+DistiLLM rollouts      ``stream_seed(seed, Stream.DISTILLM_ROLLOUT, step)``: fresh student samples
+DistiLLM's coin        ``stream_seed(seed, Stream.DISTILLM_COIN, step)``: fresh, replayed or data
+DistiLLM replay        ``stream_seed(seed, Stream.DISTILLM_REPLAY, step)``: which buffer rows
+MiniLLM reshuffle      ``stream_seed(seed, Stream.MINILLM_SHUFFLE, cycle, ppo_epoch)``: the
+                       rollout buffer's order in each PPO epoch
+LM data order          ``DataSchedule`` of ``--lm-data`` seeded ``stream_seed(seed, Stream.LM_DATA)``
+hidden projection      ``stream_seed(seed, Stream.HIDDEN_INIT)``: its initial weights
 =====================  =========================================================================
 
 A rollout seed is further split per generated position and per row inside ``generation.sample``
@@ -41,6 +48,12 @@ class Stream(enum.IntEnum):
     MINILLM_ROLLOUT = 3
     EVAL_SAMPLING = 4
     GKD_COIN = 5
+    DISTILLM_ROLLOUT = 6
+    DISTILLM_COIN = 7
+    DISTILLM_REPLAY = 8
+    MINILLM_SHUFFLE = 9
+    LM_DATA = 10
+    HIDDEN_INIT = 11
 
 
 def mix_seed(*parts: int) -> int:

@@ -14,6 +14,7 @@ import time
 from . import storage
 from .checkpoint import estimated_size, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .hidden import FILE_NAME as HIDDEN_FILE
 from .models import unwrap
 from .optim import make_optimizer
 from .options import ConfigError
@@ -61,7 +62,7 @@ def train(cfg: TrainConfig) -> dict:
     prepare_out(cfg.out, _is_main_process())
     s = build(cfg)
     dd = s.dd
-    opt, sched = make_optimizer(unwrap(s.student), cfg)
+    opt, sched = make_optimizer(s.trainable(), cfg)
     record = {"settings": settings_record(cfg, s.ctx.cfg), "inputs": s.inputs}
 
     def say(text):
@@ -73,7 +74,8 @@ def train(cfg: TrainConfig) -> dict:
 
     start, last_ckpt = 0, None
     if cfg.resume:
-        start, last_ckpt = load_checkpoint(cfg, dd, s.student, opt, sched, same_run, lambda t: say(f"warning: {t}"))
+        start, last_ckpt = load_checkpoint(cfg, dd, s.student, opt, sched, same_run, lambda t: say(f"warning: {t}"),
+                                           s.checkpoint_extras())
         if last_ckpt is None:
             say(f"note: --resume: {cfg.out} has no checkpoint yet; starting at step 0")
     elif list_checkpoints(cfg.out):
@@ -104,7 +106,8 @@ def train(cfg: TrainConfig) -> dict:
             log.write(rec)
             progress.update(step, rec)
             if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule, record)
+                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule, record,
+                                            s.checkpoint_extras())
         progress.close()
         summary.update(steps=step, train_seconds=time.time() - t0, last=rec)
         if step == cfg.max_steps:
@@ -114,6 +117,8 @@ def train(cfg: TrainConfig) -> dict:
                 summary["eval"] = ev
             if cfg.save_final:
                 summary["final"] = dd.on_main(lambda: _save_final(s, cfg), "writing the final model")
+                if s.projection is not None:
+                    summary["hidden_projection"] = os.path.join(cfg.out, HIDDEN_FILE)
     except storage.StorageError as e:
         raise _with_state(e, last_ckpt) from None
     finally:
@@ -130,6 +135,8 @@ def _save_final(s: Setup, cfg: TrainConfig) -> str:
         s.tokenizer.save_pretrained(folder)
 
     storage.atomic_dir(final, write)
+    if s.projection is not None:  # beside the student (OUT/), not part of its folder
+        storage.atomic_write(os.path.join(cfg.out, HIDDEN_FILE), lambda f: f.write(s.projection.to_bytes()))
     return final
 
 

@@ -48,6 +48,9 @@ def build(root: str) -> dict:
     paths["eval"] = os.path.join(root, "eval.jsonl")
     write_jsonl(paths["data"], train)
     write_jsonl(paths["eval"], evals)
+    # An LM corpus (--lm-data): plain documents, unlike the prompt/response data.
+    paths["lm"] = os.path.join(root, "lm.jsonl")
+    write_jsonl(paths["lm"], [{"text": f"{r['prompt']} {r['response']} " * (1 + i % 3)} for i, r in enumerate(train)])
     return paths
 
 
