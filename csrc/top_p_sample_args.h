@@ -28,7 +28,7 @@ struct TopPSampleArgs {
                  double temperature, double alpha, const std::optional<at::Tensor>& row_ids_in) {
     check_logits(logits, "logits");
     TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1], got ", top_p);
-    TORCH_CHECK_VALUE(top_k >= 0, "top_k must be >= 0 (0 turns top-k off), got ", top_k);
+    TORCH_CHECK_VALUE(top_k >= 0, "top_k must be in [0, 2**63 - 1] (0 turns top-k off), got ", top_k);
     check_temperature(temperature);
     TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
     TORCH_CHECK_VALUE(alpha == 0.0 || teacher.has_value(), "alpha = ", alpha,

@@ -147,33 +147,46 @@ torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_
 # ---------------------------------------------------------------------------
 
 
+def _check_scalars(kind, param, temperature):
+    # The schema's float arguments take a bool (True as 1.0) without a word; the Python API
+    # refuses it, with the words of the fake kernels and of distill_loss.
+    _validate.check_temperature(temperature)
+    _validate.check_divergence(kind, param)
+
+
 def reverse_kl(student_logits, teacher_logits, temperature=1.0):
     """Per-row KL(q || p), q = softmax(student_logits / T), p = softmax(teacher_logits / T)."""
+    _check_scalars('reverse_kl', 0.0, temperature)
     return ops.reverse_kl(student_logits, teacher_logits, temperature)
 
 
 def forward_kl(student_logits, teacher_logits, temperature=1.0):
     """Per-row KL(p || q)."""
+    _check_scalars('forward_kl', 0.0, temperature)
     return ops.forward_kl(student_logits, teacher_logits, temperature)
 
 
 def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """Per-row generalized JSD(beta) (GKD/TRL convention: beta=0 is forward KL, beta=1 reverse KL)."""
+    _check_scalars('jsd', beta, temperature)
     return ops.jsd(student_logits, teacher_logits, beta, temperature)
 
 
 def skew_forward_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
     """Per-row KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
+    _check_scalars('skew_forward_kl', alpha, temperature)
     return ops.skew_forward_kl(student_logits, teacher_logits, alpha, temperature)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
     """Per-row KL(q || (1 - alpha) p + alpha q) (DistiLLM's skew reverse KL)."""
+    _check_scalars('skew_reverse_kl', alpha, temperature)
     return ops.skew_reverse_kl(student_logits, teacher_logits, alpha, temperature)
 
 
 def tvd(student_logits, teacher_logits, temperature=1.0):
     """Per-row total variation distance 1/2 sum |p - q|."""
+    _check_scalars('tvd', 0.0, temperature)
     return ops.tvd(student_logits, teacher_logits, temperature)
 
 
@@ -193,6 +206,9 @@ def row_mask(student_logits, labels, ignore_index, mask):
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (token ids, ignore_index where a row is ignored), "
+                            f"got {labels.dtype}")
         if tuple(labels.shape) != rows:
             raise ValueError(f"labels must have shape {list(rows)} (the logits' leading dims), got {list(labels.shape)}")
         _validate.check_same_device(labels, "labels", student_logits, "student_logits")
@@ -269,7 +285,8 @@ def distill_loss(
     if keep is None:
         rows = student_logits.numel() // student_logits.shape[-1]
         loss, _ = ops.divergence_loss(student_logits, teacher_logits, w / max(rows, 1), kind, param, temperature)
-        return loss
+        # The mean over no row is NaN, as on the unfused path and in F.cross_entropy.
+        return loss if rows else loss + math.nan
     count = keep.sum()
     # clamp: with no row counted every weight is 0 (zero gradient), and the mean
     # itself is NaN, as in F.cross_entropy.

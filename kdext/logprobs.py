@@ -57,4 +57,5 @@ def logprobs(logits, tokens, temperature=1.0):
     the CPU kernel raises IndexError otherwise; the CUDA kernel, which cannot raise
     without a device sync, returns NaN for such rows.
     """
+    _validate.check_temperature(temperature)
     return ops.logprobs(logits, tokens, temperature)

@@ -126,19 +126,23 @@ torch.library.register_autograd("kdext::entropy_forward", _entropy_backward, set
 
 def softmax(logits, temperature=1.0):
     """softmax(logits / T) over the last dim, in the logits' dtype."""
+    _validate.check_temperature(temperature)
     return ops.softmax(logits, temperature)
 
 
 def log_softmax(logits, temperature=1.0):
     """log_softmax(logits / T) over the last dim, in the logits' dtype."""
+    _validate.check_temperature(temperature)
     return ops.log_softmax(logits, temperature)
 
 
 def logsumexp(logits, temperature=1.0):
     """Per-row log sum_i exp(x_i / T)."""
+    _validate.check_temperature(temperature)
     return ops.logsumexp(logits, temperature)
 
 
 def entropy(logits, temperature=1.0):
     """Per-row entropy of softmax(logits / T), in nats."""
+    _validate.check_temperature(temperature)
     return ops.entropy(logits, temperature)

@@ -96,6 +96,9 @@ def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator
     return int(word), 0
 
 
+INT64_MAX = (1 << 63) - 1  # the op's schema takes int64
+
+
 def check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids=None) -> None:
     """top_p_sample's argument checks: the C++ adapters' (csrc/top_p_sample_args.h), with the
     same words, so that fake tensors under torch.compile fail the same way."""
@@ -108,8 +111,8 @@ def check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 turns top-k off), got {top_k}")
+    if not 0 <= top_k <= INT64_MAX:
+        raise ValueError(f"top_k must be in [0, 2**63 - 1] (0 turns top-k off), got {top_k}")
     _validate.check_temperature(temperature)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")

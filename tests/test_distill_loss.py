@@ -224,3 +224,17 @@ def test_no_counted_rows():
     assert loss == 0
     loss.backward()
     assert (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("reduction, expected", [("mean", math.nan), ("sum", 0.0)])
+def test_no_rows_has_one_answer_whether_or_not_the_student_needs_a_gradient(requires_grad, reduction, expected):
+    # The fused path (student needs a gradient) and the per-row path agree on 0 rows: the mean
+    # over no row is NaN (as F.cross_entropy's), the sum 0; the gradient is empty.
+    s = torch.randn(0, 9, requires_grad=requires_grad)
+    t = torch.randn(0, 9)
+    loss = kdext.distill_loss(s, t, reduction=reduction)
+    assert (math.isnan(float(loss)) if math.isnan(expected) else float(loss) == expected), float(loss)
+    if requires_grad:
+        loss.backward()
+        assert s.grad.shape == (0, 9)

@@ -100,11 +100,16 @@ def pair_cases():
                           (TypeError, RuntimeError), "temperature"))
         cases.append(Case(f"{name}-not_a_tensor", lambda fn=fn: fn([[1.0, 2.0]], L(1, 2)), (TypeError, RuntimeError),
                           "student_logits"))
+        # The schema's float would take True as 1.0; every public function refuses a bool.
+        cases.append(Case(f"{name}-temperature_bool", lambda fn=fn: fn(L(3, 5), L(3, 5), temperature=True),
+                          TypeError, "temperature"))
     for fn_name, pname in (("jsd", "beta"), ("skew_forward_kl", "alpha"), ("skew_reverse_kl", "alpha")):
         fn = PAIR_FNS[fn_name]
         for v in (-0.1, 1.1, math.nan, math.inf):
             cases.append(Case(f"{fn_name}-{pname}={v}", lambda fn=fn, pname=pname, v=v: fn(L(3, 5), L(3, 5), **{pname: v}),
                               ValueError, pname))
+        cases.append(Case(f"{fn_name}-{pname}_bool", lambda fn=fn, pname=pname: fn(L(3, 5), L(3, 5), **{pname: False}),
+                          TypeError, pname))
     return cases
 
 
@@ -118,6 +123,8 @@ def distill_loss_cases():
         Case("distill_loss-labels_shape", lambda: dl(s(), t(), labels=I(2, 4)), ValueError, "labels"),
         Case("distill_loss-labels_flat", lambda: dl(s(), t(), labels=I(6)), ValueError, "labels"),
         Case("distill_loss-labels_list", lambda: dl(s(), t(), labels=[[0, 1, 2], [0, 1, 2]]), TypeError, "labels"),
+        Case("distill_loss-labels_float", lambda: dl(s(), t(), labels=torch.zeros(2, 3)), TypeError, "labels"),
+        Case("distill_loss-labels_bool", lambda: dl(s(), t(), labels=B(2, 3)), TypeError, "labels"),
         Case("distill_loss-labels_device", lambda: dl(s(), t(), labels=I(2, 3, device="meta")), RuntimeError, "labels"),
         Case("distill_loss-mask_dtype", lambda: dl(s(), t(), mask=torch.ones(2, 3)), TypeError, "mask"),
         Case("distill_loss-mask_shape", lambda: dl(s(), t(), mask=B(3, 2)), ValueError, "mask"),
@@ -166,6 +173,8 @@ def single_cases():
                               "temperature"))
         cases.append(Case(f"{name}-temperature_str", lambda fn=fn: fn(L(3, 5), temperature="hot"),
                           (TypeError, RuntimeError), "temperature"))
+        cases.append(Case(f"{name}-temperature_bool", lambda fn=fn: fn(L(3, 5), temperature=True), TypeError,
+                          "temperature"))
     lp = kdext.logprobs
     cases += [
         Case("logprobs-tokens_float", lambda: lp(L(3, 5), torch.zeros(3)), TypeError, "tokens"),

@@ -7,6 +7,7 @@ settings come from the profile of tests/conftest.py (HYPOTHESIS_PROFILE), the de
 """
 
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -575,6 +576,13 @@ BAD = [
     (dict(temperature=-1.0), ValueError, "temperature"),
     (dict(temperature=math.inf), ValueError, "temperature"),
 ]
+
+
+def test_top_k_beyond_int64_says_the_range():
+    # The op's schema takes an int64: the wrapper says the range instead of the binding's
+    # "Expected a value of type 'int'".
+    with pytest.raises(ValueError, match=re.escape("top_k must be in [0, 2**63 - 1]")):
+        top_p_sample(torch.randn(2, 10), top_k=2**63)
 
 
 @pytest.mark.parametrize("kwargs,exc,word", BAD)
