@@ -30,6 +30,7 @@ every process, and every process runs every micro-batch.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -37,6 +38,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.fsdp import register_fsdp_forward_method
 
 from .models import ModelError
+
+# FSDP2 warns when a sharded model returns a view (transformers' hidden_states tuple holds some),
+# since an in-place op on it would skip the pre-backward all-gather. The trainer never modifies
+# model outputs in place (it indexes them with masks, which copies), so the warning says nothing.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
 
 
 def decoder_layers(model: torch.nn.Module, arg: str) -> list[torch.nn.Module]:
