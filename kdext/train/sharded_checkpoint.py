@@ -195,7 +195,8 @@ def read_manifest(folder: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"it has no {MANIFEST}: an incomplete folder, not written by kdext") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"its {MANIFEST} cannot be read ({storage.reason(e) if isinstance(e, OSError) else e})") from None
+        why = storage.reason(e) if isinstance(e, OSError) else e
+        raise CheckpointError(f"its {MANIFEST} cannot be read ({why})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != _KIND or "checksum" not in manifest:
         raise CheckpointError(f"its {MANIFEST} is not a kdext manifest")
     if manifest["checksum"] != _manifest_crc(manifest):

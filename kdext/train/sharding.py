@@ -79,7 +79,9 @@ def _shard(model, mesh, arg: str, *, root_reshard: Optional[bool], layer_reshard
 def shard_student(model, mesh, bf16: bool) -> torch.nn.Module:
     """The student, sharded in place (see the module docstring); ``bf16``: bf16 compute, fp32
     reduction and master weights (CUDA)."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return _shard(model, mesh, "--student", root_reshard=None, layer_reshard=True, mp=mp, offload=OffloadPolicy())
 
 

@@ -14,8 +14,9 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows on each
 4. the hidden-state projection's gradients (``--hidden-coef``; it is not inside DDP) are summed
    over processes and divided by their number, as DDP does for the student's (under FSDP it is
    sharded, and FSDP averages them); gradients are clipped (student and projection together; the
-   norm of sharded gradients is the global one, the same on every process); a non-finite loss or gradient norm stops the run
-   before the optimizer touches the weights (the last checkpoint stays the last good one);
+   norm of sharded gradients is the global one, the same on every process); a non-finite loss
+   or gradient norm stops the run before the optimizer touches the weights (the last checkpoint
+   stays the last good one);
 5. AdamW and the LR schedule step; the method's ``after_step`` runs (DistiLLM's validation).
 """
 
