@@ -1,7 +1,8 @@
 """The ``kdext`` command line: ``kdext distill``, ``kdext eval``, ``kdext demo``.
 
 Run ``kdext distill --help`` for every option. Under ``torchrun`` the distill command runs data
-parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``.
+parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``; with ``--fsdp``
+it shards the models over the processes instead (FSDP2, sharding.py).
 
 The options are generated from the dataclasses in config.py. Exit codes:
 
