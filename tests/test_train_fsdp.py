@@ -373,3 +373,15 @@ def test_resume_restores_the_sharded_projection_and_the_methods_state(tiny, tmp_
     pa = load_projection(str(tmp_path / "full" / FILE_NAME)).state_dict()
     pb = load_projection(str(tmp_path / "cut" / FILE_NAME)).state_dict()
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_a_diverging_sharded_run_stops_with_its_last_good_checkpoint(tiny, tmp_path, capsys):
+    """The non-finite check on the global norm of sharded gradients (unclipped: --max-grad-norm 0)."""
+    rc = one(tiny, tmp_path, "--fsdp", "--max-steps", "5", "--save-every", "1", "--lr", "1e30",
+             "--max-grad-norm", "0")
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_DIVERGED and "non-finite" in err, err
+    done = max(r["step"] for r in metrics(tmp_path))
+    last = tmp_path / "checkpoints" / f"step-{done:08d}"
+    assert f"step {done + 1}" in err and f"the last good checkpoint is {last}" in err
+    assert last.is_dir() and not (tmp_path / "final").exists()
