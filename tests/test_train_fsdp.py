@@ -231,6 +231,36 @@ def test_units_per_layer_and_the_head(tiny, untied):
         dist.destroy_process_group()
 
 
+def test_the_bf16_policies_on_the_cpu(tiny, untied):
+    """What --fsdp does on CUDA with bf16 (never run on a GPU here), on the CPU: the student's fp32
+    shards gathered and computed in bf16, its gradients reduced in fp32 into fp32 shards; the
+    teacher's shards stored in bf16."""
+    import torch.distributed as dist
+
+    from kdext.train import sharding
+    from kdext.train.distributed import setup_distributed
+    from kdext.train.models import load_model
+
+    dd, _ = setup_distributed("cpu", 60, fsdp=True)
+    try:
+        cpu = torch.device("cpu")
+        student = sharding.shard_student(load_model(untied, "--student", cpu, trainable=True), dd.mesh, bf16=True)
+        teacher = sharding.shard_teacher(load_model(tiny["gpt2_teacher"], "--teacher", cpu, trainable=False),
+                                         dd.mesh, bf16=True, offload=False)
+        ids = torch.randint(0, 200, (2, 6))
+        logits = student(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16
+        logits.float().logsumexp(-1).sum().backward()
+        for name, p in student.named_parameters():
+            assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+        assert float(sharding.grad_norm(list(student.parameters()), 1.0)) > 0
+        assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+        with torch.no_grad():
+            assert teacher(input_ids=ids).logits.dtype == torch.bfloat16
+    finally:
+        dist.destroy_process_group()
+
+
 def test_one_sharded_process_equals_an_unsharded_one(tiny, tmp_path, untied):
     base = ["--max-steps", "3", "--save-every", "0"]
     assert cli.main(["distill", "--method", "kd", "--teacher", tiny["gpt2_teacher"], "--student", untied,
