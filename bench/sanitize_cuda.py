@@ -8,36 +8,34 @@ allocation has exact bounds and an out-of-bounds access is caught:
     compute-sanitizer --tool racecheck --error-exitcode 9 python bench/sanitize_cuda.py --only onchip
 
 Each case forces one launcher path (row kernels, split vocabulary, on-chip
-clusters of each size, the unfused loss) through the launchers' environment
-knobs, on odd sizes and misaligned rows. Prints one line per case.
+clusters of each size, the unfused loss) through the launchers' tuning knobs
+(docs/CUDA.md; set in process with kdext._C._set_cuda_tuning, since the
+environment is read once), on odd sizes and misaligned rows. Prints one line
+per case.
 """
 
 import argparse
-import os
 import sys
 
 import torch
 
-import kdext  # noqa: F401
+import kdext
 
 ops = torch.ops.kdext
 DEV = "cuda"
 KINDS = [("reverse_kl", 0.0), ("forward_kl", 0.0), ("jsd", 0.5), ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.2),
          ("tvd", 0.0)]
 PATHS = {
-    "rows": {"KDEXT_CUDA_ONCHIP": "0"},
-    "split": {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},
-    "onchip1": {"KDEXT_CUDA_CLUSTER": "1"},
-    "onchip2": {"KDEXT_CUDA_CLUSTER": "2"},
-    "onchip4": {"KDEXT_CUDA_CLUSTER": "4"},
+    "rows": {"onchip": False},
+    "split": {"onchip": False, "chunks": 3},
+    "onchip1": {"cluster": 1},
+    "onchip2": {"cluster": 2},
+    "onchip4": {"cluster": 4},
 }
-KNOBS = ("KDEXT_CUDA_ONCHIP", "KDEXT_CUDA_CHUNKS", "KDEXT_CUDA_CLUSTER")
 
 
 def set_path(name):
-    for k in KNOBS:
-        os.environ.pop(k, None)
-    os.environ.update(PATHS.get(name, {}))
+    kdext._C._set_cuda_tuning(**{"onchip": True, "cluster": 0, "chunks": 0, **PATHS.get(name, {})})
 
 
 def misaligned(x):

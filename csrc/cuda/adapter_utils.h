@@ -11,7 +11,7 @@
 
 #include <vector>
 
-#include "kdext/cuda/block_reduce.cuh"
+#include "kdext/cuda/launch_plan.h"
 #include "kdext/cuda/vec_load.cuh"
 
 namespace kdext {

@@ -3,7 +3,7 @@
 //
 // Each adapter checks its inputs (csrc/checks.h, the same words as the CPU
 // kernels), takes a device guard and the current stream, and calls a
-// framework-free launcher from csrc/include/kdext/cuda/divergence_kernels.cuh.
+// framework-free launcher from csrc/include/kdext/cuda/divergence_launchers.cuh (scale_: common_kernels.cuh).
 // Outputs and semantics are those of csrc/cpu/divergence.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,7 +17,8 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "divergence_args.h"
-#include "kdext/cuda/divergence_kernels.cuh"
+#include "kdext/cuda/common_kernels.cuh"
+#include "kdext/cuda/divergence_launchers.cuh"
 
 namespace kdext {
 namespace cuda_adapter {

@@ -1,6 +1,6 @@
 // CUDA adapters for logprobs_forward and logprobs_backward: checks
 // (csrc/checks.h), device guard, current stream, then the framework-free
-// launchers of csrc/include/kdext/cuda/logprobs_kernels.cuh.
+// launchers of csrc/include/kdext/cuda/logprobs_launchers.cuh.
 //
 // One difference from csrc/cpu/logprobs.cpp, by design: a token outside
 // [0, V) makes the CPU forward raise IndexError, while the CUDA forward writes
@@ -16,7 +16,7 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "logprobs_args.h"
-#include "kdext/cuda/logprobs_kernels.cuh"
+#include "kdext/cuda/logprobs_launchers.cuh"
 
 namespace kdext {
 namespace cuda_adapter {

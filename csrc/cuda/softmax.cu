@@ -1,7 +1,7 @@
 // CUDA adapters of the softmax family: softmax, log_softmax, softmax_backward,
 // logsumexp, entropy_forward, entropy_backward. Checks (csrc/checks.h), device
 // guard, current stream, then the framework-free launchers of
-// csrc/include/kdext/cuda/softmax_kernels.cuh. Semantics: csrc/cpu/softmax.cpp.
+// csrc/include/kdext/cuda/softmax_launchers.cuh. Semantics: csrc/cpu/softmax.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,7 +11,7 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "softmax_args.h"
-#include "kdext/cuda/softmax_kernels.cuh"
+#include "kdext/cuda/softmax_launchers.cuh"
 
 namespace kdext {
 namespace cuda_adapter {

@@ -1,131 +1,793 @@
-// A CPU simulator of the small part of CUDA that csrc/include/kdext/cuda/top_p_sample_kernels.cuh
-// uses, so that the kernel's logic (barriers, shuffles, block scans,
-// compaction, the draw) can be run and checked on a machine without a GPU.
+// A CPU simulator of the part of CUDA that the kernels and launchers of
+// csrc/include/kdext/cuda/ use, so that their logic (barriers, shuffles,
+// shared memory, clusters, the launch plans) runs and is checked on machines
+// without a GPU. It checks logic, not speed or the memory model.
 //
-// The threads of a block are fibers (ucontext) on one OS thread, run in turn
-// from one barrier to the next: __syncthreads and every warp shuffle are
-// barriers of the whole block (the kernel only shuffles in block-uniform
-// code), and a shuffle exchanges values through a double-buffered slot array.
-// Blocks run one after another, so `__shared__` can be `static`. A barrier
-// reached by some threads while others have returned is reported as the
-// deadlock it would be on a GPU. It checks logic, not speed or memory order.
+// Execution. The threads of a launch are fibers on one OS thread. A cluster
+// of blocks (a single block without clusters) runs at a time; its threads run
+// in turn, each until it blocks on a barrier or returns. Barriers are what
+// the hardware synchronises, no more:
+//   __syncthreads          every thread of the block;
+//   __shfl_sync / _xor     the lanes named in the mask (a warp, or part of
+//                          one): a shuffle is a barrier of the lanes that
+//                          take part, so warps shuffle independently, also in
+//                          code that other warps of the block skip;
+//   cluster.sync()         every thread of every block of the cluster.
+// A barrier that cannot be completed (a thread returned, or waits elsewhere,
+// or lanes disagree on the mask) is reported as the hang or undefined
+// behaviour it would be on a GPU, and the process aborts. The order in which
+// runnable threads run between barriers is forward or (CUDA_SIM_ORDER=reverse)
+// reverse: a kernel whose results change with it has a data race.
 //
-// Used by tests/cpp/sim_top_p_sample.cpp, with this folder first on the
-// include path (it also provides <cuda_fp16.h>, <cuda_bf16.h> and
-// <cub/block/block_scan.cuh>).
+// Memory. Global memory is host memory. Shared memory is per simulated block:
+// kernels declare it through KDEXT_SHARED / KDEXT_DYNAMIC_SHARED
+// (kdext/cuda/device.cuh), which here allocate from the block's arena, filled
+// with 0xFF bytes (NaN in every float type) at the block's start, so a read of
+// shared memory nobody wrote shows up. map_shared_rank maps an address of the
+// block's shared memory to the same place in another block of the cluster
+// (distributed shared memory). Static shared memory over 48 KB, or static +
+// dynamic over the device's opt-in limit, aborts. 16-byte vector accesses
+// (uint4) check their alignment, as the hardware faults on a misaligned one.
+//
+// Runtime. cudaLaunchKernelEx (with the cluster attribute), the function
+// attributes, the occupancy queries and the device attributes the launch
+// plans read are simulated for the device described by cuda_sim::device
+// (the drivers set it). Launch errors are returned as the runtime would
+// (dynamic shared memory over the kernel's limit, a grid not divisible by the
+// cluster, a cluster over 8 blocks without the non-portable attribute...).
+// cudaFuncGetAttributes reports no static shared memory: the simulator only
+// learns it when the kernel runs (then the limit above is enforced).
+//
+// Used by tests/cpp/sim_*.cpp (one translation unit each), with this folder
+// first on the include path: it also provides <cuda_runtime.h>,
+// <cuda_fp16.h>, <cuda_bf16.h>, <cooperative_groups.h> and
+// <cub/block/block_scan.cuh>.
 #pragma once
 
-#include <ucontext.h>
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
-#define __restrict__
+#define __align__(n) alignas(n)
 
-struct SimDim {
-  unsigned x = 0, y = 0, z = 0;
+// Shared memory and clusters (see kdext/cuda/device.cuh).
+#define KDEXT_SHARED(name, ...) __VA_ARGS__& name = cuda_sim::shared_variable<__VA_ARGS__>()
+#define KDEXT_DYNAMIC_SHARED(name, ...) __VA_ARGS__* name = cuda_sim::dynamic_shared<__VA_ARGS__>()
+#define KDEXT_DEVICE_CLUSTERS 1
+
+// ---- CUDA types -----------------------------------------------------------------
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
 namespace cuda_sim {
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_sim: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+inline void check_aligned16(const void* p, const char* what) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) fail(what);
+}
+}  // namespace cuda_sim
 
-struct Fiber {
+// A 16-byte vector. Copies check that both ends are 16-byte aligned (a
+// misaligned vector load or store faults on the device).
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+  uint4() = default;
+  constexpr uint4(unsigned a, unsigned b, unsigned c, unsigned d) : x(a), y(b), z(c), w(d) {}
+  uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) {
+    cuda_sim::check_aligned16(&o, "misaligned 16-byte vector load");
+    cuda_sim::check_aligned16(this, "misaligned 16-byte vector store");
+  }
+  uint4& operator=(const uint4& o) {
+    cuda_sim::check_aligned16(&o, "misaligned 16-byte vector load");
+    cuda_sim::check_aligned16(this, "misaligned 16-byte vector store");
+    x = o.x, y = o.y, z = o.z, w = o.w;
+    return *this;
+  }
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4(a, b, c, d); }
+inline void __stcs(uint4* p, uint4 v) { *p = v; }
+
+enum cudaError {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorLaunchOutOfResources = 701,
+};
+typedef cudaError cudaError_t;
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrComputeCapabilityMajor,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+  cudaDevAttrClusterLaunch,
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaFuncAttributeNonPortableClusterSizeAllowed,
+};
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttributeValue {
+  struct {
+    unsigned x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim;
+  dim3 blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+  int maxThreadsPerBlock;
+};
+
+// ---- the simulated machine ------------------------------------------------------------
+
+extern "C" void cuda_sim_switch(void** save_sp, void* load_sp);
+extern "C" void cuda_sim_trampoline();
+
+namespace cuda_sim {
+
+// The simulated device (the drivers set it before the first launch).
+struct Device {
+  int sms = 2;
+  int major = 9;
+  int smem_optin = 227 * 1024;
+  int smem_per_sm = 228 * 1024;
+  bool clusters = true;
+  int max_cluster_nonportable = 16;
+  int max_threads_per_sm = 2048;
+  int max_blocks_per_sm = 32;
+};
+inline Device device;
+
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxPortableCluster = 8;
+
+enum class Wait : uint8_t { Run, Sync, Shuffle, Cluster, Done };
+enum class ShflKind : uint8_t { Idx, Xor };
+
+struct Shuffle {
+  unsigned mask;
+  ShflKind kind;
+  int arg;
+  int width;
+  int bytes;
+  uint64_t value;
+  uint64_t result;
+};
+
+struct Thread {
+  void* sp = nullptr;  // saved stack pointer (x86-64 switch)
+#if !defined(__x86_64__)
   ucontext_t ctx;
-  std::vector<char> stack;
-  bool done = false;
+#endif
+  char* stack = nullptr;
+  Wait wait = Wait::Run;
+  Shuffle shfl{};
+  int block = 0;  // rank in the cluster
+  unsigned tid = 0;
+  size_t shared_decls = 0;  // KDEXT_SHARED declarations passed
 };
 
-struct State {
-  std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+struct Block {
+  unsigned index = 0;  // blockIdx.x
+  std::unique_ptr<unsigned char[]> statics;
+  size_t static_used = 0;
+  std::vector<std::pair<size_t, size_t>> decls;  // (offset, bytes) of each declaration
+  std::unique_ptr<unsigned char[]> dynamic;
+  size_t dynamic_bytes = 0;
+};
+
+struct KernelAttrs {
+  int max_dynamic_smem = 48 * 1024;
+  bool nonportable_cluster = false;
+};
+
+}  // namespace cuda_sim
+
+// The built-in variables: globals that the scheduler sets before it resumes a
+// thread (one thread runs at a time), so that they are not macros.
+struct SimDim {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline SimDim threadIdx, blockIdx, blockDim, gridDim;
+
+namespace cuda_sim {
+
+struct Sim {
+  std::vector<Thread> threads;  // the current cluster's, block-major
+  std::vector<Block> blocks;    // the current cluster's
+  std::vector<char*> stacks;    // reused across launches
   int current = 0;
-  unsigned block = 0;
-  std::function<void()> kernel;
-  std::vector<float> slots[2];
-  int phase = 0;
-  long barriers = 0;
+  void* scheduler_sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t scheduler_ctx;
+#endif
+  dim3 grid, block;
+  int cluster = 1;
+  std::function<void()> body;
+  std::map<const void*, KernelAttrs> attrs;
+  cudaError_t last_error = cudaSuccess;
+  bool reverse = false;
+  long barriers = 0, shuffles = 0, launches = 0, blocks_run = 0;
 };
-inline State g;
+inline Sim g;
 
-inline SimDim thread_index() { return {static_cast<unsigned>(g.current), 0, 0}; }
-inline SimDim block_index() { return {g.block, 0, 0}; }
+inline Thread& me() { return g.threads[g.current]; }
+inline Block& my_block() { return g.blocks[me().block]; }
+inline unsigned threads_per_block() { return g.block.x; }
 
-inline void fiber_entry() {
-  g.kernel();
-  g.fibers[g.current].done = true;
-  swapcontext(&g.fibers[g.current].ctx, &g.scheduler);
+// ---- fibers -------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+// cuda_sim_switch(save, load): saves the callee-saved registers, the x87
+// control word and MXCSR on the current stack, stores the stack pointer in
+// *save, and resumes the context whose stack pointer is `load`.
+asm(R"(
+    .text
+    .globl cuda_sim_switch
+    .type cuda_sim_switch, @function
+cuda_sim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $16, %rsp
+    stmxcsr 8(%rsp)
+    fnstcw (%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    fldcw (%rsp)
+    ldmxcsr 8(%rsp)
+    addq $16, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_sim_switch, .-cuda_sim_switch
+
+    .globl cuda_sim_trampoline
+    .type cuda_sim_trampoline, @function
+cuda_sim_trampoline:
+    movq %r13, %rdi
+    callq *%r12
+    ud2
+    .size cuda_sim_trampoline, .-cuda_sim_trampoline
+)");
+#endif
+
+[[noreturn]] inline void fiber_main(void*) {
+  g.body();
+  me().wait = Wait::Done;
+#if defined(__x86_64__)
+  cuda_sim_switch(&me().sp, g.scheduler_sp);
+#else
+  swapcontext(&me().ctx, &g.scheduler_ctx);
+#endif
+  fail("a finished thread was resumed");
 }
 
-// Every thread of the block must reach it before any goes on.
-inline void barrier() { swapcontext(&g.fibers[g.current].ctx, &g.scheduler); }
+#if !defined(__x86_64__)
+inline void fiber_entry_uc() { fiber_main(nullptr); }
+#endif
 
-template <typename F>
-void launch(unsigned blocks, int threads, F kernel) {
-  g.kernel = kernel;
-  for (unsigned b = 0; b < blocks; ++b) {
-    g.block = b;
-    g.fibers.assign(threads, Fiber{});
-    g.slots[0].assign(threads, 0.f);
-    g.slots[1].assign(threads, 0.f);
-    for (int t = 0; t < threads; ++t) {
-      Fiber& f = g.fibers[t];
-      f.stack.resize(1 << 18);
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
-      f.ctx.uc_stack.ss_size = f.stack.size();
-      f.ctx.uc_link = nullptr;
-      makecontext(&f.ctx, fiber_entry, 0);
+inline char* stack_for(size_t i) {
+  while (g.stacks.size() <= i) {
+    void* p = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (p == MAP_FAILED) fail("cannot map a thread stack");
+    mprotect(p, 4096, PROT_NONE);  // an overflow faults
+    g.stacks.push_back(static_cast<char*>(p) + 4096);
+  }
+  return g.stacks[i];
+}
+
+inline void start_fiber(Thread& t, size_t i) {
+  t.stack = stack_for(i);
+#if defined(__x86_64__)
+  uint64_t* top = reinterpret_cast<uint64_t*>(t.stack + kStackBytes);  // 16-byte aligned
+  uint64_t* sp = top;
+  *--sp = reinterpret_cast<uint64_t>(&cuda_sim_trampoline);  // popped by ret: rsp = top, aligned
+  *--sp = 0;                                                  // rbp
+  *--sp = 0;                                                  // rbx
+  *--sp = reinterpret_cast<uint64_t>(&fiber_main);            // r12: the entry
+  *--sp = 0;                                                  // r13: its argument
+  *--sp = 0;                                                  // r14
+  *--sp = 0;                                                  // r15
+  *--sp = 0x1F80;                                             // MXCSR (default)
+  *--sp = 0x037F;                                             // x87 control word (default)
+  t.sp = sp;
+#else
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = t.stack;
+  t.ctx.uc_stack.ss_size = kStackBytes;
+  t.ctx.uc_link = nullptr;
+  makecontext(&t.ctx, fiber_entry_uc, 0);
+#endif
+}
+
+inline void resume(int i) {
+  g.current = i;
+  threadIdx.x = g.threads[i].tid;
+  blockIdx.x = g.blocks[g.threads[i].block].index;
+#if defined(__x86_64__)
+  cuda_sim_switch(&g.scheduler_sp, g.threads[i].sp);
+#else
+  swapcontext(&g.scheduler_ctx, &g.threads[i].ctx);
+#endif
+}
+
+// The calling thread waits (its state says on what) until the scheduler resumes it.
+inline void block_on(Wait w) {
+  me().wait = w;
+#if defined(__x86_64__)
+  cuda_sim_switch(&me().sp, g.scheduler_sp);
+#else
+  swapcontext(&me().ctx, &g.scheduler_ctx);
+#endif
+}
+
+// ---- barriers --------------------------------------------------------------------------
+
+inline std::string where(const Thread& t) {
+  return "block " + std::to_string(g.blocks[t.block].index) + " thread " + std::to_string(t.tid);
+}
+
+[[noreturn]] inline void fail_at(const Thread& t, const std::string& what) { fail((where(t) + ": " + what).c_str()); }
+
+// Completes the shuffles whose lanes have all arrived; false if none.
+inline bool resolve_shuffles() {
+  bool any = false;
+  for (size_t base = 0; base < g.threads.size(); base += 32) {  // blocks are whole warps
+    const size_t warp_end = base + 32 < g.threads.size() ? base + 32 : g.threads.size();
+    for (size_t i = base; i < warp_end; ++i) {
+      Thread& t = g.threads[i];
+      if (t.wait != Wait::Shuffle) continue;
+      const unsigned mask = t.shfl.mask;
+      bool ready = true;
+      for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1u)) continue;
+        const Thread& u = g.threads[base + l];
+        if (u.wait == Wait::Done) fail_at(u, "exited while named in a shuffle's mask (undefined behaviour)");
+        if (u.wait != Wait::Shuffle) {
+          ready = false;
+          continue;
+        }
+        if (u.shfl.mask != mask || u.shfl.kind != t.shfl.kind || u.shfl.width != t.shfl.width ||
+            u.shfl.bytes != t.shfl.bytes)
+          fail_at(u, "lanes of one shuffle disagree on its mask, kind, width or type");
+      }
+      if (!ready) continue;
+      for (unsigned l = 0; l < 32; ++l) {
+        if (!(mask >> l & 1u)) continue;
+        Thread& u = g.threads[base + l];
+        const int w = u.shfl.width;
+        const int group = static_cast<int>(l) & ~(w - 1);
+        int src;
+        if (u.shfl.kind == ShflKind::Idx) {
+          src = group + (u.shfl.arg & (w - 1));
+        } else {
+          src = static_cast<int>(l) ^ u.shfl.arg;
+          if (src >= group + w) src = static_cast<int>(l);  // later groups: the caller's own value
+        }
+        if (src < 0 || src >= 32 || !(mask >> src & 1u)) fail_at(u, "reads a lane that is not in the shuffle");
+        u.shfl.result = g.threads[base + src].shfl.value;
+      }
+      for (unsigned l = 0; l < 32; ++l)
+        if (mask >> l & 1u) g.threads[base + l].wait = Wait::Run;
+      ++g.shuffles;
+      any = true;
     }
-    for (;;) {  // one sweep = every live thread runs to its next barrier or returns
-      int waiting = 0, finished = 0;
-      for (int t = 0; t < threads; ++t) {
-        if (g.fibers[t].done) continue;
-        g.current = t;
-        swapcontext(&g.scheduler, &g.fibers[t].ctx);
-        (g.fibers[t].done ? finished : waiting) += 1;
-      }
-      if (waiting == 0) break;
-      if (finished != 0 || waiting != threads) {
-        std::fprintf(stderr, "cuda_sim: block %u: a barrier not reached by every thread (deadlock on a GPU)\n", b);
-        std::abort();
-      }
-      ++g.barriers;
+  }
+  return any;
+}
+
+// Releases the blocks whose threads all wait at __syncthreads; false if none.
+inline bool resolve_syncthreads() {
+  bool any = false;
+  const unsigned T = threads_per_block();
+  for (size_t b = 0; b < g.blocks.size(); ++b) {
+    size_t sync = 0, done = 0;
+    for (unsigned i = 0; i < T; ++i) {
+      const Wait w = g.threads[b * T + i].wait;
+      sync += w == Wait::Sync;
+      done += w == Wait::Done;
+    }
+    if (sync == 0) continue;
+    if (done > 0) fail_at(g.threads[b * T], "__syncthreads not reached by threads that have returned");
+    if (sync < T) continue;
+    for (unsigned i = 0; i < T; ++i) g.threads[b * T + i].wait = Wait::Run;
+    ++g.barriers;
+    any = true;
+  }
+  return any;
+}
+
+// Releases the cluster when every thread of it waits at cluster.sync().
+inline bool resolve_cluster() {
+  size_t n = 0, done = 0;
+  for (const Thread& t : g.threads) {
+    n += t.wait == Wait::Cluster;
+    done += t.wait == Wait::Done;
+  }
+  if (n == 0) return false;
+  if (done > 0) fail_at(g.threads[0], "cluster.sync() not reached by threads that have returned");
+  if (n < g.threads.size()) return false;
+  for (Thread& t : g.threads) t.wait = Wait::Run;
+  ++g.barriers;
+  return true;
+}
+
+[[noreturn]] inline void report_deadlock() {
+  std::string s = "deadlock (a hang on a GPU): no barrier can complete;";
+  for (const Thread& t : g.threads) {
+    if (t.wait == Wait::Done) continue;
+    static const char* names[] = {"running", "__syncthreads", "shuffle", "cluster.sync", "done"};
+    s += " [" + where(t) + ": " + names[static_cast<int>(t.wait)] + "]";
+    if (s.size() > 2000) break;
+  }
+  fail(s.c_str());
+}
+
+// Runs the current cluster to completion.
+inline void run_cluster() {
+  const size_t n = g.threads.size();
+  for (;;) {
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = g.reverse ? n - 1 - k : k;
+      if (g.threads[i].wait == Wait::Run) resume(static_cast<int>(i));
+    }
+    size_t done = 0;
+    for (const Thread& t : g.threads) done += t.wait == Wait::Done;
+    if (done == n) return;
+    const bool a = resolve_shuffles();
+    const bool b = resolve_syncthreads();
+    const bool c = resolve_cluster();
+    if (!a && !b && !c) report_deadlock();
+  }
+}
+
+// ---- shared memory ------------------------------------------------------------------
+
+template <typename T>
+T& shared_variable() {
+  static_assert(std::is_trivially_default_constructible<T>::value && std::is_trivially_destructible<T>::value,
+                "__shared__ variables cannot have constructors");
+  Thread& t = me();
+  Block& b = my_block();
+  const size_t i = t.shared_decls++;
+  if (i == b.decls.size()) {  // the first thread of the block to declare it
+    const size_t align = alignof(T) > 16 ? alignof(T) : 16;
+    const size_t off = (b.static_used + align - 1) / align * align;
+    if (off + sizeof(T) > kStaticSharedLimit) fail_at(t, "static shared memory over 48 KB");
+    if (off + sizeof(T) + b.dynamic_bytes > size_t(device.smem_optin))
+      fail_at(t, "static + dynamic shared memory over the device's opt-in limit");
+    b.decls.emplace_back(off, sizeof(T));
+    b.static_used = off + sizeof(T);
+  } else if (i > b.decls.size() || b.decls[i].second != sizeof(T)) {
+    fail_at(t, "threads of one block declare different shared variables");
+  }
+  return *reinterpret_cast<T*>(b.statics.get() + b.decls[i].first);
+}
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(my_block().dynamic.get());
+}
+
+inline unsigned cluster_rank() { return static_cast<unsigned>(me().block); }
+inline unsigned cluster_size() { return static_cast<unsigned>(g.cluster); }
+
+inline void cluster_sync() {
+  if (g.cluster < 2) fail_at(me(), "cluster.sync() in a launch without clusters");
+  block_on(Wait::Cluster);
+}
+
+// The address in block `rank`'s shared memory of what `p` is in this block's.
+inline void* map_shared_rank(const void* p, size_t bytes, unsigned rank) {
+  if (rank >= static_cast<unsigned>(g.cluster)) fail_at(me(), "map_shared_rank to a rank outside the cluster");
+  const Block& b = my_block();
+  const Block& dst = g.blocks[rank];
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (c >= b.statics.get() && c + bytes <= b.statics.get() + b.static_used)
+    return dst.statics.get() + (c - b.statics.get());
+  if (c >= b.dynamic.get() && c + bytes <= b.dynamic.get() + b.dynamic_bytes)
+    return dst.dynamic.get() + (c - b.dynamic.get());
+  fail_at(me(), "map_shared_rank of an address outside the block's shared memory");
+}
+
+// ---- launching ------------------------------------------------------------------------
+
+inline void setup_cluster(unsigned first_block, int cluster, size_t dynamic_bytes) {
+  const unsigned T = g.block.x;
+  g.blocks.clear();
+  g.blocks.resize(cluster);
+  g.threads.assign(size_t(cluster) * T, Thread{});
+  for (int r = 0; r < cluster; ++r) {
+    Block& b = g.blocks[r];
+    b.index = first_block + r;
+    b.statics.reset(new unsigned char[kStaticSharedLimit]);
+    std::memset(b.statics.get(), 0xFF, kStaticSharedLimit);
+    b.dynamic_bytes = dynamic_bytes;
+    b.dynamic.reset(new unsigned char[dynamic_bytes + 16]);
+    check_aligned16(b.dynamic.get(), "unaligned dynamic shared memory");
+    std::memset(b.dynamic.get(), 0xFF, dynamic_bytes + 16);
+    for (unsigned i = 0; i < T; ++i) {
+      Thread& t = g.threads[size_t(r) * T + i];
+      t.block = r;
+      t.tid = i;
+      start_fiber(t, size_t(r) * T + i);
     }
   }
 }
 
-}  // namespace cuda_sim
-
-#define threadIdx (cuda_sim::thread_index())
-#define blockIdx (cuda_sim::block_index())
-
-inline void __syncthreads() { cuda_sim::barrier(); }
-
-inline float __shfl_xor_sync(unsigned, float v, int off) {
-  auto& g = cuda_sim::g;
-  const int t = g.current, lane = t % 32;
-  std::vector<float>& slot = g.slots[g.phase];
-  slot[t] = v;
-  cuda_sim::barrier();
-  const float r = slot[t - lane + (lane ^ off)];
-  if (t == 0) g.phase ^= 1;  // the next shuffle writes the other buffer (read before its barrier)
-  return r;
+// Runs body() as a kernel of `grid` blocks of `block` threads, in clusters of
+// `cluster` blocks, with `dynamic_bytes` of dynamic shared memory per block.
+inline void run(dim3 grid, dim3 block, int cluster, size_t dynamic_bytes, std::function<void()> body) {
+  if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1) fail("only 1-D grids are simulated");
+  if (block.x == 0 || block.x % 32 != 0 || block.x > 1024) fail("blocks must be whole warps, at most 1024 threads");
+  if (const char* o = std::getenv("CUDA_SIM_ORDER")) g.reverse = std::strcmp(o, "reverse") == 0;
+  g.grid = grid;
+  g.block = block;
+  gridDim = {grid.x, 1, 1};
+  blockDim = {block.x, 1, 1};
+  g.cluster = cluster;
+  g.body = std::move(body);
+  for (unsigned first = 0; first < grid.x; first += cluster) {
+    setup_cluster(first, cluster, dynamic_bytes);
+    run_cluster();
+    g.blocks_run += cluster;
+  }
+  ++g.launches;
 }
 
+// Simple launches (the top_p_sample driver): `blocks` blocks of `threads`.
+template <typename F>
+void launch(unsigned blocks, int threads, F kernel) {
+  run(dim3(blocks), dim3(static_cast<unsigned>(threads)), 1, 0, kernel);
+}
+
+inline cudaError_t record(cudaError_t e) {
+  if (e != cudaSuccess) g.last_error = e;
+  return e;
+}
+
+}  // namespace cuda_sim
+
+// ---- built-in variables and device functions -------------------------------------------
+
+inline void __syncthreads() { cuda_sim::block_on(cuda_sim::Wait::Sync); }
+
+namespace cuda_sim {
+template <typename T>
+T shuffle(unsigned mask, T v, ShflKind kind, int arg, int width) {
+  static_assert((sizeof(T) == 4 || sizeof(T) == 8) && std::is_trivially_copyable<T>::value, "a 32- or 64-bit value");
+  Thread& t = me();
+  if (!(mask >> (t.tid % 32) & 1u)) fail_at(t, "a lane shuffles with a mask that does not name it");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail_at(t, "shuffle width not a power of two <= 32");
+  t.shfl = Shuffle{mask, kind, arg, width, static_cast<int>(sizeof(T)), 0, 0};
+  std::memcpy(&t.shfl.value, &v, sizeof(T));
+  block_on(Wait::Shuffle);
+  T out;
+  std::memcpy(&out, &me().shfl.result, sizeof(T));
+  return out;
+}
+}  // namespace cuda_sim
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return cuda_sim::shuffle(mask, v, cuda_sim::ShflKind::Idx, src, width);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return cuda_sim::shuffle(mask, v, cuda_sim::ShflKind::Xor, lane_mask, width);
+}
+
+// One OS thread runs every simulated thread: read-modify-writes are atomic.
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  const unsigned long long old = *p;  // one OS thread: no race
+  const unsigned long long old = *p;
   if (v < old) *p = v;
   return old;
 }
 
+// (The drivers are built with -ffp-contract=off, so these round once.)
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+using std::isfinite;
+
+// ---- runtime API -----------------------------------------------------------------------
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = cuda_sim::g.last_error;
+  cuda_sim::g.last_error = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError() { return cuda_sim::g.last_error; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int dev) {
+  const cuda_sim::Device& d = cuda_sim::device;
+  if (dev != 0) return cuda_sim::record(cudaErrorInvalidDevice);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = d.sms; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = d.major; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = d.smem_optin; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = d.smem_per_sm; break;
+    case cudaDevAttrClusterLaunch: *v = d.major >= 9 && d.clusters ? 1 : 0; break;
+    default: return cuda_sim::record(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  cuda_sim::KernelAttrs& a = cuda_sim::g.attrs[reinterpret_cast<const void*>(kernel)];
+  switch (attr) {
+    case cudaFuncAttributeMaxDynamicSharedMemorySize:
+      if (value < 0 || value > cuda_sim::device.smem_optin) return cuda_sim::record(cudaErrorInvalidValue);
+      a.max_dynamic_smem = value;
+      return cudaSuccess;
+    case cudaFuncAttributeNonPortableClusterSizeAllowed:
+      if (cuda_sim::device.major < 9) return cuda_sim::record(cudaErrorInvalidValue);
+      a.nonportable_cluster = value != 0;
+      return cudaSuccess;
+  }
+  return cuda_sim::record(cudaErrorInvalidValue);
+}
+
+template <typename... P>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* out, void (*)(P...)) {
+  out->sharedSizeBytes = 0;  // unknown before the kernel runs (see the header comment)
+  out->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
+namespace cuda_sim {
+// Blocks of `threads` threads and `smem` dynamic bytes resident per SM (the
+// runtime reserves 1 KB of shared memory per block).
+inline int blocks_per_sm(int threads, size_t smem) {
+  if (smem > size_t(device.smem_optin)) return 0;
+  int n = device.max_threads_per_sm / threads;
+  const int by_smem = static_cast<int>(size_t(device.smem_per_sm) / (smem + 1024));
+  if (by_smem < n) n = by_smem;
+  return n < device.max_blocks_per_sm ? n : device.max_blocks_per_sm;
+}
+
+inline int cluster_of(const cudaLaunchConfig_t& cfg) {
+  int c = 1;
+  for (unsigned i = 0; i < cfg.numAttrs; ++i)
+    if (cfg.attrs[i].id == cudaLaunchAttributeClusterDimension) {
+      if (cfg.attrs[i].val.clusterDim.y != 1 || cfg.attrs[i].val.clusterDim.z != 1) fail("only 1-D clusters");
+      c = static_cast<int>(cfg.attrs[i].val.clusterDim.x);
+    }
+  return c;
+}
+
+// Why a cluster of c blocks cannot be launched with kernel attributes `a`, or null.
+inline const char* cluster_refusal(int c, const KernelAttrs& a) {
+  if (c == 1) return nullptr;
+  if (c < 1 || !device.clusters || device.major < 9) return "no clusters on this device";
+  if (c > kMaxPortableCluster && !a.nonportable_cluster) return "cluster over 8 without the non-portable attribute";
+  if (c > device.max_cluster_nonportable) return "cluster larger than the device allows";
+  return nullptr;
+}
+}  // namespace cuda_sim
+
+template <typename... P>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void (*)(P...), int threads, size_t smem) {
+  *n = cuda_sim::blocks_per_sm(threads, smem);
+  return cudaSuccess;
+}
+
+template <typename... P>
+cudaError_t cudaOccupancyMaxActiveClusters(int* n, void (*kernel)(P...), const cudaLaunchConfig_t* cfg) {
+  const int c = cuda_sim::cluster_of(*cfg);
+  const cuda_sim::KernelAttrs& a = cuda_sim::g.attrs[reinterpret_cast<const void*>(kernel)];
+  if (cuda_sim::cluster_refusal(c, a) != nullptr) return cuda_sim::record(cudaErrorInvalidConfiguration);
+  if (cfg->dynamicSmemBytes > size_t(a.max_dynamic_smem)) return cuda_sim::record(cudaErrorInvalidValue);
+  const int per_sm = cuda_sim::blocks_per_sm(static_cast<int>(cfg->blockDim.x), cfg->dynamicSmemBytes);
+  *n = per_sm * cuda_sim::device.sms / c;
+  return cudaSuccess;
+}
+
+namespace cuda_sim {
+// The name of a kernel (the executable must be linked with -rdynamic), without
+// its template arguments.
+inline std::string kernel_name(const void* fn) {
+  Dl_info info;
+  if (dladdr(fn, &info) == 0 || info.dli_sname == nullptr) return "?";
+  int status = 0;
+  char* d = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string s = status == 0 && d ? d : info.dli_sname;
+  std::free(d);
+  const size_t lt = s.find('<');
+  if (lt != std::string::npos) s.resize(lt);
+  const size_t sp = s.rfind(' ');
+  if (sp != std::string::npos) s = s.substr(sp + 1);
+  const size_t ns = s.rfind("::");
+  return ns == std::string::npos ? s : s.substr(ns + 2);
+}
+
+// With CUDA_SIM_LOG set, one line on stderr per launch (tests check which
+// kernels and geometries a case went through).
+inline void log_launch(const void* fn, const cudaLaunchConfig_t& cfg, int cluster) {
+  static const bool on = std::getenv("CUDA_SIM_LOG") != nullptr;
+  if (!on) return;
+  std::fprintf(stderr, "cuda_sim: launch %s grid=%u block=%u cluster=%d smem=%zu\n", kernel_name(fn).c_str(),
+               cfg.gridDim.x, cfg.blockDim.x, cluster, cfg.dynamicSmemBytes);
+}
+}  // namespace cuda_sim
+
+// Runs the kernel on the simulator (synchronously: streams are not modelled).
+template <typename... Exp, typename... Act>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Exp...), Act&&... args) {
+  using cuda_sim::record;
+  const int c = cuda_sim::cluster_of(*cfg);
+  const cuda_sim::KernelAttrs& a = cuda_sim::g.attrs[reinterpret_cast<const void*>(kernel)];
+  if (cfg->gridDim.x == 0 || cfg->blockDim.x == 0 || cfg->blockDim.x > 1024) return record(cudaErrorInvalidConfiguration);
+  if (const char* why = cuda_sim::cluster_refusal(c, a)) {
+    std::fprintf(stderr, "cuda_sim: launch refused: %s\n", why);
+    return record(cudaErrorInvalidConfiguration);
+  }
+  if (cfg->gridDim.x % c != 0) return record(cudaErrorInvalidConfiguration);
+  if (cfg->dynamicSmemBytes > size_t(a.max_dynamic_smem)) return record(cudaErrorInvalidValue);
+  cuda_sim::log_launch(reinterpret_cast<const void*>(kernel), *cfg, c);
+  std::tuple<std::decay_t<Exp>...> params(std::forward<Act>(args)...);  // coerced as the runtime does
+  cuda_sim::run(cfg->gridDim, cfg->blockDim, c, cfg->dynamicSmemBytes, [&] { std::apply(kernel, params); });
+  return cudaSuccess;
+}
