@@ -43,11 +43,15 @@ BLOCK_THREADS = 64
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 KIND_CODE = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4, "tvd": 5}
 
-# Simulated devices: (SMs, compute capability major, opt-in shared memory per block, cluster launch).
+# Simulated devices: (SMs, compute capability major, opt-in shared memory per block, cluster launch, blocks per
+# launch at most). A small grid limit makes every grid-stride loop (and a cluster's loop over rows) go round.
+BIG_GRID = 2**31 - 1
 DEVICES = {
-    "h100_small_smem": (4, 9, 8 * 1024, 1),  # long rows only fit on chip as a cluster
-    "h100": (16, 9, 227 * 1024, 1),
-    "a100": (4, 8, 163 * 1024, 0),  # no clusters: the on-chip kernel in one block
+    "h100_small_smem": (4, 9, 8 * 1024, 1, BIG_GRID),  # long rows only fit on chip as a cluster
+    "h100": (16, 9, 227 * 1024, 1, BIG_GRID),
+    "h100_grid3": (16, 9, 227 * 1024, 1, 3),
+    "h100_grid32": (16, 9, 227 * 1024, 1, 32),
+    "a100": (4, 8, 163 * 1024, 0, BIG_GRID),  # no clusters: the on-chip kernel in one block
 }
 KNOBS = ("KDEXT_CUDA_ONCHIP", "KDEXT_CUDA_CLUSTER", "KDEXT_CUDA_CHUNKS")
 
@@ -55,6 +59,16 @@ KNOBS = ("KDEXT_CUDA_ONCHIP", "KDEXT_CUDA_CLUSTER", "KDEXT_CUDA_CHUNKS")
 # ---------------------------------------------------------------------------
 # building and running the simulator
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The CPU references here are thousands of tiny ops: one intra-op thread (no fork-join per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def build(tmp_path_factory, name):
@@ -281,9 +295,28 @@ def check_divergence_float64(what, check, got):
         R.assert_within(got[0].reshape(1), ref.reshape(1), bound * (w.sum() + 1) + 1e-5 * ref.abs(), what)
 
 
-def run_divergence(exe, device, env, cases, order="forward"):
-    results, log = run_sim(exe, device, env, [c[0] for c in cases], order)
-    compare_all(cases, results, check_divergence_float64)
+def same_bits(a, b):
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+# Thread orders of the simulator (tests/cpp/cuda_sim/cuda_sim.h, Order) that every case runs under, besides
+# the default round robin: the reverse round robin, and one block (and warp) running ahead of the others as far
+# as the barriers let it, the first or the last.
+RACE_ORDERS = ("reverse", "serial", "serial-reverse")
+
+
+def run_checked(exe, device, env, cases, check_float64, race_cases=None):
+    """Runs the cases, compares them with the CPU kernels and float64, and runs those `race_cases(job)`
+    selects (all by default) again in RACE_ORDERS: the same bits, or a kernel has a data race. Returns the
+    launches."""
+    results, log = run_sim(exe, device, env, [c[0] for c in cases])
+    compare_all(cases, results, check_float64)
+    race = [i for i, c in enumerate(cases) if race_cases is None or race_cases(c[0])]
+    for order in RACE_ORDERS:
+        again, _ = run_sim(exe, device, env, [cases[i][0] for i in race], order=order)
+        for i, b in zip(race, again):
+            assert all(same_bits(x, y) for x, y in zip(results[i], b)), \
+                f"{cases[i][0].what}: differs in the {order} thread order"
     return launched(log)
 
 
@@ -292,26 +325,40 @@ DIVERGENCE_PATHS = {
     "plan_h100_small_smem": ("h100_small_smem", {}, {"pair_onchip_kernel", "pair_merge_kernel", "sums_merge_kernel"},
                              {1, 2, 4}, set()),
     "plan_a100": ("a100", {}, {"pair_onchip_kernel", "pair_merge_kernel"}, {1}, set()),
+    "plan_grid3": ("h100_grid3", {}, {"pair_onchip_kernel", "pair_state_kernel", "pair_sums_kernel"}, {1}, set()),
     "row_kernels": ("h100", {"KDEXT_CUDA_ONCHIP": "0"}, {"pair_state_kernel", "pair_sums_kernel", "pair_grad_kernel"},
                     set(), {"pair_onchip_kernel"}),
-    "split3": ("h100", {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},
-               {"pair_merge_kernel", "sums_merge_kernel", "pair_grad_kernel"}, set(), {"pair_onchip_kernel"}),
+    "split3_grid3": ("h100_grid3", {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},
+                     {"pair_merge_kernel", "sums_merge_kernel", "pair_grad_kernel"}, set(), {"pair_onchip_kernel"}),
     "cluster1": ("h100", {"KDEXT_CUDA_CLUSTER": "1"}, {"pair_onchip_kernel"}, {1}, set()),
-    "cluster2": ("h100", {"KDEXT_CUDA_CLUSTER": "2"}, {"pair_onchip_kernel"}, {2}, set()),
-    "cluster8": ("h100", {"KDEXT_CUDA_CLUSTER": "8"}, {"pair_onchip_kernel"}, {8}, set()),
-    "cluster16": ("h100", {"KDEXT_CUDA_CLUSTER": "16"}, {"pair_onchip_kernel"}, {16}, set()),
+    "cluster2_grid3": ("h100_grid3", {"KDEXT_CUDA_CLUSTER": "2"}, {"pair_onchip_kernel"}, {2}, set()),
+    "cluster8_grid32": ("h100_grid32", {"KDEXT_CUDA_CLUSTER": "8"}, {"pair_onchip_kernel"}, {8}, set()),
+    "cluster16_grid32": ("h100_grid32", {"KDEXT_CUDA_CLUSTER": "16"}, {"pair_onchip_kernel"}, {16}, set()),
 }
+
+
+# The barrier structure of a divergence kernel depends on reverse KL or not and on the pack width, not on the
+# kind: the thread-order runs take two kinds and three dtype pairs; the forced splits and large clusters
+# (costly to simulate: 3 to 16 blocks for every row) three kinds and four pairs.
+RACE_KINDS = ("reverse_kl(0.0)", "skew_reverse_kl(0.3)")
+RACE_PAIRS = ("torch.float32/torch.float32", "torch.bfloat16/torch.float32", "torch.float64/torch.float64")
+
+
+def race_subset(job):
+    return any(k in job.what for k in RACE_KINDS) and any(p in job.what for p in RACE_PAIRS)
 
 
 @pytest.mark.parametrize("path", list(DIVERGENCE_PATHS))
 def test_divergence_paths(sim_divergence, path):
-    """Every op on one launch path; every kind and dtype pair on the planner's own choices."""
+    """Every op, kind and dtype pair on one launch path (a subset for the largest forced clusters)."""
     device, env, kernels, clusters, forbidden = DIVERGENCE_PATHS[path]
-    full = path.startswith("plan_")
-    kinds = KINDS if full else [("reverse_kl", 0.0), ("jsd", 0.1), ("tvd", 0.0)]
-    pairs = PAIRS if full else [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                                (torch.float64, torch.float64)]
-    runs = run_divergence(sim_divergence, device, env, divergence_cases(kinds, pairs, SHAPES))
+    kinds, pairs = KINDS, PAIRS
+    if path.startswith(("cluster8", "cluster16", "split3")):
+        kinds = [("reverse_kl", 0.0), ("skew_reverse_kl", 0.3), ("tvd", 0.0)]
+        pairs = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                 (torch.float64, torch.float64)]
+    runs = run_checked(sim_divergence, device, env, divergence_cases(kinds, pairs, SHAPES), check_divergence_float64,
+                       race_subset)
     ran = {k for k, _ in runs}
     onchip = {c for k, c in runs if k == "pair_onchip_kernel"}
     assert kernels <= ran and not (forbidden & ran), f"{path}: ran {sorted(ran)}"
@@ -324,19 +371,19 @@ def test_divergence_layouts(sim_divergence):
     """Padded and misaligned rows (no common 16-byte alignment: scalar packs), row and on-chip kernels."""
     cases = divergence_cases([("jsd", 0.4), ("reverse_kl", 0.0)], [(torch.bfloat16, torch.float32),
                                                                   (torch.float32, torch.float32)], SHAPES, layouts=True)
-    for device, env in (("h100", {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "2"}), ("h100_small_smem", {})):
-        run_divergence(sim_divergence, device, env, cases)
+    for device, env in (("h100_grid3", {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "2"}), ("h100_small_smem", {})):
+        run_checked(sim_divergence, device, env, cases, check_divergence_float64)
 
 
-def test_divergence_thread_order_independent(sim_divergence):
-    """The same bits when the simulator runs the threads between barriers in reverse order (no data race)."""
-    cases = divergence_cases([("skew_reverse_kl", 0.3)], [(torch.bfloat16, torch.float32)], SHAPES)
-    for device, env in (("h100_small_smem", {}), ("h100", {"KDEXT_CUDA_CHUNKS": "3", "KDEXT_CUDA_ONCHIP": "0"})):
-        fwd, _ = run_sim(sim_divergence, device, env, [c[0] for c in cases])
-        rev, _ = run_sim(sim_divergence, device, env, [c[0] for c in cases], order="reverse")
-        for (job, _, _), a, b in zip(cases, fwd, rev):
-            for x, y in zip(a, b):
-                assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), job.what
+def test_knobs_out_of_range_are_ignored(sim_divergence):
+    """A knob outside its range (docs/CUDA.md) is ignored with a warning: the plan's own path runs."""
+    cases = divergence_cases([("jsd", 0.4)], [(torch.float32, torch.float32)], [(5, 1271)])
+    for env in ({"KDEXT_CUDA_CLUSTER": "3"}, {"KDEXT_CUDA_CHUNKS": "-2", "KDEXT_CUDA_ONCHIP": "maybe"}):
+        results, log = run_sim(sim_divergence, "h100_small_smem", env, [c[0] for c in cases])
+        compare_all(cases, results, check_divergence_float64)
+        for name in env:
+            assert f"kdext: ignoring {name}=" in log, log[-2000:]
+        assert ("pair_onchip_kernel", 2) in launched(log), "the plan's cluster of 2"
 
 
 def scale_job(x, factor, on_device):
@@ -350,7 +397,7 @@ def test_scale(sim_divergence, dtype):
     x = torch.randn(37, 29, dtype=torch.float64).to(dtype)
     x[3, 4] = math.nan
     jobs = [scale_job(x, f, d) for f, d in ((2.5, True), (-0.5, False), (1.0, True))]
-    results, _ = run_sim(sim_divergence, "h100", {}, jobs)
+    results, _ = run_sim(sim_divergence, "h100_grid3", {}, jobs)  # (a grid-stride loop that goes round)
     for (got,), f in zip(results, (2.5, -0.5, 1.0)):  # x * f rounds once, in any dtype: exact agreement
         torch.testing.assert_close(got, (x.double() * f).to(dtype), atol=0, rtol=0, equal_nan=True)
 
@@ -454,15 +501,14 @@ def check_softmax_float64(what, check, got):
 
 
 def run_softmax(exe, device, env, cases):
-    results, log = run_sim(exe, device, env, [c[0] for c in cases])
-    compare_all(cases, results, check_softmax_float64)
-    return {k for k, _ in launched(log)}
+    return {k for k, _ in run_checked(exe, device, env, cases, check_softmax_float64)}
 
 
 SOFTMAX_PATHS = {
     "plan": ("h100", {}, {"row_state_kernel", "softmax_kernel", "softmax_bwd_kernel", "row_map_kernel",
                           "row_state_merge_kernel", "sum_chunks_kernel", "entropy_partial_kernel"}),
-    "split3": ("h100", {"KDEXT_CUDA_CHUNKS": "3"}, {"row_state_merge_kernel", "sum_chunks_kernel"}),
+    "plan_grid3": ("h100_grid3", {}, {"row_state_kernel", "softmax_kernel", "row_map_kernel"}),
+    "split3_grid3": ("h100_grid3", {"KDEXT_CUDA_CHUNKS": "3"}, {"row_state_merge_kernel", "sum_chunks_kernel"}),
 }
 
 
@@ -471,7 +517,7 @@ SOFTMAX_PATHS = {
 def test_softmax_paths(sim_softmax, path, dtype):
     device, env, kernels = SOFTMAX_PATHS[path]
     ran = run_softmax(sim_softmax, device, env, softmax_cases([dtype], SOFTMAX_SHAPES))
-    if dtype in (torch.float32, torch.float64) or path != "plan":  # (16-bit rows are too short for the plan to split)
+    if dtype in (torch.float32, torch.float64) or path == "split3_grid3":  # (16-bit rows are too short to split)
         assert kernels <= ran, f"{path}: expected {sorted(kernels)} among {sorted(ran)}"
 
 

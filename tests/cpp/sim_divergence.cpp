@@ -8,7 +8,7 @@
 //   KDEXT_CUDA_CHUNKS=3 sim_divergence IN OUT      (the tuning knobs as on a GPU)
 //
 // IN (little-endian int64 / float64): the device (sms, cc major, opt-in shared
-// memory bytes, cluster launch), the number of jobs, then per job:
+// memory bytes, cluster launch, max grid blocks), the number of jobs, then per job:
 //   int64 op (0 forward, 1 backward, 2 loss, 3 partial, 4 scale), kind
 //   (kdext::Divergence), rows, V, s_dtype, t_dtype (kdext::cuda::DType codes),
 //   s_stride, t_stride, s_offset, t_offset (entries past a 16-byte boundary),

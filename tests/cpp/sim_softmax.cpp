@@ -5,7 +5,7 @@
 // tests/test_cuda_sim.py; built and run as tests/cpp/sim_divergence.cpp is.
 //
 // IN (little-endian int64 / float64): the device (sms, cc major, opt-in shared
-// memory bytes, cluster launch), the number of jobs, then per job:
+// memory bytes, cluster launch, max grid blocks), the number of jobs, then per job:
 //   int64 op (0 softmax, 1 log_softmax, 2 softmax_backward, 3 logsumexp,
 //   4 entropy_forward, 5 entropy_forward of a shard (given the lse),
 //   6 entropy_backward, 7 logprobs_forward, 8 logprobs_backward), rows, V,

@@ -15,9 +15,11 @@
 //   cluster.sync()         every thread of every block of the cluster.
 // A barrier that cannot be completed (a thread returned, or waits elsewhere,
 // or lanes disagree on the mask) is reported as the hang or undefined
-// behaviour it would be on a GPU, and the process aborts. The order in which
-// runnable threads run between barriers is forward or (CUDA_SIM_ORDER=reverse)
-// reverse: a kernel whose results change with it has a data race.
+// behaviour it would be on a GPU, and the process aborts. Which runnable
+// thread runs first is set by CUDA_SIM_ORDER (see Order below: round robin
+// forward or reverse, or one block and one warp running ahead of the others as
+// far as the barriers let it): a kernel whose results change with it has a
+// data race.
 //
 // Memory. Global memory is host memory. Shared memory is per simulated block:
 // kernels declare it through KDEXT_SHARED / KDEXT_DYNAMIC_SHARED
@@ -137,6 +139,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor,
   cudaDevAttrClusterLaunch,
+  cudaDevAttrMaxGridDimX,
 };
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -182,6 +185,7 @@ struct Device {
   int max_cluster_nonportable = 16;
   int max_threads_per_sm = 2048;
   int max_blocks_per_sm = 32;
+  int max_grid = 2147483647;  // cudaDevAttrMaxGridDimX
 };
 inline Device device;
 
@@ -190,6 +194,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kMaxPortableCluster = 8;
 
 enum class Wait : uint8_t { Run, Sync, Shuffle, Cluster, Done };
+enum class Order { Forward, Reverse, Serial, SerialReverse };  // see run_cluster
 enum class ShflKind : uint8_t { Idx, Xor };
 
 struct Shuffle {
@@ -217,6 +222,7 @@ struct Thread {
 
 struct Block {
   unsigned index = 0;  // blockIdx.x
+  bool exited = false;  // every thread returned: its shared memory is gone
   std::unique_ptr<unsigned char[]> statics;
   size_t static_used = 0;
   std::vector<std::pair<size_t, size_t>> decls;  // (offset, bytes) of each declaration
@@ -254,7 +260,7 @@ struct Sim {
   std::function<void()> body;
   std::map<const void*, KernelAttrs> attrs;
   cudaError_t last_error = cudaSuccess;
-  bool reverse = false;
+  Order order = Order::Forward;
   long barriers = 0, shuffles = 0, launches = 0, blocks_run = 0;
 };
 inline Sim g;
@@ -386,72 +392,67 @@ inline std::string where(const Thread& t) {
 
 [[noreturn]] inline void fail_at(const Thread& t, const std::string& what) { fail((where(t) + ": " + what).c_str()); }
 
-// Completes the shuffles whose lanes have all arrived; false if none.
-inline bool resolve_shuffles() {
+// Completes the shuffles of the warp starting at thread `base` whose lanes
+// have all arrived; false if none.
+inline bool resolve_warp(size_t base) {
   bool any = false;
-  for (size_t base = 0; base < g.threads.size(); base += 32) {  // blocks are whole warps
-    const size_t warp_end = base + 32 < g.threads.size() ? base + 32 : g.threads.size();
-    for (size_t i = base; i < warp_end; ++i) {
-      Thread& t = g.threads[i];
-      if (t.wait != Wait::Shuffle) continue;
-      const unsigned mask = t.shfl.mask;
-      bool ready = true;
-      for (unsigned l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        const Thread& u = g.threads[base + l];
-        if (u.wait == Wait::Done) fail_at(u, "exited while named in a shuffle's mask (undefined behaviour)");
-        if (u.wait != Wait::Shuffle) {
-          ready = false;
-          continue;
-        }
-        if (u.shfl.mask != mask || u.shfl.kind != t.shfl.kind || u.shfl.width != t.shfl.width ||
-            u.shfl.bytes != t.shfl.bytes)
-          fail_at(u, "lanes of one shuffle disagree on its mask, kind, width or type");
+  for (size_t i = base; i < base + 32; ++i) {
+    Thread& t = g.threads[i];
+    if (t.wait != Wait::Shuffle) continue;
+    const unsigned mask = t.shfl.mask;
+    bool ready = true;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      const Thread& u = g.threads[base + l];
+      if (u.wait == Wait::Done) fail_at(u, "exited while named in a shuffle's mask (undefined behaviour)");
+      if (u.wait != Wait::Shuffle) {
+        ready = false;
+        continue;
       }
-      if (!ready) continue;
-      for (unsigned l = 0; l < 32; ++l) {
-        if (!(mask >> l & 1u)) continue;
-        Thread& u = g.threads[base + l];
-        const int w = u.shfl.width;
-        const int group = static_cast<int>(l) & ~(w - 1);
-        int src;
-        if (u.shfl.kind == ShflKind::Idx) {
-          src = group + (u.shfl.arg & (w - 1));
-        } else {
-          src = static_cast<int>(l) ^ u.shfl.arg;
-          if (src >= group + w) src = static_cast<int>(l);  // later groups: the caller's own value
-        }
-        if (src < 0 || src >= 32 || !(mask >> src & 1u)) fail_at(u, "reads a lane that is not in the shuffle");
-        u.shfl.result = g.threads[base + src].shfl.value;
-      }
-      for (unsigned l = 0; l < 32; ++l)
-        if (mask >> l & 1u) g.threads[base + l].wait = Wait::Run;
-      ++g.shuffles;
-      any = true;
+      if (u.shfl.mask != mask || u.shfl.kind != t.shfl.kind || u.shfl.width != t.shfl.width ||
+          u.shfl.bytes != t.shfl.bytes)
+        fail_at(u, "lanes of one shuffle disagree on its mask, kind, width or type");
     }
+    if (!ready) continue;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      Thread& u = g.threads[base + l];
+      const int w = u.shfl.width;
+      const int group = static_cast<int>(l) & ~(w - 1);
+      int src;
+      if (u.shfl.kind == ShflKind::Idx) {
+        src = group + (u.shfl.arg & (w - 1));
+      } else {
+        src = static_cast<int>(l) ^ u.shfl.arg;
+        if (src >= group + w) src = static_cast<int>(l);  // later groups: the caller's own value
+      }
+      if (src < 0 || src >= 32 || !(mask >> src & 1u)) fail_at(u, "reads a lane that is not in the shuffle");
+      u.shfl.result = g.threads[base + src].shfl.value;
+    }
+    for (unsigned l = 0; l < 32; ++l)
+      if (mask >> l & 1u) g.threads[base + l].wait = Wait::Run;
+    ++g.shuffles;
+    any = true;
   }
   return any;
 }
 
-// Releases the blocks whose threads all wait at __syncthreads; false if none.
-inline bool resolve_syncthreads() {
-  bool any = false;
+// Releases block b (rank in the cluster) when all its threads wait at
+// __syncthreads; false if it does not.
+inline bool resolve_block(size_t b) {
   const unsigned T = threads_per_block();
-  for (size_t b = 0; b < g.blocks.size(); ++b) {
-    size_t sync = 0, done = 0;
-    for (unsigned i = 0; i < T; ++i) {
-      const Wait w = g.threads[b * T + i].wait;
-      sync += w == Wait::Sync;
-      done += w == Wait::Done;
-    }
-    if (sync == 0) continue;
-    if (done > 0) fail_at(g.threads[b * T], "__syncthreads not reached by threads that have returned");
-    if (sync < T) continue;
-    for (unsigned i = 0; i < T; ++i) g.threads[b * T + i].wait = Wait::Run;
-    ++g.barriers;
-    any = true;
+  size_t sync = 0, done = 0;
+  for (unsigned i = 0; i < T; ++i) {
+    const Wait w = g.threads[b * T + i].wait;
+    sync += w == Wait::Sync;
+    done += w == Wait::Done;
   }
-  return any;
+  if (sync == 0) return false;
+  if (done > 0) fail_at(g.threads[b * T], "__syncthreads not reached by threads that have returned");
+  if (sync < T) return false;
+  for (unsigned i = 0; i < T; ++i) g.threads[b * T + i].wait = Wait::Run;
+  ++g.barriers;
+  return true;
 }
 
 // Releases the cluster when every thread of it waits at cluster.sync().
@@ -480,21 +481,87 @@ inline bool resolve_cluster() {
   fail(s.c_str());
 }
 
-// Runs the current cluster to completion.
-inline void run_cluster() {
-  const size_t n = g.threads.size();
-  for (;;) {
-    for (size_t k = 0; k < n; ++k) {
-      const size_t i = g.reverse ? n - 1 - k : k;
-      if (g.threads[i].wait == Wait::Run) resume(static_cast<int>(i));
+// The order in which the scheduler runs threads (CUDA_SIM_ORDER):
+//   forward, reverse   every runnable thread in turn, in thread order (or its
+//                      reverse), then every barrier that can complete does;
+//   serial, serial-reverse  the first (last) block runs alone as far as it can
+//                      (its warps in turn, each as far as it can alone, its
+//                      own barriers completing), before the next gets a turn:
+//                      what a block or warp may do before the others move at
+//                      all, as a GPU may schedule it.
+// A kernel whose results differ between the orders has a race. (enum Order)
+
+inline size_t nth(size_t k, size_t n, bool reverse) { return reverse ? n - 1 - k : k; }
+
+// Runs the runnable threads of [first, first + count) once each.
+inline bool run_threads(size_t first, size_t count, bool reverse) {
+  bool ran = false;
+  for (size_t k = 0; k < count; ++k) {
+    const size_t i = first + nth(k, count, reverse);
+    if (g.threads[i].wait == Wait::Run) {
+      resume(static_cast<int>(i));
+      ran = true;
     }
-    size_t done = 0;
-    for (const Thread& t : g.threads) done += t.wait == Wait::Done;
-    if (done == n) return;
-    const bool a = resolve_shuffles();
-    const bool b = resolve_syncthreads();
-    const bool c = resolve_cluster();
-    if (!a && !b && !c) report_deadlock();
+  }
+  return ran;
+}
+
+// Block b alone, as far as it can go (serial orders).
+inline void run_block_alone(size_t b, bool reverse) {
+  const size_t T = threads_per_block(), warps = T / 32;
+  for (;;) {
+    for (size_t k = 0; k < warps; ++k) {
+      const size_t base = b * T + 32 * nth(k, warps, reverse);
+      while (run_threads(base, 32, reverse) | resolve_warp(base)) {
+      }
+    }
+    if (!resolve_block(b)) return;
+  }
+}
+
+// A block whose threads have all returned loses its shared memory: it is
+// poisoned again, so another block of the cluster that still reads it (a
+// missing cluster.sync() before exit) reads NaN bytes.
+inline void retire_exited_blocks() {
+  const size_t T = threads_per_block();
+  for (size_t b = 0; b < g.blocks.size(); ++b) {
+    Block& blk = g.blocks[b];
+    if (blk.exited) continue;
+    bool done = true;
+    for (size_t i = 0; i < T && done; ++i) done = g.threads[b * T + i].wait == Wait::Done;
+    if (!done) continue;
+    blk.exited = true;
+    std::memset(blk.statics.get(), 0xFF, kStaticSharedLimit);
+    std::memset(blk.dynamic.get(), 0xFF, blk.dynamic_bytes + 16);
+  }
+}
+
+inline bool all_done() {
+  for (const Thread& t : g.threads)
+    if (t.wait != Wait::Done) return false;
+  return true;
+}
+
+// Runs the current cluster to completion.
+inline void run_cluster(Order order) {
+  const size_t n = g.threads.size(), blocks = g.blocks.size();
+  const bool reverse = order == Order::Reverse || order == Order::SerialReverse;
+  for (;;) {
+    bool released = false;
+    if (order == Order::Serial || order == Order::SerialReverse) {
+      for (size_t k = 0; k < blocks; ++k) {
+        run_block_alone(nth(k, blocks, reverse), reverse);
+        retire_exited_blocks();
+      }
+    } else {
+      run_threads(0, n, reverse);
+      retire_exited_blocks();
+      for (size_t base = 0; base < n; base += 32) released |= resolve_warp(base);
+      for (size_t b = 0; b < blocks; ++b) released |= resolve_block(b);
+    }
+    if (all_done()) return;
+    released |= resolve_cluster();
+    if (!released) report_deadlock();
   }
 }
 
@@ -539,6 +606,7 @@ inline void* map_shared_rank(const void* p, size_t bytes, unsigned rank) {
   if (rank >= static_cast<unsigned>(g.cluster)) fail_at(me(), "map_shared_rank to a rank outside the cluster");
   const Block& b = my_block();
   const Block& dst = g.blocks[rank];
+  if (dst.exited) fail_at(me(), "map_shared_rank to a block that has exited (its shared memory is gone)");
   const unsigned char* c = static_cast<const unsigned char*>(p);
   if (c >= b.statics.get() && c + bytes <= b.statics.get() + b.static_used)
     return dst.statics.get() + (c - b.statics.get());
@@ -577,7 +645,14 @@ inline void setup_cluster(unsigned first_block, int cluster, size_t dynamic_byte
 inline void run(dim3 grid, dim3 block, int cluster, size_t dynamic_bytes, std::function<void()> body) {
   if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1) fail("only 1-D grids are simulated");
   if (block.x == 0 || block.x % 32 != 0 || block.x > 1024) fail("blocks must be whole warps, at most 1024 threads");
-  if (const char* o = std::getenv("CUDA_SIM_ORDER")) g.reverse = std::strcmp(o, "reverse") == 0;
+  if (const char* o = std::getenv("CUDA_SIM_ORDER")) {
+    const std::string v = o;
+    g.order = v == "reverse" ? Order::Reverse
+              : v == "serial" ? Order::Serial
+              : v == "serial-reverse" ? Order::SerialReverse
+              : v == "forward" ? Order::Forward
+              : (fail("CUDA_SIM_ORDER must be forward, reverse, serial or serial-reverse"), Order::Forward);
+  }
   g.grid = grid;
   g.block = block;
   gridDim = {grid.x, 1, 1};
@@ -586,7 +661,7 @@ inline void run(dim3 grid, dim3 block, int cluster, size_t dynamic_bytes, std::f
   g.body = std::move(body);
   for (unsigned first = 0; first < grid.x; first += cluster) {
     setup_cluster(first, cluster, dynamic_bytes);
-    run_cluster();
+    run_cluster(g.order);
     g.blocks_run += cluster;
   }
   ++g.launches;
@@ -669,6 +744,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int dev) 
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = d.smem_optin; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = d.smem_per_sm; break;
     case cudaDevAttrClusterLaunch: *v = d.major >= 9 && d.clusters ? 1 : 0; break;
+    case cudaDevAttrMaxGridDimX: *v = d.max_grid; break;
     default: return cuda_sim::record(cudaErrorInvalidValue);
   }
   return cudaSuccess;
@@ -779,7 +855,9 @@ cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* cfg, void (*kernel)(Exp
   using cuda_sim::record;
   const int c = cuda_sim::cluster_of(*cfg);
   const cuda_sim::KernelAttrs& a = cuda_sim::g.attrs[reinterpret_cast<const void*>(kernel)];
-  if (cfg->gridDim.x == 0 || cfg->blockDim.x == 0 || cfg->blockDim.x > 1024) return record(cudaErrorInvalidConfiguration);
+  if (cfg->gridDim.x == 0 || cfg->gridDim.x > unsigned(cuda_sim::device.max_grid) || cfg->blockDim.x == 0 ||
+      cfg->blockDim.x > 1024)
+    return record(cudaErrorInvalidConfiguration);
   if (const char* why = cuda_sim::cluster_refusal(c, a)) {
     std::fprintf(stderr, "cuda_sim: launch refused: %s\n", why);
     return record(cudaErrorInvalidConfiguration);

@@ -61,13 +61,14 @@ struct Writer {
 };
 
 // The simulated device: int64 sms, compute capability major, opt-in shared
-// memory per block (bytes), cluster launch (0/1).
+// memory per block (bytes), cluster launch (0/1), blocks per launch at most.
 inline void read_device(Reader& in) {
   cuda_sim::device.sms = static_cast<int>(in.i64());
   cuda_sim::device.major = static_cast<int>(in.i64());
   cuda_sim::device.smem_optin = static_cast<int>(in.i64());
   cuda_sim::device.smem_per_sm = cuda_sim::device.smem_optin + 1024;
   cuda_sim::device.clusters = in.i64() != 0;
+  cuda_sim::device.max_grid = static_cast<int>(in.i64());
 }
 
 constexpr unsigned char kCanary = 0xA5;

@@ -32,11 +32,15 @@ struct Workspace {
 
 // ---- the device ----------------------------------------------------------------
 
+// The most blocks a launch takes (grids cover more with grid-stride loops).
+constexpr int64_t kMaxGridBlocks = int64_t(1) << 30;
+
 struct DeviceFacts {
-  int sms = 108;            // multiprocessors (an A100's if the query fails)
-  int major = 8;            // compute capability major
-  int smem_optin = 0;       // the most dynamic + static shared memory a block may opt in to
-  bool clusters = false;    // thread-block clusters can be launched (sm_90 and later)
+  int sms = 108;                      // multiprocessors (an A100's if the query fails)
+  int major = 8;                      // compute capability major
+  int smem_optin = 0;                 // the most dynamic + static shared memory a block may opt in to
+  bool clusters = false;              // thread-block clusters can be launched (sm_90 and later)
+  int64_t max_grid = kMaxGridBlocks;  // blocks per launch: kMaxGridBlocks or the device's limit if lower
 };
 
 inline DeviceFacts query_device(int dev) {
@@ -46,6 +50,8 @@ inline DeviceFacts query_device(int dev) {
   if (cudaDeviceGetAttribute(&n, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess) f.major = n;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess) f.smem_optin = n;
   if (f.major >= 9 && cudaDeviceGetAttribute(&n, cudaDevAttrClusterLaunch, dev) == cudaSuccess) f.clusters = n != 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMaxGridDimX, dev) == cudaSuccess && n > 0 && n < f.max_grid)
+    f.max_grid = n;
   cudaGetLastError();  // a failed query is not the launch's error
   return f;
 }
@@ -70,9 +76,10 @@ inline const DeviceFacts& current_device() {
 
 // ---- grids ----------------------------------------------------------------------
 
-// Blocks of a grid-stride loop over `blocks` blocks (at least 1, at most 2^30).
+// Blocks of a grid-stride loop over `blocks` blocks (at least 1, at most the
+// device's max_grid).
 inline unsigned grid_size(int64_t blocks) {
-  const int64_t cap = int64_t(1) << 30;
+  const int64_t cap = current_device().max_grid;
   if (blocks < 1) return 1;
   return static_cast<unsigned>(blocks < cap ? blocks : cap);
 }
@@ -187,8 +194,10 @@ struct OnchipPlan {
   int64_t packs_per_block = 0;
   size_t smem = 0;
 
+  // A cluster per row, as many as one launch takes (each then loops over rows).
   Launch launch(int64_t rows) const {
-    const int64_t max_clusters = (int64_t(1) << 30) / cluster;
+    const int64_t fit = current_device().max_grid / cluster;
+    const int64_t max_clusters = fit < 1 ? 1 : fit;
     const int64_t clusters = rows < max_clusters ? rows : max_clusters;
     return {static_cast<unsigned>(clusters * cluster), unsigned(kThreads), smem, cluster};
   }
@@ -254,7 +263,8 @@ OnchipPlan plan_onchip(void (*kernel)(P...), int64_t packs, size_t bytes_per_pac
   }
   const size_t reserved = attr.sharedSizeBytes + kOnchipReservedBytes;
   const size_t budget_max = size_t(dev.smem_optin) > reserved ? size_t(dev.smem_optin) - reserved : 0;
-  const int max_cluster = dev.clusters ? kMaxClusterSize : 1;
+  int max_cluster = dev.clusters ? kMaxClusterSize : 1;
+  while (max_cluster > dev.max_grid) max_cluster >>= 1;  // a cluster is at most a whole grid
   auto bytes_at = [&](int c) { return size_t((packs + c - 1) / c) * bytes_per_pack; };
   int candidates[2 * 5];
   int count = 0;
