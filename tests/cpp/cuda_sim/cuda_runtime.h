@@ -1,3 +1,4 @@
-// Simulator stand-in for <cuda_runtime.h>: the simulated runtime (cuda_sim.h).
+// Simulator stand-in for <cuda_runtime.h>: the simulated machine and runtime.
 #pragma once
 #include "cuda_sim.h"
+#include "cuda_sim_runtime.h"

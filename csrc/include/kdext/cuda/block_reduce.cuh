@@ -62,6 +62,16 @@ __device__ __forceinline__ X warp_butterfly(X v, Op op, int width) {
 
 // ---- one state per group -------------------------------------------------------
 
+// The exact merge of two online states (the merge overloads of
+// kdext/online_softmax.h and of the kernels' own states, found by
+// argument-dependent lookup): the reduction operation of every state.
+struct MergeOp {
+  template <typename X>
+  __device__ __forceinline__ X operator()(const X& a, const X& b) const {
+    return merge(a, b);
+  }
+};
+
 // Shared scratch for group_allreduce: one slot per warp.
 template <typename X, int Warps = kWarps>
 struct ReduceScratch {

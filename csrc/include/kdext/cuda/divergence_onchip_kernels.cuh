@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
           accumulate_pair<Acc, N, kRKL>(st, x);
         });
     // (Each thread reads back only the packs it wrote: no barrier needed for them.)
-    st = group_allreduce(st, MergeStates<Acc>{}, kThreads, scratch_state);
-    st = cluster_fold(st, slot_state, result_state, C, MergeStates<Acc>{});
+    st = group_allreduce(st, MergeOp{}, kThreads, scratch_state);
+    st = cluster_fold(st, slot_state, result_state, C, MergeOp{});
 
     const Acc lse_s = log_sum_exp(st.student), lse_t = log_sum_exp(st.teacher);
     const RowKind kind = classify_row(lse_s, lse_t);

@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
           k0, k1, pos.lane, g.G, [&](int64_t k, Pack& p) { row.load(k, p); },
           [&](const Pack& p) { accumulate_pair<Acc, N, kWeighted>(st, p); });
     }
-    st = group_allreduce(st, MergeStates<Acc>{}, g.G, scratch);
+    st = group_allreduce(st, MergeOp{}, g.G, scratch);
     group_result(g, pos, work, st, partial, sink,
                  [&](const ReverseKLState<Acc>& v) { finalize_state<Acc, kWeighted>(sink, pos.row, v); });
   });

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "kdext/cuda/block_reduce.cuh"
 #include "kdext/cuda/geometry.h"
 #include "kdext/cuda/vec_load.cuh"
 #include "kdext/divergence.h"
@@ -82,14 +83,6 @@ __host__ __device__ __forceinline__ DivergenceSums<Acc> nan_sums() {
   const Acc n = quiet_nan<Acc>();
   return {n, n, n};
 }
-
-template <typename Acc>
-struct MergeStates {
-  __device__ __forceinline__ ReverseKLState<Acc> operator()(const ReverseKLState<Acc>& a,
-                                                            const ReverseKLState<Acc>& b) const {
-    return merge(a, b);
-  }
-};
 
 template <typename Acc>
 struct AddSums {

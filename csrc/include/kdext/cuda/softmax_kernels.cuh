@@ -118,14 +118,6 @@ __host__ __device__ __forceinline__ EntropyState<Acc> merge(const EntropyState<A
 }
 
 template <typename Acc>
-struct MergeEntropy {
-  __device__ __forceinline__ EntropyState<Acc> operator()(const EntropyState<Acc>& a,
-                                                          const EntropyState<Acc>& b) const {
-    return merge(a, b);
-  }
-};
-
-template <typename Acc>
 struct AddAcc {
   __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a + b; }
 };
@@ -244,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
   for_each_group(g, [&](const GroupPos& pos) {
     EntropyState<Acc> st = EntropyState<Acc>::empty();
     if (pos.active) accumulate_range<X, Acc, kEntropy>(st, SingleRow<X, Acc>(a, pos), pos.lane, g.G, a.inv_t);
-    st = group_allreduce(st, MergeEntropy<Acc>{}, g.G, scratch);
+    st = group_allreduce(st, MergeOp{}, g.G, scratch);
     if (!pos.active || pos.lane != 0) return;
     if (g.chunks > 1) {
       partial[pos.row * g.chunks + pos.chunk] = st;
@@ -281,7 +273,7 @@ __global__ void __launch_bounds__(kThreads)
     if (max_in == nullptr) {
       EntropyState<Acc> st = EntropyState<Acc>::empty();
       if (pos.active) accumulate_range<X, Acc, false>(st, SingleRow<X, Acc>(a, pos, orow), pos.lane, g.G, a.inv_t);
-      st = group_allreduce(st, MergeEntropy<Acc>{}, g.G, scratch);
+      st = group_allreduce(st, MergeOp{}, g.G, scratch);
       mx = st.sm.max;
       logz = MathOps<Acc>::log(st.sm.sum);
     } else {

@@ -89,6 +89,11 @@ struct Row {
   __device__ __forceinline__ float r(int64_t i) const {
     return top_p::mixture_prob(mix, mix.use_student ? x(i) : 0.f, mix.use_teacher ? y(i) : 0.f);
   }
+  // r of the kItems values from i0 on (0 past the end of the row).
+  __device__ __forceinline__ void tile(int64_t i0, float (&val)[kItems]) const {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) val[k] = i0 + k < V ? r(i0 + k) : 0.f;
+  }
 };
 
 enum Op : int { kSum = 0, kMin = 1, kMax = 2 };
@@ -121,16 +126,9 @@ __device__ __forceinline__ void block_reduce(float (&v)[N], Shared& sh, OpOf op_
   cuda::block_allreduce_each(v, [&](int i, float a, float b) { return combine(op_of(i), a, b); }, sh.reduce.each);
 }
 
-struct MergeSoftmax {
-  __device__ __forceinline__ SoftmaxState<float> operator()(const SoftmaxState<float>& a,
-                                                            const SoftmaxState<float>& b) const {
-    return merge(a, b);
-  }
-};
-
 // Merges every thread's softmax state (max, sum) into the row's.
 __device__ __forceinline__ SoftmaxState<float> block_softmax(SoftmaxState<float> st, Shared& sh) {
-  st = cuda::group_allreduce(st, MergeSoftmax{}, kBlock, sh.reduce.softmax);
+  st = cuda::group_allreduce(st, cuda::MergeOp{}, kBlock, sh.reduce.softmax);
   __syncthreads();  // the scratch is free again when this returns
   return st;
 }
@@ -189,10 +187,10 @@ __device__ int compact_window(const Row<scalar_t>& R, float lo, float hi, Shared
   for (int64_t base = 0; base < R.V; base += kTile) {
     const int64_t i0 = base + static_cast<int64_t>(threadIdx.x) * kItems;
     float val[kItems];
+    R.tile(i0, val);
     int n_in = 0;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      val[k] = i0 + k < R.V ? R.r(i0 + k) : 0.f;
       const bool in = val[k] > lo && val[k] <= hi;
       n_in += in;
       if (in) {
@@ -289,11 +287,11 @@ __device__ int64_t draw(const Row<scalar_t>& R, float threshold, double target, 
   for (int64_t base = 0; base < R.V; base += kTile) {
     const int64_t i0 = base + static_cast<int64_t>(threadIdx.x) * kItems;
     float val[kItems];
+    R.tile(i0, val);
     float part = 0.f;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const float r = i0 + k < R.V ? R.r(i0 + k) : 0.f;
-      val[k] = r >= threshold ? r : 0.f;
+      val[k] = val[k] >= threshold ? val[k] : 0.f;
       part += val[k];
       if (val[k] > 0.f) last = i0 + k;
     }
