@@ -553,3 +553,33 @@ def test_softmax_layouts(sim_softmax):
     cases += softmax_cases([torch.float16], SOFTMAX_SHAPES, x_layout="offset1")
     run_softmax(sim_softmax, "h100", {"KDEXT_CUDA_CHUNKS": "2"}, cases)
     run_softmax(sim_softmax, "h100", {}, cases)
+
+
+def test_logprobs_tokens_out_of_range(sim_softmax):
+    """A token outside [0, V) is never read by the CUDA forward: NaN (the CPU kernel raises instead); the
+    lse and the other rows are unaffected."""
+    x = logits((6, 301), torch.float32, seed=5)
+    tokens = torch.tensor([3, 0, 7, 300, 9, 11])
+    lp, lse = ops.logprobs_forward(x, tokens, 1.3)
+    bad = tokens.clone()
+    bad[0], bad[4] = -1, 301
+    lp[0], lp[4] = math.nan, math.nan
+    results, _ = run_sim(sim_softmax, "h100", {}, [softmax_job(7, x, 1.3, extra=(bad,))])
+    assert_backend_close(results[0][0], lp, "logprobs with tokens -1 and V")
+    assert_backend_close(results[0][1], lse, "their lse")
+
+
+def test_tuning_hook():
+    """kdext._C._set_cuda_tuning (how tests/test_cuda_kernels.py switches paths in one process, the environment
+    being read once): a round trip, and out-of-range values refused with the argument's name."""
+    old = kdext._C._cuda_tuning()
+    try:
+        kdext._C._set_cuda_tuning(onchip=False, cluster=8, chunks=3)
+        assert kdext._C._cuda_tuning() == {"onchip": False, "cluster": 8, "chunks": 3}
+        with pytest.raises(ValueError, match="cluster"):
+            kdext._C._set_cuda_tuning(onchip=True, cluster=6, chunks=0)
+        with pytest.raises(ValueError, match="chunks"):
+            kdext._C._set_cuda_tuning(onchip=True, cluster=0, chunks=4097)
+        assert kdext._C._cuda_tuning() == {"onchip": False, "cluster": 8, "chunks": 3}
+    finally:
+        kdext._C._set_cuda_tuning(**old)

@@ -28,10 +28,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int6
   if (f == Acc(1)) return;
   constexpr int N = 16 / sizeof(X);
   RowPtrs p;
-  p.p[0] = x;
-  p.esize[0] = sizeof(X);
-  p.count = 1;
-  const PackLayout L = make_layout<N>(n, p);
+  p.count = 0;
+  const PackLayout L = make_layout<N>(n, p.add(x, sizeof(X)));
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < L.packs; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t start = L.base + k * N;
     Acc v[N];

@@ -181,21 +181,10 @@ __device__ __forceinline__ bool grad_fill(RowKind kind, Acc scale, Acc* fill) {
   return true;
 }
 
-// The row pointers of a pair kernel, smallest element first (it fixes the head).
+// The row pointers of a pair kernel: s and t, then the gradient rows written.
 template <typename S, typename T>
 __device__ __forceinline__ RowPtrs pair_ptrs(const S* s, const T* t, const void* gs, const void* gt) {
-  RowPtrs p;
-  if (sizeof(S) <= sizeof(T)) {
-    p.p[0] = s; p.esize[0] = sizeof(S);
-    p.p[1] = t; p.esize[1] = sizeof(T);
-  } else {
-    p.p[0] = t; p.esize[0] = sizeof(T);
-    p.p[1] = s; p.esize[1] = sizeof(S);
-  }
-  p.p[2] = gs; p.esize[2] = sizeof(S);
-  p.p[3] = gt; p.esize[3] = sizeof(T);
-  p.count = 4;
-  return p;
+  return input_ptrs(s, t).add(gs, sizeof(S)).add(gt, sizeof(T));
 }
 
 // One row of s and t in a pair kernel: its pointers and pack layout (the

@@ -57,12 +57,8 @@ struct RowArgs {
 template <typename X>
 __device__ __forceinline__ RowPtrs single_ptrs(const void* x, const void* out) {
   RowPtrs p;
-  p.p[0] = x;
-  p.esize[0] = sizeof(X);
-  p.p[1] = out;
-  p.esize[1] = sizeof(X);
-  p.count = 2;
-  return p;
+  p.count = 0;
+  return p.add(x, sizeof(X)).add(out, sizeof(X));
 }
 
 // One row of x (and of the output, when one is written) in a row kernel.
@@ -311,18 +307,7 @@ enum class BwdMode : int32_t { Full = 0, PartialDot = 1, WriteOnly = 2 };
 
 template <typename G, typename Y>
 __device__ __forceinline__ RowPtrs bwd_ptrs(const G* g, const Y* y, const Y* out) {
-  RowPtrs p;
-  if (sizeof(G) <= sizeof(Y)) {
-    p.p[0] = g; p.esize[0] = sizeof(G);
-    p.p[1] = y; p.esize[1] = sizeof(Y);
-  } else {
-    p.p[0] = y; p.esize[0] = sizeof(Y);
-    p.p[1] = g; p.esize[1] = sizeof(G);
-  }
-  p.p[2] = out; p.esize[2] = sizeof(Y);
-  p.p[3] = nullptr; p.esize[3] = 1;
-  p.count = 3;
-  return p;
+  return input_ptrs(g, y).add(out, sizeof(Y));
 }
 
 // d/dx softmax(x/T) = y (g - sum g y) / T; d/dx log_softmax(x/T) = (g - e^y sum g) / T.
