@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import kdext  # noqa: F401  (registers the ops)
-from reference import BACKEND_TOL
+from reference import BACKEND_TOL, DIVERGENCE_CASES, JSD_ENDPOINTS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -32,16 +32,7 @@ pytestmark = [
 
 ops = torch.ops.kdext
 DEV = "cuda"
-DIVERGENCES = [
-    ("reverse_kl", 0.0),
-    ("forward_kl", 0.0),
-    ("jsd", 0.5),
-    ("jsd", 0.1),
-    ("jsd", 1.0),
-    ("skew_forward_kl", 0.1),
-    ("skew_reverse_kl", 0.3),
-    ("tvd", 0.0),
-]
+DIVERGENCES = DIVERGENCE_CASES + JSD_ENDPOINTS
 TOL = BACKEND_TOL  # (atol, rtol) per stored dtype (tests/reference.py)
 PAIRS = [
     (torch.float32, torch.float32),
@@ -368,6 +359,7 @@ def test_softmax_family(shape, dtype):
         check_op(bwd, [g.to(DEV), y.to(DEV)], f"softmax_backward(log={log})", paths=paths)
     check_op(lambda a: ops.logsumexp(a, T), [x], "logsumexp", paths=paths)
     f64_tol = None if dtype == torch.float64 else torch.float32  # the lse is float64 from a float32 sum
+    check_op(lambda a: ops.lse_float64(a, T), [x], "lse_float64", paths=paths, f64_tol=f64_tol)
     ent, lse = check_op(lambda a: ops.entropy_forward(a, T, None), [x], "entropy_forward", paths=paths,
                         f64_tol=f64_tol)
     assert lse.dtype == torch.float64
@@ -461,6 +453,7 @@ def _opcheck_cases():
         (ops.log_softmax, (x, 0.9)),
         (ops.softmax_backward, (torch.randn(6, 67, device=DEV), y, 0.9, False)),
         (ops.logsumexp, (x, 1.2)),
+        (ops.lse_float64, (x, 1.2)),
         (ops.entropy_forward, (x, 1.0, None)),
         (ops.entropy_forward, (x.detach(), 1.0, lse)),
         (ops.entropy_backward, (torch.randn(6, device=DEV), x.detach(), ent, lse, 1.0)),
@@ -469,7 +462,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck_cuda(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

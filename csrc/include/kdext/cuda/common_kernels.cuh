@@ -1,6 +1,7 @@
 // CUDA kernel and launcher of the `common` stem (framework-free): scale_,
 // x *= factor in place with the factor read on the device, so that a
-// backward's upstream gradient never needs a device-to-host sync.
+// backward's upstream gradient never needs a device-to-host sync, and nothing
+// written when it is 1. Included by csrc/cuda/common.cu.
 #pragma once
 
 #include <cuda_runtime.h>

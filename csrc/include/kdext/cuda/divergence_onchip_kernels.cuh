@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
     if (loss) {  // Pass 3: the gradient, from shared memory to global memory.
       const Acc scale = o.weights[r] / a.temperature;
       Acc fill;
-      if (!grad_fill(kind, scale, &fill)) {
+      if (!constant_gradient(kind, scale, &fill)) {
         for (int64_t j = tid; j < cnt; j += kThreads) {
           PairPack<Acc, N> p;
           held(j, p);

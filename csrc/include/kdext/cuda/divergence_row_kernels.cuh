@@ -90,7 +90,8 @@ __global__ void __launch_bounds__(kThreads) pair_sums_kernel(PairArgs<Acc> a, Ls
 }
 
 // The gradient pass. Per row: scale = grad_values[r] / T (backward) or
-// weights[r] / T (loss; weight 0 writes zeros); constant rows as grad_fill.
+// weights[r] / T (loss; weight 0 writes zeros); constant rows as constant_gradient
+// (kdext/row_contract.h).
 // No block-wide synchronisation: inactive groups return at once.
 template <typename S, typename T, typename Acc, Divergence D>
 __global__ void __launch_bounds__(kThreads)
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads)
     Acc scale = Acc(0);
     if (weights == nullptr || weights[r] != Acc(0)) {  // weight 0: an ignored row, zeros
       scale = (weights != nullptr ? weights[r] : grad_values[r]) / a.temperature;
-      do_fill = grad_fill(classify_row(st[0], st[1]), scale, &fill);
+      do_fill = constant_gradient(classify_row(st[0], st[1]), scale, &fill);
     }
     if (do_fill) {
       for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {

@@ -5,7 +5,8 @@
 //
 // Semantics are those of the CPU kernels (csrc/cpu/divergence.cpp), formula by
 // formula: the per-element terms and gradients come from kdext/divergence.h,
-// the online softmax state and its exact merge from kdext/online_softmax.h.
+// the online softmax state and its exact merge from kdext/online_softmax.h,
+// the treatment of rows without a distribution from kdext/row_contract.h.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 #include "kdext/cuda/vec_load.cuh"
 #include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cuda {
@@ -119,7 +121,7 @@ struct PairPack {
   Acc t[N];
 };
 
-// The online update of DESIGN.md for one pack: one exp per entry per
+// The online update of docs/DESIGN.md for one pack: one exp per entry per
 // distribution, plus one per pack when a max moves.
 template <typename Acc, int N, bool kWeighted>
 __host__ __device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const PairPack<Acc, N>& p) {
@@ -168,17 +170,6 @@ __host__ __device__ __forceinline__ void finalize_state(const RowSink<Acc>& sk, 
     }
     sink_sums(sk, r, v);
   }
-}
-
-// The rule of the CPU kernels (row_backward in csrc/cpu/divergence.cpp) for
-// rows whose gradient is a constant: a row that is not Normal, or whose scale
-// (upstream gradient / T) is 0, gets NaN when it is poisoned and the scale is
-// nonzero, else 0. Returns false when the row's gradient must be computed.
-template <typename Acc>
-__device__ __forceinline__ bool grad_fill(RowKind kind, Acc scale, Acc* fill) {
-  if (kind == RowKind::Normal && scale != Acc(0)) return false;
-  *fill = (kind == RowKind::Poisoned && scale != Acc(0)) ? quiet_nan<Acc>() : Acc(0);
-  return true;
 }
 
 // The row pointers of a pair kernel: s and t, then the gradient rows written.

@@ -26,7 +26,7 @@ struct LogprobsGrad {
   };
 
   __device__ __forceinline__ Row row(int64_t r) const {
-    return {classify_row(lse[r], Acc(0)), lse[r], grad[r] * inv_t, tokens[r]};
+    return {classify_row(lse[r]), lse[r], grad[r] * inv_t, tokens[r]};
   }
 
   template <int N>

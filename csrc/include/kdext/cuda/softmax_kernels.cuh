@@ -1,6 +1,6 @@
 // CUDA kernels of the softmax family (framework-free): softmax and
-// log_softmax with temperature, their backward, logsumexp, and entropy
-// (forward, vocab-shard partial, backward). The launchers are in
+// log_softmax with temperature, their backward, logsumexp, lse_float64 and
+// entropy (forward, vocab-shard partial, backward). The launchers are in
 // softmax_launchers.cuh; logprobs reuses the row-state pass and the
 // elementwise row pass.
 //
@@ -30,8 +30,8 @@
 #include "kdext/cuda/block_reduce.cuh"
 #include "kdext/cuda/rows.cuh"
 #include "kdext/cuda/vec_load.cuh"
-#include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cuda {
@@ -148,7 +148,7 @@ struct StateSink {
   Acc* lse = nullptr;      // logsumexp, logprobs_forward
   Acc* max = nullptr;      // softmax of split rows: the row max ...
   Acc* logz = nullptr;     // ... and log Z (sum relative to the max)
-  double* lse64 = nullptr;  // entropy_forward: the lse in float64 (as the CPU kernel)
+  double* lse64 = nullptr;  // entropy_forward, lse_float64: the lse in float64 (as the CPU kernels)
   Acc* entropy = nullptr;
   const int64_t* tokens = nullptr;  // logprobs_forward: the token of each row
   Acc* logprob = nullptr;
@@ -160,23 +160,17 @@ __host__ __device__ __forceinline__ Acc log_z(const SoftmaxState<Acc>& st) {
   return st.max == neg_inf<Acc>() ? st.max : MathOps<Acc>::log(st.sum);
 }
 
-// The lse in float64 from a float32 state, as csrc/cpu/softmax.cpp's row_entropy.
-template <typename Acc>
-__host__ __device__ __forceinline__ double lse_f64(const SoftmaxState<Acc>& st) {
-  return log_sum_exp(SoftmaxState<double>{double(st.max), double(st.sum)});
-}
-
 template <typename X, typename Acc, bool kEntropy>
 __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, const RowArgs<Acc>& a, int64_t r,
                                                    const EntropyState<Acc>& st) {
   if (sk.lse) sk.lse[r] = log_sum_exp(st.sm);
   if (sk.max) sk.max[r] = st.sm.max;
   if (sk.logz) sk.logz[r] = log_z(st.sm);
+  if (sk.lse64) sk.lse64[r] = log_sum_exp_float64(st.sm);
   if (kEntropy) {
-    const double lse = lse_f64(st.sm);
-    if (sk.lse64) sk.lse64[r] = lse;
+    const double lse = log_sum_exp_float64(st.sm);
     if (sk.entropy) {
-      sk.entropy[r] = classify_row(lse, 0.0) != RowKind::Normal
+      sk.entropy[r] = classify_row(lse) != RowKind::Normal
                           ? quiet_nan<Acc>()
                           : MathOps<Acc>::log(st.sm.sum) - st.centred / st.sm.sum;
     }
@@ -189,25 +183,6 @@ __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, con
     sk.logprob[r] = (tok >= 0 && tok < a.V) ? (mul_rn(to_acc<Acc>(row[tok]), a.inv_t) - st.sm.max) - log_z(st.sm)
                                             : quiet_nan<Acc>();
   }
-}
-
-// log q = x/T - lse with a float64 lse: split into hi + lo floats so that
-// (x - hi) - lo keeps full precision (csrc/cpu/softmax.cpp, SplitLse).
-template <typename Acc>
-struct SplitLse {
-  Acc hi, lo;
-};
-
-__device__ __forceinline__ SplitLse<float> split_lse(double lse, float) {
-  const float hi = static_cast<float>(lse);
-  const float lo = isfinite(lse) ? static_cast<float>(lse - double(hi)) : 0.0f;
-  return {hi, lo};
-}
-__device__ __forceinline__ SplitLse<double> split_lse(double lse, double) { return {lse, 0.0}; }
-
-template <typename Acc>
-__device__ __forceinline__ Acc log_q(Acc x, const SplitLse<Acc>& l) {
-  return (x - l.hi) - l.lo;
 }
 
 // The online state of packs [k0, k1) of a row, `G` threads apart from k0 + lane.
@@ -376,8 +351,8 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
     bool normal = false;
     if (pos.active) {
       const double l64 = lse[pos.row];
-      const SplitLse<Acc> l = split_lse(l64, Acc(0));
-      normal = classify_row(l64, 0.0) == RowKind::Normal;
+      const SplitLse<Acc> l = split_lse<Acc>(l64);
+      normal = classify_row(l64) == RowKind::Normal;
       if (normal) {
         const SingleRow<X, Acc> row(a, pos);
         for (int64_t k = row.k0 + pos.lane; k < row.k1; k += g.G) {
@@ -415,7 +390,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // An elementwise pass over rows given per-row statistics: out = f(x/T) pack by
 // pack. `map.row(r)` gives the row's constants (with their RowKind); rows that
-// are not Normal are filled (Empty: 0, Poisoned: NaN) without reading x, the
+// are not Normal are filled (constant_row_gradient of kdext/row_contract.h:
+// Empty 0, Poisoned NaN) without reading x, the
 // others get map.apply(constants, start, v) of each pack v of x/T (lanes
 // outside the row read -inf and are never stored).
 template <typename X, typename Acc, typename Map>
@@ -430,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) row_map_kernel(RowArgs<Acc> a, Map m
     for (int64_t k = row.k0 + pos.lane; k < row.k1; k += g.G) {
       Acc v[N];
       if (c.kind != RowKind::Normal) {
-        const Acc fill = c.kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
+        const Acc fill = constant_row_gradient<Acc>(c.kind);
 #pragma unroll
         for (int i = 0; i < N; ++i) v[i] = fill;
       } else {
@@ -458,7 +434,7 @@ struct EntropyGrad {
   };
 
   __device__ __forceinline__ Row row(int64_t r) const {
-    return {classify_row(lse[r], 0.0), split_lse(lse[r], Acc(0)), entropy[r], -grad[r] * inv_t};
+    return {classify_row(lse[r]), split_lse<Acc>(lse[r]), entropy[r], -grad[r] * inv_t};
   }
 
   template <int N>

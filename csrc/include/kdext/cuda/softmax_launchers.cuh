@@ -1,5 +1,5 @@
 // Host launchers of the softmax family (framework-free): softmax_forward,
-// softmax_backward, logsumexp, entropy_forward, entropy_backward, and the
+// softmax_backward, logsumexp, lse_float64, entropy_forward, entropy_backward, and the
 // row-state pass that logprobs_launchers.cuh shares. Included by
 // csrc/cuda/softmax.cu. Kernels: softmax_kernels.cuh; plans: launch_plan.h.
 #pragma once
@@ -118,17 +118,38 @@ inline cudaError_t softmax_backward(const RowTensor& g, const RowTensor& y, doub
   });
 }
 
-// out: [rows] accumulation dtype.
-inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out, const Workspace& ws,
-                             cudaStream_t stream) {
+namespace detail {
+
+// The lse of each row into out[rows]: in the accumulation dtype, or in
+// float64 from the same state (log_sum_exp_float64, kdext/online_softmax.h).
+inline cudaError_t row_lse(const RowTensor& in, double temperature, bool float64, void* out, const Workspace& ws,
+                           cudaStream_t stream) {
   if (in.rows == 0) return cudaSuccess;
-  return detail::with_row_kernel(in, temperature, [&](auto tx, const auto& a) {
+  return with_row_kernel(in, temperature, [&](auto tx, const auto& a) {
     using X = typename decltype(tx)::type;
     using Acc = typename AccOf<X>::type;
     StateSink<Acc> sink;
-    sink.lse = static_cast<Acc*>(out);
+    if (float64) {
+      sink.lse64 = static_cast<double*>(out);
+    } else {
+      sink.lse = static_cast<Acc*>(out);
+    }
     return launch_row_state<X, Acc, false>(a, sink, ws, stream);
   });
+}
+
+}  // namespace detail
+
+// out: [rows] accumulation dtype.
+inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out, const Workspace& ws,
+                             cudaStream_t stream) {
+  return detail::row_lse(in, temperature, false, out, ws, stream);
+}
+
+// out: [rows] float64, the lse of the same state in float64 (entropy_forward's).
+inline cudaError_t lse_float64(const RowTensor& in, double temperature, void* out, const Workspace& ws,
+                               cudaStream_t stream) {
+  return detail::row_lse(in, temperature, true, out, ws, stream);
 }
 
 // Without `lse_in`: entropy and lse of each row (one pass). With `lse_in` (the

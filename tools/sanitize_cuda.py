@@ -4,8 +4,8 @@ Run under the sanitizer with the caching allocator off, so that every
 allocation has exact bounds and an out-of-bounds access is caught:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 9 python bench/sanitize_cuda.py
-    compute-sanitizer --tool racecheck --error-exitcode 9 python bench/sanitize_cuda.py --only onchip
+        --error-exitcode 9 python tools/sanitize_cuda.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python tools/sanitize_cuda.py --only onchip
 
 Each case forces one launcher path (row kernels, split vocabulary, on-chip
 clusters of each size, the unfused loss) through the launchers' tuning knobs
@@ -15,16 +15,19 @@ per case.
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
 import kdext
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from reference import DIVERGENCES  # noqa: E402  (the kinds and parameters the tests use)
+
 ops = torch.ops.kdext
 DEV = "cuda"
-KINDS = [("reverse_kl", 0.0), ("forward_kl", 0.0), ("jsd", 0.5), ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.2),
-         ("tvd", 0.0)]
+KINDS = list(DIVERGENCES.items())
 PATHS = {
     "rows": {"onchip": False},
     "split": {"onchip": False, "chunks": 3},
@@ -93,6 +96,7 @@ def other_cases():
                     y = ops.log_softmax(xm, 0.8) if log else ops.softmax(xm, 0.8)
                     ops.softmax_backward(misaligned(torch.randn_like(y)), y, 0.8, log)
                 ops.logsumexp(xm, 1.0)
+                ops.lse_float64(xm, 1.0)
                 h, lse = ops.entropy_forward(xm, 1.0, None)
                 ops.entropy_forward(xm[:, V // 2 :], 1.0, lse)
                 ops.entropy_backward(torch.ones_like(h), xm, h, lse, 1.0)
