@@ -81,6 +81,8 @@ PyObject* set_cuda_tuning(PyObject*, PyObject* args, PyObject* kwargs) {
 }
 
 PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS,
+     "How this kdext._C was built (CPU vector ISA, CUDA) and the divergences it knows, with their parameters."},
     {"_cuda_tuning", cuda_tuning, METH_NOARGS, "The CUDA launchers' tuning knobs in force (docs/CUDA.md)."},
     {"_set_cuda_tuning", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_cuda_tuning)),
      METH_VARARGS | METH_KEYWORDS,

@@ -466,10 +466,11 @@ def softmax_job(op, x, T, x_layout="contiguous", g=None, flags=0, extra=()):
     data += b"".join(raw(e) for e in extra)
     acc = acc_dtype(x.dtype)
     full, per_row = (x.dtype, (rows, V)), (acc, (rows,))
-    outputs = {0: [full], 1: [full], 2: [full], 3: [per_row], 4: [per_row, (torch.float64, (rows,))], 5: [per_row],
-               6: [full], 7: [per_row, per_row], 8: [full]}[op]
+    per_row64 = (torch.float64, (rows,))
+    outputs = {0: [full], 1: [full], 2: [full], 3: [per_row], 4: [per_row, per_row64], 5: [per_row],
+               6: [full], 7: [per_row, per_row], 8: [full], 9: [per_row64]}[op]
     names = ["softmax", "log_softmax", "softmax_backward", "logsumexp", "entropy", "entropy(shard)",
-             "entropy_backward", "logprobs", "logprobs_backward"]
+             "entropy_backward", "logprobs", "logprobs_backward", "lse_float64"]
     return Job(f"{names[op]} {tuple(x.shape)} {x.dtype} {x_layout}", data, outputs)
 
 
@@ -493,6 +494,7 @@ def softmax_cases(dtypes, shapes, x_layout="contiguous"):
             ent, lse = ops.entropy_forward(x, T, None)
             # (the lse is float64 from a float32 sum: the float32 tolerance applies to it)
             cases.append((softmax_job(4, x, T, x_layout), [ent, (lse, acc)], ("entropy", x, T)))
+            cases.append((softmax_job(9, x, T, x_layout), [(ops.lse_float64(x, T), acc)], ("lse_float64", x, T)))
             lo = V // 3
             shard = x[:, lo:]
             cases.append((softmax_job(5, shard, T, "offset1" if lo % 2 else "contiguous", extra=(lse,)),
@@ -519,6 +521,8 @@ def check_softmax_float64(what, check, got):
     rows = normal_rows(x, T)
     if name == "logprobs":
         ref, bound = R.logprobs(xr, check[3], T), R.log_domain_atol(x, T)
+    elif name == "lse_float64":
+        ref, bound = R.logsumexp(xr, T), R.log_domain_atol(x, T)
     else:
         ref = {"softmax": lambda: R.log_probs(xr, T).exp(), "log_softmax": lambda: R.log_probs(xr, T),
                "logsumexp": lambda: R.logsumexp(xr, T), "entropy": lambda: R.entropy(xr, T)}[name]()
@@ -553,6 +557,32 @@ def test_softmax_layouts(sim_softmax):
     cases += softmax_cases([torch.float16], SOFTMAX_SHAPES, x_layout="offset1")
     run_softmax(sim_softmax, "h100", {"KDEXT_CUDA_CHUNKS": "2"}, cases)
     run_softmax(sim_softmax, "h100", {}, cases)
+
+
+@pytest.mark.parametrize("path", ["plan", "split3_grid3"])
+def test_lse_float64_is_entropy_forwards_lse(sim_softmax, path):
+    """lse_float64 is the row-state pass of logsumexp with max + log(sum) formed in float64: bit for bit the
+    lse that entropy_forward returns (as on the CPU), also on split rows; and on logits near 1000 it keeps
+    the state's exact max, so its error is tests/test_softmax.py's test_lse_float64_keeps_the_exact_max
+    bound (a few dozen roundings of O(1 + log V)), not the rounding of a float32 lse at 2000
+    (T = 0.5, a power of two: x / T is exact)."""
+    device, env, _ = SOFTMAX_PATHS[path]
+    T = 0.5
+    jobs, refs = [], []
+    for dtype in DTYPES:
+        for shape in SOFTMAX_SHAPES:
+            x = logits(shape, dtype, seed=seed_of(shape, dtype, "lse64")).double()
+            x = torch.where(torch.isfinite(x), x + 1000.0, x).to(dtype)  # -inf, NaN and +inf stay
+            jobs += [softmax_job(9, x, T), softmax_job(4, x, T)]
+            refs.append((x, f"{tuple(shape)} {dtype}"))
+    results, log = run_sim(sim_softmax, device, env, jobs)
+    for (x, what), (lse64,), (_, lse) in zip(refs, results[::2], results[1::2]):
+        assert same_bits(lse64, lse), f"lse_float64 {what}: not entropy_forward's lse"
+        rows = normal_rows(x, T)
+        bound = 16 * 2.0**-24 * (1 + math.log(x.shape[-1]))
+        R.assert_within(lse64[rows], R.logsumexp(x.double(), T)[rows], bound, f"lse_float64 {what}")
+    if path == "split3_grid3":
+        assert "row_state_merge_kernel" in {k for k, _ in launched(log)}
 
 
 def test_logprobs_tokens_out_of_range(sim_softmax):

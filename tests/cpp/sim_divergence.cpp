@@ -31,112 +31,75 @@
 
 using kdext::Divergence;
 using kdext::cuda::DType;
-using sim_io::Buffer;
 
 namespace {
 
 enum Op : int64_t { kForward = 0, kBackward = 1, kLoss = 2, kPartial = 3, kScale = 4 };
 
-struct Job {
+struct Header {
   int64_t op, kind, rows, V, s_dtype, t_dtype, s_stride, t_stride, s_offset, t_offset, flags;
   double param, temperature;
 };
 
-void run_job(sim_io::Reader& in, sim_io::Writer& out) {
-  Job j;
-  for (int64_t* f : {&j.op, &j.kind, &j.rows, &j.V, &j.s_dtype, &j.t_dtype, &j.s_stride, &j.t_stride, &j.s_offset,
-                     &j.t_offset, &j.flags})
-    *f = in.i64();
-  j.param = in.f64();
-  j.temperature = in.f64();
-  const size_t es = sim_io::dtype_size(j.s_dtype), et = sim_io::dtype_size(j.t_dtype);
-  const size_t acc = j.s_dtype == 3 ? 8 : 4;
-  const size_t rows = size_t(j.rows), n = rows * size_t(j.V);
-  auto s = sim_io::read_buffer(in, sim_io::strided_bytes(j.rows, j.V, j.s_stride, es), size_t(j.s_offset) * es);
-  std::vector<std::unique_ptr<Buffer>> outputs;
-  auto output = [&](size_t bytes) {
-    outputs.push_back(sim_io::output_buffer(bytes));
-    return outputs.back()->data();
-  };
-  sim_io::Pool pool;
-  cudaError_t err;
-  if (j.op == kScale) {
-    const double factor = in.f64();
-    auto dev_factor = std::make_unique<Buffer>(8, 0, 0);
-    std::memcpy(dev_factor->data(), &factor, 8);
-    err = kdext::cuda::scale_inplace(s->data(), DType(j.s_dtype), j.rows * j.V,
-                                     (j.flags & 1) ? dev_factor->data() : nullptr, DType::Float64, factor, nullptr);
-    out.i64(err);
-    out.bytes(s->data(), n * es);
-    s->check("x");
-    return;
-  }
-  auto t = sim_io::read_buffer(in, sim_io::strided_bytes(j.rows, j.V, j.t_stride, et), size_t(j.t_offset) * et);
-  const kdext::cuda::PairTensors pt{s->data(), DType(j.s_dtype), j.s_stride, t->data(), DType(j.t_dtype),
-                                    j.t_stride,  j.rows,          j.V};
-  const Divergence kind = Divergence(j.kind);
-  std::vector<std::unique_ptr<Buffer>> extra;
-  auto input = [&](size_t bytes) {
-    extra.push_back(sim_io::read_buffer(in, bytes, 0));
-    return extra.back()->data();
-  };
-  switch (j.op) {
+cudaError_t scale(sim_io::Job& job, const Header& h) {
+  const size_t es = sim_io::dtype_size(h.s_dtype);
+  void* x = job.in_out(size_t(h.rows * h.V) * es);
+  const void* dev_factor = job.input(8);
+  double factor;
+  std::memcpy(&factor, dev_factor, 8);
+  return kdext::cuda::scale_inplace(x, DType(h.s_dtype), h.rows * h.V, (h.flags & 1) ? dev_factor : nullptr,
+                                    DType::Float64, factor, job.queue());
+}
+
+cudaError_t pair_op(sim_io::Job& job, const Header& h) {
+  const size_t es = sim_io::dtype_size(h.s_dtype), et = sim_io::dtype_size(h.t_dtype);
+  const size_t acc = h.s_dtype == 3 ? 8 : 4;
+  const size_t rows = size_t(h.rows), n = rows * size_t(h.V);
+  const void* s = job.input(sim_io::strided_bytes(h.rows, h.V, h.s_stride, es), size_t(h.s_offset) * es);
+  const void* t = job.input(sim_io::strided_bytes(h.rows, h.V, h.t_stride, et), size_t(h.t_offset) * et);
+  const kdext::cuda::PairTensors pt{s, DType(h.s_dtype), h.s_stride, t, DType(h.t_dtype), h.t_stride, h.rows, h.V};
+  const Divergence kind = Divergence(h.kind);
+  switch (h.op) {
     case kForward: {
-      void* values = output(rows * acc);
-      void* stats = output(rows * 4 * acc);
-      err = kdext::cuda::divergence_forward(pt, kind, j.param, j.temperature, values, stats, pool.workspace(),
-                                            nullptr);
-      break;
+      void* values = job.output(rows * acc);
+      void* stats = job.output(rows * 4 * acc);
+      return kdext::cuda::divergence_forward(pt, kind, h.param, h.temperature, values, stats, job.queue());
     }
     case kBackward: {
-      const void* gv = input(rows * acc);
-      const void* stats = input(rows * 4 * acc);
-      void* gs = (j.flags & 1) ? output(n * es) : nullptr;
-      void* gt = (j.flags & 2) ? output(n * et) : nullptr;
-      err = kdext::cuda::divergence_backward(pt, kind, j.param, j.temperature, gv, stats, gs, gt, nullptr);
-      break;
+      const void* gv = job.input(rows * acc);
+      const void* stats = job.input(rows * 4 * acc);
+      void* gs = (h.flags & 1) ? job.output(n * es) : nullptr;
+      void* gt = (h.flags & 2) ? job.output(n * et) : nullptr;
+      return kdext::cuda::divergence_backward(pt, kind, h.param, h.temperature, gv, stats, gs, gt, job.queue());
     }
     case kLoss: {
-      const void* w = input(rows * acc);
-      void* loss = output(acc);
-      void* gs = output(n * es);
-      err = kdext::cuda::divergence_loss(pt, kind, j.param, j.temperature, w, loss, gs, pool.workspace(), nullptr);
-      break;
+      const void* w = job.input(rows * acc);
+      void* loss = job.output(acc);
+      void* gs = job.output(n * es);
+      return kdext::cuda::divergence_loss(pt, kind, h.param, h.temperature, w, loss, gs, job.queue());
     }
     case kPartial: {
-      const void* ls = input(rows * acc);
-      const void* lt = input(rows * acc);
-      void* o = output(rows * 3 * acc);
-      err = kdext::cuda::divergence_partial(pt, kind, j.param, j.temperature, ls, lt, o, pool.workspace(), nullptr);
-      break;
+      const void* ls = job.input(rows * acc);
+      const void* lt = job.input(rows * acc);
+      void* o = job.output(rows * 3 * acc);
+      return kdext::cuda::divergence_partial(pt, kind, h.param, h.temperature, ls, lt, o, job.queue());
     }
-    default:
-      sim_io::fail("bad op " + std::to_string(j.op));
   }
-  out.i64(err);
-  for (const auto& o : outputs) {
-    out.bytes(o->data(), o->size());
-    o->check("an output");
-  }
-  s->check("the student logits");
-  t->check("the teacher logits");
-  for (const auto& e : extra) e->check("an input");
-  pool.check();
+  sim_io::fail("bad op " + std::to_string(h.op));
+}
+
+void run_job(sim_io::Reader& in, sim_io::Writer& out) {
+  Header h;
+  for (int64_t* f : {&h.op, &h.kind, &h.rows, &h.V, &h.s_dtype, &h.t_dtype, &h.s_stride, &h.t_stride, &h.s_offset,
+                     &h.t_offset, &h.flags})
+    *f = in.i64();
+  h.param = in.f64();
+  h.temperature = in.f64();
+  sim_io::Job job(in);
+  const cudaError_t err = h.op == kScale ? scale(job, h) : pair_op(job, h);
+  job.finish(out, err);
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
-    return 2;
-  }
-  sim_io::Reader in(argv[1]);
-  sim_io::Writer out(argv[2]);
-  sim_io::read_device(in);
-  const int64_t jobs = in.i64();
-  for (int64_t i = 0; i < jobs; ++i) run_job(in, out);
-  std::fprintf(stderr, "cuda_sim: %ld launches, %ld blocks, %ld block barriers, %ld shuffles\n", cuda_sim::g.launches,
-               cuda_sim::g.blocks_run, cuda_sim::g.barriers, cuda_sim::g.shuffles);
-  return out.f ? 0 : 1;
-}
+int main(int argc, char** argv) { return sim_io::run_driver(argc, argv, run_job); }

@@ -587,12 +587,6 @@ inline void run(dim3 grid, dim3 block, int cluster, size_t dynamic_bytes, std::f
   ++g.launches;
 }
 
-// Simple launches (the top_p_sample driver): `blocks` blocks of `threads`.
-template <typename F>
-void launch(unsigned blocks, int threads, F kernel) {
-  run(dim3(blocks), dim3(static_cast<unsigned>(threads)), 1, 0, kernel);
-}
-
 inline cudaError_t record(cudaError_t e) {
   if (e != cudaSuccess) g.last_error = e;
   return e;

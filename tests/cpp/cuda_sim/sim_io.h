@@ -1,6 +1,8 @@
-// What the simulator drivers (tests/cpp/sim_*.cpp) share: reading their
-// little-endian input, writing their output, the simulated device, and
-// "device memory" that catches out-of-bounds accesses.
+// What the simulator drivers (tests/cpp/sim_divergence.cpp, sim_softmax.cpp)
+// share: reading their little-endian input, writing their output, the
+// simulated device, "device memory" that catches out-of-bounds accesses, the
+// buffers of one launcher call (Job) and the loop over a run's jobs
+// (run_driver).
 //
 // Every buffer a kernel sees (inputs, outputs, workspace) ends at most 15
 // bytes before a PROT_NONE page, so reading or writing a row past the end
@@ -110,32 +112,71 @@ class Buffer {
   unsigned char* data_;
 };
 
-// An input read from the stream into device memory.
-inline std::unique_ptr<Buffer> read_buffer(Reader& in, size_t bytes, size_t offset) {
-  auto b = std::make_unique<Buffer>(bytes, offset, 0);
-  in.bytes(b->data(), bytes);
-  return b;
-}
-
 // An output (or workspace) buffer: 0xFF bytes until a kernel writes it.
 inline std::unique_ptr<Buffer> output_buffer(size_t bytes) { return std::make_unique<Buffer>(bytes, 0, 0xFF); }
 
-// The workspace of one launcher call.
-class Pool {
+// The device memory of one launcher call: its inputs (read from the stream),
+// outputs and workspace. finish() writes the launcher's error and the outputs
+// in the order they were made, and aborts if a kernel wrote outside any buffer.
+class Job {
  public:
-  kdext::cuda::Workspace workspace() { return {&Pool::alloc, this}; }
-  void check() const {
-    for (const auto& b : blocks_) b->check("a workspace block");
+  explicit Job(Reader& in) : in_(in) {}
+
+  // `bytes` read from the stream, starting `offset` bytes past a 16-byte boundary.
+  void* input(size_t bytes, size_t offset = 0) {
+    inputs_.push_back(std::make_unique<Buffer>(bytes, offset, 0));
+    in_.bytes(inputs_.back()->data(), bytes);
+    return inputs_.back()->data();
+  }
+  // An input the launcher updates in place (scale_): written back as an output.
+  void* in_out(size_t bytes, size_t offset = 0) {
+    void* p = input(bytes, offset);
+    outputs_.push_back(inputs_.back().get());
+    return p;
+  }
+  void* output(size_t bytes) {
+    owned_.push_back(output_buffer(bytes));
+    outputs_.push_back(owned_.back().get());
+    return owned_.back()->data();
+  }
+  // The queue of the call: the (unmodelled) default stream and this job's workspace.
+  kdext::cuda::Queue queue() { return {nullptr, {&Job::alloc, this}}; }
+
+  void finish(Writer& out, cudaError_t err) {
+    out.i64(err);
+    for (const Buffer* o : outputs_) out.bytes(o->data(), o->size());
+    for (const auto& b : inputs_) b->check("an input");
+    for (const auto& b : owned_) b->check("an output or workspace block");
   }
 
  private:
   static void* alloc(void* ctx, size_t bytes) {
-    auto* self = static_cast<Pool*>(ctx);
-    self->blocks_.push_back(output_buffer(bytes));
-    return self->blocks_.back()->data();
+    auto* self = static_cast<Job*>(ctx);
+    self->owned_.push_back(output_buffer(bytes));
+    return self->owned_.back()->data();
   }
-  std::vector<std::unique_ptr<Buffer>> blocks_;
+
+  Reader& in_;
+  std::vector<std::unique_ptr<Buffer>> inputs_, owned_;
+  std::vector<const Buffer*> outputs_;
 };
+
+// A driver's main: `driver IN OUT`; IN holds the device, then the number of
+// jobs, then the jobs, each run by run_job.
+inline int run_driver(int argc, char** argv, void (*run_job)(Reader&, Writer&)) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+    return 2;
+  }
+  Reader in(argv[1]);
+  Writer out(argv[2]);
+  read_device(in);
+  const int64_t jobs = in.i64();
+  for (int64_t i = 0; i < jobs; ++i) run_job(in, out);
+  std::fprintf(stderr, "cuda_sim: %ld launches, %ld blocks, %ld block barriers, %ld shuffles\n", cuda_sim::g.launches,
+               cuda_sim::g.blocks_run, cuda_sim::g.barriers, cuda_sim::g.shuffles);
+  return out.f ? 0 : 1;
+}
 
 // Element size of the kdext::cuda::DType codes (0 float32, 1 float16, 2 bfloat16, 3 float64).
 inline size_t dtype_size(int64_t code) {

@@ -45,13 +45,13 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int6
 // the kernel: no host sync; nothing is written when it is 1) or null, in which
 // case `host_factor` is used.
 inline cudaError_t scale_inplace(void* x, DType dtype, int64_t n, const void* factor, DType factor_dtype,
-                                 double host_factor, cudaStream_t stream) {
+                                 double host_factor, const Queue& q) {
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tx) {
     using X = typename decltype(tx)::type;
     using Acc = typename AccOf<X>::type;
     constexpr int N = 16 / sizeof(X);
-    return launch({elementwise_grid(packs_bound(n, N))}, stream, scale_kernel<X, Acc>, static_cast<X*>(x), n,
+    return launch({elementwise_grid(packs_bound(n, N))}, q, scale_kernel<X, Acc>, static_cast<X*>(x), n,
                   factor, factor_dtype, Acc(host_factor));
   });
 }

@@ -104,10 +104,10 @@ OnchipPlan onchip_plan(int64_t V) {
 
 template <typename K>
 cudaError_t launch_onchip(const PairArgs<typename K::Acc>& a, OnchipArgs<typename K::Acc> o, const OnchipPlan& plan,
-                          cudaStream_t stream) {
+                          const Queue& q) {
   o.cluster = plan.cluster;
   o.packs_per_block = plan.packs_per_block;
-  return launch(plan.launch(a.rows), stream, pair_onchip_kernel<typename K::S, typename K::T, typename K::Acc, K::D>,
+  return launch(plan.launch(a.rows), q, pair_onchip_kernel<typename K::S, typename K::T, typename K::Acc, K::D>,
                 a, o);
 }
 
@@ -115,7 +115,7 @@ cudaError_t launch_onchip(const PairArgs<typename K::Acc>& a, OnchipArgs<typenam
 // pass (+ merge), into `sink`. `stats` is where the lse columns live ([rows, 4]).
 template <typename K>
 cudaError_t launch_row_passes(const PairArgs<typename K::Acc>& a, const RowSink<typename K::Acc>& sink,
-                              const typename K::Acc* stats, const Workspace& ws, cudaStream_t stream) {
+                              const typename K::Acc* stats, const Queue& q) {
   using Acc = typename K::Acc;
   constexpr bool kRKL = K::D == Divergence::ReverseKL;
   // One workspace serves both passes' partials.
@@ -124,7 +124,7 @@ cudaError_t launch_row_passes(const PairArgs<typename K::Acc>& a, const RowSink<
     DivergenceSums<Acc> sums;
   };
   Partial* partial;
-  if (!chunk_partials(ws, a.grid, &partial)) return cudaErrorMemoryAllocation;
+  if (!chunk_partials(q.ws, a.grid, &partial)) return cudaErrorMemoryAllocation;
   auto* states = reinterpret_cast<ReverseKLState<Acc>*>(partial);
   auto* sums = reinterpret_cast<DivergenceSums<Acc>*>(partial);
   // With kRKL the state pass finishes the row; otherwise it only writes the
@@ -137,25 +137,25 @@ cudaError_t launch_row_passes(const PairArgs<typename K::Acc>& a, const RowSink<
   const Launch rows_launch{grid_size(a.grid.blocks())};
   const Launch merge_launch{per_row_grid(a.rows)};
   const int chunks = a.grid.chunks;
-  cudaError_t err = launch(rows_launch, stream, pair_state_kernel<typename K::S, typename K::T, Acc, kRKL>, a,
+  cudaError_t err = launch(rows_launch, q, pair_state_kernel<typename K::S, typename K::T, Acc, kRKL>, a,
                            states, state_sink);
   if (err == cudaSuccess && chunks > 1)
-    err = launch(merge_launch, stream, pair_merge_kernel<Acc, kRKL>, states, chunks, a.rows, state_sink);
+    err = launch(merge_launch, q, pair_merge_kernel<Acc, kRKL>, states, chunks, a.rows, state_sink);
   if (err != cudaSuccess || kRKL) return err;
   const LseIn<Acc> lse{stats, stats + 1, kStatsColumns};
-  err = launch(rows_launch, stream, pair_sums_kernel<typename K::S, typename K::T, Acc, K::D>, a, lse, sums, sink);
+  err = launch(rows_launch, q, pair_sums_kernel<typename K::S, typename K::T, Acc, K::D>, a, lse, sums, sink);
   if (err == cudaSuccess && chunks > 1)
-    err = launch(merge_launch, stream, sums_merge_kernel<Acc>, sums, chunks, a.rows, lse, sink);
+    err = launch(merge_launch, q, sums_merge_kernel<Acc>, sums, chunks, a.rows, lse, sink);
   return err;
 }
 
 template <typename K>
 cudaError_t launch_grad(const PairArgs<typename K::Acc>& a, const typename K::Acc* stats,
                         const typename K::Acc* grad_values, const typename K::Acc* weights, void* grad_s,
-                        void* grad_t, cudaStream_t stream) {
+                        void* grad_t, const Queue& q) {
   using S = typename K::S;
   using T = typename K::T;
-  return launch({grid_size(a.grid.blocks())}, stream, pair_grad_kernel<S, T, typename K::Acc, K::D>, a, stats,
+  return launch({grid_size(a.grid.blocks())}, q, pair_grad_kernel<S, T, typename K::Acc, K::D>, a, stats,
                 grad_values, weights, static_cast<S*>(grad_s), a.V, static_cast<T*>(grad_t), a.V);
 }
 
@@ -163,7 +163,7 @@ cudaError_t launch_grad(const PairArgs<typename K::Acc>& a, const typename K::Ac
 
 // values [rows], stats [rows, 4] (Acc = double for float64 inputs, else float).
 inline cudaError_t divergence_forward(const PairTensors& in, Divergence kind, double param, double temperature,
-                                      void* values, void* stats, const Workspace& ws, cudaStream_t stream) {
+                                      void* values, void* stats, const Queue& q) {
   if (in.rows == 0) return cudaSuccess;
   return detail::with_pair_kernel(in, kind, param, temperature, [&](auto k, const auto& a) -> cudaError_t {
     using K = decltype(k);
@@ -175,35 +175,34 @@ inline cudaError_t divergence_forward(const PairTensors& in, Divergence kind, do
         OnchipArgs<Acc> o = {};
         o.mode = OnchipMode::Forward;
         o.sink = sink;
-        return detail::launch_onchip<K>(a, o, plan, stream);
+        return detail::launch_onchip<K>(a, o, plan, q);
       }
     }
-    return detail::launch_row_passes<K>(a, sink, static_cast<const Acc*>(stats), ws, stream);
+    return detail::launch_row_passes<K>(a, sink, static_cast<const Acc*>(stats), q);
   });
 }
 
 // grad_s / grad_t: [rows, V] contiguous outputs in the dtypes of s / t (either may be null).
 inline cudaError_t divergence_backward(const PairTensors& in, Divergence kind, double param, double temperature,
                                        const void* grad_values, const void* stats, void* grad_s, void* grad_t,
-                                       cudaStream_t stream) {
+                                       const Queue& q) {
   if (in.rows == 0 || (grad_s == nullptr && grad_t == nullptr)) return cudaSuccess;
   return detail::with_pair_kernel(in, kind, param, temperature, [&](auto k, const auto& a) {
     using Acc = typename decltype(k)::Acc;
     return detail::launch_grad<decltype(k)>(a, static_cast<const Acc*>(stats), static_cast<const Acc*>(grad_values),
-                                            nullptr, grad_s, grad_t, stream);
+                                            nullptr, grad_s, grad_t, q);
   });
 }
 
 // loss: one Acc; grad_s: [rows, V] contiguous, dtype of s; weights: [rows] Acc.
 inline cudaError_t divergence_loss(const PairTensors& in, Divergence kind, double param, double temperature,
-                                   const void* weights, void* loss, void* grad_s, const Workspace& ws,
-                                   cudaStream_t stream) {
+                                   const void* weights, void* loss, void* grad_s, const Queue& q) {
   return detail::with_pair_kernel(in, kind, param, temperature, [&](auto k, const auto& a) -> cudaError_t {
     using K = decltype(k);
     using Acc = typename K::Acc;
     Acc* row_loss = nullptr;
     if (in.rows > 0) {
-      row_loss = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
+      row_loss = static_cast<Acc*>(q.ws.get(size_t(in.rows) * sizeof(Acc)));
       if (row_loss == nullptr) return cudaErrorMemoryAllocation;
       const Acc* w = static_cast<const Acc*>(weights);
       const OnchipPlan plan = detail::onchip_plan<K>(in.V);
@@ -217,18 +216,18 @@ inline cudaError_t divergence_loss(const PairTensors& in, Divergence kind, doubl
         o.weights = w;
         o.grad = grad_s;
         o.grad_stride = in.V;
-        err = detail::launch_onchip<K>(a, o, plan, stream);
+        err = detail::launch_onchip<K>(a, o, plan, q);
       } else {
-        Acc* stats = static_cast<Acc*>(ws.get(size_t(in.rows) * kStatsColumns * sizeof(Acc)));
+        Acc* stats = static_cast<Acc*>(q.ws.get(size_t(in.rows) * kStatsColumns * sizeof(Acc)));
         if (stats == nullptr) return cudaErrorMemoryAllocation;
         RowSink<Acc> sink = detail::stats_sink(stats, row_loss);
         sink.weights = w;
-        err = detail::launch_row_passes<K>(a, sink, stats, ws, stream);
-        if (err == cudaSuccess) err = detail::launch_grad<K>(a, stats, nullptr, w, grad_s, nullptr, stream);
+        err = detail::launch_row_passes<K>(a, sink, stats, q);
+        if (err == cudaSuccess) err = detail::launch_grad<K>(a, stats, nullptr, w, grad_s, nullptr, q);
       }
       if (err != cudaSuccess) return err;
     }
-    return launch({1, kOrderedSumThreads}, stream, ordered_sum_kernel<Acc>, row_loss, in.rows,
+    return launch({1, kOrderedSumThreads}, q, ordered_sum_kernel<Acc>, row_loss, in.rows,
                   static_cast<Acc*>(loss));
   });
 }
@@ -236,7 +235,7 @@ inline cudaError_t divergence_loss(const PairTensors& in, Divergence kind, doubl
 // out: [rows, 3] Acc = (value, c_s, c_t) of the shard given the global lse.
 inline cudaError_t divergence_partial(const PairTensors& in, Divergence kind, double param, double temperature,
                                       const void* student_lse, const void* teacher_lse, void* out,
-                                      const Workspace& ws, cudaStream_t stream) {
+                                      const Queue& q) {
   if (in.rows == 0) return cudaSuccess;
   return detail::with_pair_kernel(in, kind, param, temperature, [&](auto k, const auto& a) -> cudaError_t {
     using K = decltype(k);
@@ -250,11 +249,11 @@ inline cudaError_t divergence_partial(const PairTensors& in, Divergence kind, do
     sink.c_stride = 3;
     const LseIn<Acc> lse{static_cast<const Acc*>(student_lse), static_cast<const Acc*>(teacher_lse), 1};
     DivergenceSums<Acc>* partial;
-    if (!chunk_partials(ws, a.grid, &partial)) return cudaErrorMemoryAllocation;
-    cudaError_t err = launch({grid_size(a.grid.blocks())}, stream,
+    if (!chunk_partials(q.ws, a.grid, &partial)) return cudaErrorMemoryAllocation;
+    cudaError_t err = launch({grid_size(a.grid.blocks())}, q,
                              pair_sums_kernel<typename K::S, typename K::T, Acc, K::D>, a, lse, partial, sink);
     if (err != cudaSuccess || a.grid.chunks == 1) return err;
-    return launch({per_row_grid(in.rows)}, stream, sums_merge_kernel<Acc>, partial, a.grid.chunks, in.rows, lse,
+    return launch({per_row_grid(in.rows)}, q, sums_merge_kernel<Acc>, partial, a.grid.chunks, in.rows, lse,
                   sink);
   });
 }

@@ -1,8 +1,16 @@
-// Host-side launch planning of the CUDA kernels (no device code): the device
-// facts it needs, the grid of the row kernels (groups, chunks of a split
-// vocabulary), the on-chip kernel's cluster and shared-memory plan, and the
-// one launch call every launcher goes through. Each rule lives here once; the
-// tuning knobs (tuning.h, docs/CUDA.md) are read from the environment once.
+// Host-side launch planning of the CUDA kernels (no device code): where a
+// launcher's work goes (Queue), the device facts it needs, the grid of the
+// row kernels (groups, chunks of a split vocabulary), the on-chip kernel's
+// cluster and shared-memory plan, and launch(), the one call through which
+// every kernel is launched. Each rule lives here once; the tuning knobs
+// (tuning.h, docs/CUDA.md) are read from the environment once.
+//
+// The chain from an op to a kernel has one step per layer: the adapter
+// (csrc/cuda/<stem>.cu) calls run_launcher (csrc/cuda/adapter_utils.h), which
+// makes the Queue on the op's device and turns an error into an exception;
+// the launcher (<stem>_launchers.cuh) plans and calls launch() per kernel,
+// returning the first error. The simulator's drivers (tests/cpp/sim_*.cpp)
+// make their own Queue and call the same launchers.
 //
 // The reduction order of every kernel depends only on the plan, and the plan
 // only on the shape, the device's SM count and shared memory, and the knobs:
@@ -28,6 +36,13 @@ struct Workspace {
   void* ctx;
 
   void* get(size_t bytes) const { return bytes == 0 ? nullptr : alloc(ctx, bytes); }
+};
+
+// Where a launcher's work goes: the stream its kernels are enqueued on, in
+// order, and the temporary device memory they may use.
+struct Queue {
+  cudaStream_t stream;
+  Workspace ws;
 };
 
 // ---- the device ----------------------------------------------------------------
@@ -165,16 +180,16 @@ inline void set_cluster_attribute(cudaLaunchAttribute* at, int cluster) {
   at->val.clusterDim.z = 1;
 }
 
-// Launches kernel(args...) as planned; returns the launch's error. Every
-// launcher goes through here (the CUDA simulator of tests/cpp/cuda_sim
+// Launches kernel(args...) as planned on q's stream; returns the launch's
+// error. Every kernel is launched here (the CUDA simulator of tests/cpp/cuda_sim
 // provides cudaLaunchKernelEx, so the launchers themselves run there too).
 template <typename... Params, typename... Args>
-cudaError_t launch(const Launch& l, cudaStream_t stream, void (*kernel)(Params...), Args&&... args) {
+cudaError_t launch(const Launch& l, const Queue& q, void (*kernel)(Params...), Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(l.grid, 1, 1);
   cfg.blockDim = dim3(l.block, 1, 1);
   cfg.dynamicSmemBytes = l.smem;
-  cfg.stream = stream;
+  cfg.stream = q.stream;
   cudaLaunchAttribute at[1];
   if (l.cluster > 1) {
     set_cluster_attribute(&at[0], l.cluster);

@@ -21,7 +21,7 @@ namespace cuda {
 
 // tokens: [rows] int64 (device); logprob, lse: [rows] accumulation dtype.
 inline cudaError_t logprobs_forward(const RowTensor& in, const int64_t* tokens, double temperature, void* logprob,
-                                    void* lse, const Workspace& ws, cudaStream_t stream) {
+                                    void* lse, const Queue& q) {
   if (in.rows == 0) return cudaSuccess;
   return detail::with_row_kernel(in, temperature, [&](auto tx, const auto& a) {
     using X = typename decltype(tx)::type;
@@ -30,19 +30,19 @@ inline cudaError_t logprobs_forward(const RowTensor& in, const int64_t* tokens, 
     sink.lse = static_cast<Acc*>(lse);
     sink.tokens = tokens;
     sink.logprob = static_cast<Acc*>(logprob);
-    return launch_row_state<X, Acc, false>(a, sink, ws, stream);
+    return launch_row_state<X, Acc, false>(a, sink, q);
   });
 }
 
 // grad, lse: [rows] accumulation dtype; tokens [rows] int64; out: [rows, V] contiguous, dtype of the logits.
 inline cudaError_t logprobs_backward(const RowTensor& in, const int64_t* tokens, double temperature, const void* grad,
-                                     const void* lse, void* out, cudaStream_t stream) {
+                                     const void* lse, void* out, const Queue& q) {
   if (in.rows == 0) return cudaSuccess;
   return detail::with_row_kernel(in, temperature, [&](auto tx, const auto& a) {
     using X = typename decltype(tx)::type;
     using Acc = typename AccOf<X>::type;
     const LogprobsGrad<Acc> map{static_cast<const Acc*>(grad), tokens, static_cast<const Acc*>(lse), a.inv_t, in.V};
-    return launch({grid_size(a.grid.blocks())}, stream, row_map_kernel<X, Acc, LogprobsGrad<Acc>>, a, map,
+    return launch({grid_size(a.grid.blocks())}, q, row_map_kernel<X, Acc, LogprobsGrad<Acc>>, a, map,
                   static_cast<X*>(out));
   });
 }
