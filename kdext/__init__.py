@@ -9,6 +9,7 @@ from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_
 from .logprobs import logprobs
 from .sampling import SampleResult, top_p_sample
 from .softmax import entropy, log_softmax, logsumexp, softmax
+from .sparse import sparse_distill_loss, topk_logprobs
 from . import parallel  # noqa: E402  (needs the ops registered above)
 
 __version__ = "0.1.0"
@@ -29,6 +30,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "softmax",
+    "sparse_distill_loss",
     "top_p_sample",
+    "topk_logprobs",
     "tvd",
 ]
