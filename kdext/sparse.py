@@ -101,7 +101,7 @@ def _check_topk(logits, k, temperature):
 
 
 @torch.library.register_fake("kdext::topk_logprobs")
-def _topk_logprobs_fake(logits, k, temperature):
+def _topk_logprobs_fake(logits, k, temperature=1.0):
     _check_topk(logits, k, temperature)
     rows, acc = _validate.rows_shape(logits), _validate.acc_dtype(logits)
     return (logits.new_empty(rows + (k,), dtype=torch.int32), logits.new_empty(rows + (k,), dtype=acc),

@@ -144,7 +144,8 @@ void topk_row(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, in
     int64_t padded;
     const acc_t* x = chunk_view(row, dtype, b, std::min<int64_t>(kChunk, V - b), buf, &padded);
     st.add(x, padded, inv_t);
-    if (chunk_max(x, padded) > sel.threshold()) sel.offer(x, padded, b);
+    // (A NaN chunk max, which at::vec::maximum propagates, must not hide the chunk's other entries.)
+    if (!(chunk_max(x, padded) <= sel.threshold())) sel.offer(x, padded, b);
   }
   const SoftmaxState<acc_t> s = st.finish();
   *lse = log_sum_exp(s);
@@ -252,7 +253,8 @@ SoftmaxState<acc_t> complement_state(const SparseRow<acc_t>& row, Work<acc_t>& w
     while (q < w.slots.size() && w.slots[q].id < b + n) ++q;
     int64_t padded;
     if (q == p) {
-      st.add(chunk_view(row.s, row.dtype, b, n, w.in, &padded), padded, row.inv_t);
+      const acc_t* x = chunk_view(row.s, row.dtype, b, n, w.in, &padded);
+      st.add(x, padded, row.inv_t);
       continue;
     }
     padded = load_chunk(row.s, row.dtype, b, n, acc_t(1), w.in);
