@@ -64,100 +64,172 @@ void fill_row(void* row, c10::ScalarType dtype, int64_t V, acc_t value, acc_t* b
 // topk_logprobs
 // ============================================================================
 
-template <typename acc_t>
-struct Candidate {
-  acc_t value;  // the raw logit
-  int32_t id;
-};
+// A candidate of the selection: its raw logit and id. Float candidates are
+// packed into one 64-bit key that orders like topk_logprobs (the value's
+// order-preserving bits, then the complement of the id), so that the cuts
+// compare integers; float64 candidates keep both fields.
+// The selection scans a chunk by blocks of kBlockVecs vectors.
+constexpr int64_t kBlockVecs = 4;
 
 template <typename acc_t>
-bool before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-  return sparse::ranks_before(a.value, a.id, b.value, b.id);
-}
+struct Candidates;
+
+template <>
+struct Candidates<float> {
+  using Item = uint64_t;
+  static Item make(float v, int64_t id) {
+    uint32_t b;
+    v = v == 0.f ? 0.f : v;  // -0 ties with +0, as the values compare
+    std::memcpy(&b, &v, sizeof(b));
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (uint64_t(b) << 32) | uint64_t(0xFFFFFFFFu - uint32_t(id));
+  }
+  static float value(Item c) {
+    uint32_t b = uint32_t(c >> 32);
+    b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
+    float v;
+    std::memcpy(&v, &b, sizeof(v));
+    return v;
+  }
+  static int32_t id(Item c) { return static_cast<int32_t>(0xFFFFFFFFu - uint32_t(c)); }
+  static bool before(Item a, Item b) { return a > b; }
+};
+
+template <>
+struct Candidates<double> {
+  struct Item {
+    double v;
+    int32_t i;
+  };
+  static Item make(double v, int64_t id) { return {v, static_cast<int32_t>(id)}; }
+  static double value(const Item& c) { return c.v; }
+  static int32_t id(const Item& c) { return c.i; }
+  static bool before(const Item& a, const Item& b) { return sparse::ranks_before(a.v, a.i, b.v, b.i); }
+};
 
 // The k best entries of a row offered in increasing id order. Entries above
 // the threshold (the k-th best kept so far, -inf at first) join a buffer of
-// k + max(k, 1024) candidates; a full buffer is cut back to its best k by
+// k + max(k, 128) candidates; a full buffer is cut back to its best k by
 // nth_element, which raises the threshold. An entry equal to the threshold
 // loses to every kept one (it has a larger id), so the filter is strict and
 // ties go to the lower id. NaN and -inf never pass it. Amortised O(1) per
 // entry whatever the order of the row.
 template <typename acc_t>
 class TopKSelector {
+  using C = Candidates<acc_t>;
+
  public:
   void reset(int64_t k) {
     k_ = k;
-    cap_ = k + std::max<int64_t>(k, 1024);
-    buf_.clear();
-    buf_.reserve(cap_);
+    cap_ = k + std::max<int64_t>(k, 128);
+    if (static_cast<int64_t>(buf_.size()) < cap_) buf_.resize(cap_);
+    n_ = 0;
     threshold_ = -std::numeric_limits<acc_t>::infinity();
   }
   acc_t threshold() const { return threshold_; }
 
-  // Entries x[0, padded) with ids base + i (padding lanes are -inf).
-  void offer(const acc_t* x, int64_t padded, int64_t base) {
+  // Entries x[0, padded) with ids base + i (padding lanes are -inf), in
+  // blocks of kBlockVecs vectors whose lane-wise maxima are block_max: a
+  // block none of whose lanes beats the threshold is skipped whole.
+  void offer(const acc_t* x, int64_t padded, int64_t base, const Vec<acc_t>* block_max) {
     constexpr int L = Vec<acc_t>::size();
-    const Vec<acc_t> thr(threshold_);
-    for (int64_t i = 0; i < padded; i += L) {
-      // Lanes that pass are all-ones bits (non-zero); zero_mask flags the others.
-      uint32_t pass = ~static_cast<uint32_t>((Vec<acc_t>::loadu(x + i) > thr).zero_mask()) & ((1u << L) - 1u);
-      while (pass != 0u) {
-        const int l = __builtin_ctz(pass);
-        pass &= pass - 1u;
-        push(x[i + l], base + i + l);
+    constexpr uint32_t all = (1u << L) - 1u;
+    for (int64_t b = 0, i0 = 0; i0 < padded; ++b, i0 += kBlockVecs * L) {
+      if ((block_max[b] > Vec<acc_t>(threshold_)).zero_mask() == int(all)) continue;
+      const int64_t end = std::min<int64_t>(padded, i0 + kBlockVecs * L);
+      for (int64_t i = i0; i < end; i += L) {
+        // Lanes that pass are all-ones bits (non-zero); zero_mask flags the others.
+        uint32_t pass = ~static_cast<uint32_t>((Vec<acc_t>::loadu(x + i) > Vec<acc_t>(threshold_)).zero_mask()) & all;
+        while (pass != 0u) {
+          const int l = __builtin_ctz(pass);
+          pass &= pass - 1u;
+          buf_[n_++] = C::make(x[i + l], base + i + l);
+          if (n_ == cap_) cut();
+        }
       }
     }
   }
 
-  // The best min(k, offered) entries, in order.
-  const std::vector<Candidate<acc_t>>& finish() {
-    if (static_cast<int64_t>(buf_.size()) > k_) cut();
-    std::sort(buf_.begin(), buf_.end(), before<acc_t>);
-    return buf_;
+  // The best min(k, offered) entries, in order: their number; value(j), id(j).
+  int64_t finish() {
+    if (n_ > k_) cut();
+    std::sort(buf_.begin(), buf_.begin() + n_, C::before);
+    return n_;
   }
+  acc_t value(int64_t j) const { return C::value(buf_[j]); }
+  int32_t id(int64_t j) const { return C::id(buf_[j]); }
 
  private:
-  void push(acc_t v, int64_t id) {
-    buf_.push_back({v, static_cast<int32_t>(id)});
-    if (static_cast<int64_t>(buf_.size()) == cap_) cut();
-  }
   void cut() {
-    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), before<acc_t>);
-    buf_.resize(k_);
-    threshold_ = buf_[k_ - 1].value;  // the k-th best; everything kept is >= it
+    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.begin() + n_, C::before);
+    n_ = k_;
+    threshold_ = C::value(buf_[k_ - 1]);  // the k-th best; everything kept is >= it
   }
 
-  int64_t k_ = 0, cap_ = 0;
+  int64_t k_ = 0, cap_ = 0, n_ = 0;
   acc_t threshold_ = 0;
-  std::vector<Candidate<acc_t>> buf_;
+  std::vector<typename C::Item> buf_;
 };
 
-// One row: the online softmax state of x/T (the very arithmetic of
-// kdext.logsumexp / log_softmax, chunk by chunk) and the selection, in one
-// pass. Log-probs are (x/T - max) - log Z, as log_softmax writes them.
+// The lane-wise maxima of x[0, padded) by blocks of kBlockVecs vectors (the
+// selection skips blocks by them), and the chunk's max. Max is exact in any
+// order, NaN included (at::vec::maximum propagates it), so the result is
+// chunk_max's (cpu/row_reduce.h), whose single chain of maxima is slower.
+template <typename acc_t>
+acc_t block_maxima(const acc_t* x, int64_t padded, Vec<acc_t>* block_max) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  Vec<acc_t> all(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t b = 0, i0 = 0; i0 < padded; ++b, i0 += kBlockVecs * L) {
+    Vec<acc_t> m = Vec<acc_t>::loadu(x + i0);
+    for (int64_t i = i0 + L; i < std::min<int64_t>(padded, i0 + kBlockVecs * L); i += L)
+      m = at::vec::maximum(m, Vec<acc_t>::loadu(x + i));
+    block_max[b] = m;
+    all = at::vec::maximum(all, m);
+  }
+  return reduce_max(all);
+}
+
+// LaneSoftmax::add (cpu/row_reduce.h) given the chunk's max: the same
+// operations in the same order, so the state, and the lse and log-probs made
+// from it, are bitwise those of kdext.logsumexp / kdext.log_softmax (which
+// tests/test_sparse.py checks). Keep the two in step.
+template <typename acc_t>
+void add_chunk(LaneSoftmax<acc_t>& st, const acc_t* x, int64_t padded, acc_t inv_t, acc_t cmax) {
+  acc_t factor;
+  if (!st.raise_max(cmax * inv_t, &factor)) return;
+  const Vec<acc_t> vm(st.max), vinv(inv_t);
+  Vec<acc_t> part(acc_t(0));
+  for (int64_t i = 0; i < padded; i += Vec<acc_t>::size()) part = part + fast_exp(Vec<acc_t>::loadu(x + i) * vinv - vm);
+  st.sum = st.sum + part;
+}
+
+// One row: the online softmax state of x/T and the selection, in one pass.
+// Log-probs are (x/T - max) - log Z, as log_softmax writes them.
 template <typename acc_t>
 void topk_row(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, int64_t k, TopKSelector<acc_t>& sel,
               acc_t* buf, int32_t* ids, acc_t* logprobs, acc_t* lse) {
   LaneSoftmax<acc_t> st;
+  Vec<acc_t> block_max[kChunk / Vec<acc_t>::size() / kBlockVecs];
   sel.reset(k);
   for (int64_t b = 0; b < V; b += kChunk) {
     int64_t padded;
     const acc_t* x = chunk_view(row, dtype, b, std::min<int64_t>(kChunk, V - b), buf, &padded);
-    st.add(x, padded, inv_t);
-    // (A NaN chunk max, which at::vec::maximum propagates, must not hide the chunk's other entries.)
-    if (!(chunk_max(x, padded) <= sel.threshold())) sel.offer(x, padded, b);
+    const acc_t cmax = block_maxima(x, padded, block_max);
+    add_chunk(st, x, padded, inv_t, cmax);
+    // (A NaN max must not hide the chunk's other entries.)
+    if (!(cmax <= sel.threshold())) sel.offer(x, padded, b, block_max);
   }
   const SoftmaxState<acc_t> s = st.finish();
   *lse = log_sum_exp(s);
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const bool poisoned = !(s.max < inf);  // a NaN or +inf logit: every log-prob is NaN
   const acc_t logz = s.max == -inf ? s.max : MathOps<acc_t>::log(s.sum);
-  const auto& best = sel.finish();
+  const int64_t n = sel.finish();
   for (int64_t j = 0; j < k; ++j) {
-    const bool found = j < static_cast<int64_t>(best.size());
-    ids[j] = found ? best[j].id : -1;
+    const bool found = j < n;
+    ids[j] = found ? sel.id(j) : -1;
     logprobs[j] = poisoned ? std::numeric_limits<acc_t>::quiet_NaN()
-                           : (found ? (best[j].value * inv_t - s.max) - logz : -inf);
+                           : (found ? (sel.value(j) * inv_t - s.max) - logz : -inf);
   }
 }
 
