@@ -172,6 +172,14 @@ __device__ __forceinline__ unsigned int digit(Key key, int shift) {
   return static_cast<unsigned int>((key >> shift) & Key(255));
 }
 
+// hist[bin] += 1 for the lanes with `valid`, one shared atomic per distinct bin
+// of the warp (most keys of a row share their top byte, so per-lane atomics
+// would serialise on a few bins). Every lane of the warp must call it.
+__device__ __forceinline__ void hist_add(unsigned int* hist, unsigned int bin, bool valid) {
+  const unsigned int peers = __match_any_sync(0xffffffffu, valid ? bin : 256u);
+  if (valid && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], static_cast<unsigned int>(__popc(peers)));
+}
+
 // The bin holding the rem-th largest key among those counted in sh.hist:
 // thread t owns bin 255 - t, an inclusive scan over threads is then a scan
 // from the top bin down. Updates prefix, mask, rem and settled.
@@ -211,14 +219,16 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
       bool in[kItems];
       load_items<X, Acc>(row, base + int64_t(threadIdx.x) * kItems, p.V, x, in);
 #pragma unroll
-      for (int l = 0; l < kItems; ++l) {
-        y[l] = cuda::mul_rn(x[l], inv_t);
-        if (p.select && is_candidate(x[l])) {
-          ++cand;
-          atomicAdd(&sh.hist[digit(K::key(x[l]), K::kBits - 8)], 1u);
+      for (int l = 0; l < kItems; ++l) y[l] = cuda::mul_rn(x[l], inv_t);
+      state_add<Acc, kItems>(st, y);
+      if (p.select) {  // (uniform: every lane reaches hist_add)
+#pragma unroll
+        for (int l = 0; l < kItems; ++l) {
+          const bool c = is_candidate(x[l]);
+          cand += c;
+          hist_add(sh.hist, digit(K::key(x[l]), K::kBits - 8), c);
         }
       }
-      state_add<Acc, kItems>(st, y);
     }
     st = cuda::group_allreduce(st, MergeState<Acc>{}, kThreads, sh.state);
     cand = cuda::group_allreduce(cand, AddInt{}, kThreads, sh.count);
@@ -251,9 +261,8 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
             load_items<X, Acc>(row, base + int64_t(threadIdx.x) * kItems, p.V, x, in);
 #pragma unroll
             for (int l = 0; l < kItems; ++l) {
-              if (!is_candidate(x[l])) continue;
               const Key key = K::key(x[l]);
-              if ((key & mask) == prefix) atomicAdd(&sh.hist[digit(key, shift)], 1u);
+              hist_add(sh.hist, digit(key, shift), is_candidate(x[l]) && (key & mask) == prefix);
             }
           }
           __syncthreads();
