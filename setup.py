@@ -4,7 +4,11 @@ Environment knobs:
   KDEXT_CUDA=0/1          force the CUDA sources off / on (default: auto-detect; no GPU needed)
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;9.0" when no GPU is visible)
   KDEXT_CPU_ISA=avx512|avx2|default   vector ISA of the CPU kernels (default: the build CPU's widest)
+  KDEXT_DEBUG=1           a debug build: -O0 -g, and -G (device debug, with line info) for the CUDA kernels
   MAX_JOBS                parallel compile jobs (ninja)
+
+The compiler flags themselves are in build_flags.txt, the one list that
+CMakeLists.txt reads too.
 """
 
 import glob
@@ -88,16 +92,33 @@ def default_cpu_isa():
     return "avx2"
 
 
+def read_build_flags(path=os.path.join(ROOT, "build_flags.txt")):
+    """{set: [flags]} from build_flags.txt ("<set>: <flags>" lines; '#' comments)."""
+    sets = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                name, _, flags = line.partition(":")
+                sets[name.strip()] = flags.split()
+    return sets
+
+
+BUILD_FLAGS = read_build_flags()
+
+
+def debug_build():
+    flag = os.environ.get("KDEXT_DEBUG", "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"KDEXT_DEBUG must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
 def cpu_isa_flags():
     isa = os.environ.get("KDEXT_CPU_ISA") or default_cpu_isa()
-    if isa == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    if isa == "default":
-        return ["-DCPU_CAPABILITY=DEFAULT"]
-    raise ValueError(f"KDEXT_CPU_ISA must be 'avx512', 'avx2' or 'default', got {isa!r}")
+    if f"isa_{isa}" not in BUILD_FLAGS:
+        raise ValueError(f"KDEXT_CPU_ISA must be 'avx512', 'avx2' or 'default', got {isa!r}")
+    return BUILD_FLAGS[f"isa_{isa}"]
 
 
 def build_extension():
@@ -108,30 +129,29 @@ def build_extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda = want_cuda(torch, cuda_home)
-    sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # Headers the sources include: editing one must trigger a rebuild.
     depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
-    # -ffp-contract=off: GCC would otherwise fuse x * (1/T) - max into one FMA in some
-    # places and not others, so the same quantity would round two ways (softmax of a
-    # one-token row would not be exactly 1).
-    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + cpu_isa_flags()
+    debug = debug_build()
+    cxx = BUILD_FLAGS["cxx_debug" if debug else "cxx"] + cpu_isa_flags()
+    depends.append("build_flags.txt")
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DKDEXT_WITH_CUDA"]
+        nvcc = BUILD_FLAGS["nvcc_debug" if debug else "nvcc"] + BUILD_FLAGS["with_cuda"]
         ext = CUDAExtension(
             "kdext._C",
             sources,
             include_dirs=include_dirs,
             depends=depends,
-            extra_compile_args={"cxx": cxx + ["-DKDEXT_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx + BUILD_FLAGS["with_cuda"], "nvcc": nvcc},
         )
     else:
         ext = CppExtension("kdext._C", sources, include_dirs=include_dirs, depends=depends,
                            extra_compile_args={"cxx": cxx})
-    print(f"kdext: building CPU kernels ({' '.join(cpu_isa_flags())}); CUDA kernels: "
+    print(f"kdext: building{' (debug)' if debug else ''} CPU kernels ({' '.join(cpu_isa_flags())}); CUDA kernels: "
           + (f"yes (CUDA_HOME={cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST')})" if with_cuda else "no"))
     return [ext], {"build_ext": BuildExtension}
 

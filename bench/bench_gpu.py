@@ -85,6 +85,9 @@ def copy_bandwidth():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_divergence import eager_op  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from reference import DIVERGENCES  # noqa: E402  (the kinds and parameters the tests use)
+
 
 def rows_eager(kind, s, t, param=0.0):
     """Per-row divergence values, plain PyTorch (T = 1)."""
@@ -280,8 +283,7 @@ def main():
         guarded(name, fn)
 
     # ---- the rest of the divergence family (kdext vs eager) ----------------------------------
-    for kind, param in [("forward_kl", 0.0), ("jsd", 0.5), ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.1),
-                        ("tvd", 0.0)]:
+    for kind, param in [(k, p) for k, p in DIVERGENCES.items() if k != "reverse_kl"]:  # reverse_kl: above
         def fam(kind=kind, param=param):
             w = torch.full((N,), 1.0 / N, device="cuda")
             o = f"distill_loss {kind} fwd+bwd"

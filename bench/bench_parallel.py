@@ -48,7 +48,7 @@ SLICED_OPS = {"softmax", "log_softmax"}  # return the local slice
 
 # kdext's collective schedule for float32 / bf16 / fp16 logits, forward and backward together:
 # op -> [(collective, bytes per row this rank puts in)]. The divergences exchange float32
-# statistics; the softmax family and logprobs their lse's in float64 (kdext/parallel.py).
+# statistics; the softmax family and logprobs their lse's in float64 (kdext/parallel/).
 # logprobs also gathers the W shard sizes once per call (8 bytes per rank, not per row).
 DIVERGENCE_SCHEDULE = [("all_gather", 2 * 4), ("all_reduce", 3 * 4)]
 SCHEDULE = {

@@ -17,7 +17,6 @@ load on a shared machine hits them alike; the ratio to `sorted` is what carries 
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import kdext  # noqa: E402,F401
-from kdext.sampling import top_p_sample  # noqa: E402
+from kdext.top_p_sample import top_p_sample  # noqa: E402
 
 
 def sorted_reference(logits, top_p, teacher=None, alpha=0.0):
@@ -49,19 +48,6 @@ def flashinfer_sampler():
     except Exception:  # not installed, or built for another torch / GPU
         return None
     return lambda logits, top_p: fs.top_p_sampling_from_probs(torch.softmax(logits.float(), -1), top_p)
-
-
-def timed(fn, device):
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main():
@@ -104,7 +90,7 @@ def main():
         common.sync(device)
         for i in range(reps):
             for name, fn in providers.items():
-                times[name].append(timed(lambda: fn(i), device))
+                times[name].append(common.time_once(lambda: fn(i), device))
         ref = statistics.median(times["sorted"])
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Downloads the wheels bench/gpu_check.sh installs on the GPU machine (which
+# Downloads the wheels tools/gpu_check.sh installs on the GPU machine (which
 # has no package registry): liger-kernel (the Liger fused-JSD baseline) and
 # flashinfer-python (the sampling baseline). Run it on a machine that reaches
 # PyPI; bench/wheels is git-ignored and travels to the GPU machine as a carried

@@ -6,14 +6,60 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 #include "adapter_args.h"
 #include "checks.h"
+#include "kdext/divergence.h"
 
 namespace kdext {
+
+// Student and teacher logits: same device, same shape, compatible dtypes.
+inline void check_logit_pair(const at::Tensor& s, const at::Tensor& t) {
+  check_logits(s, "student_logits");
+  check_logits(t, "teacher_logits");
+  check_same_device(s, "student_logits", t, "teacher_logits");
+  TORCH_CHECK_VALUE(s.size(-1) == t.size(-1), "vocabulary size mismatch: student_logits has ", s.size(-1),
+                    " entries in its last dimension, teacher_logits has ", t.size(-1));
+  TORCH_CHECK_VALUE(s.sizes() == t.sizes(), "row shape mismatch: student_logits has shape ", s.sizes(),
+                    " but teacher_logits has shape ", t.sizes());
+  TORCH_CHECK_TYPE((s.scalar_type() == c10::kDouble) == (t.scalar_type() == c10::kDouble),
+                   "student_logits is ", s.scalar_type(), " and teacher_logits is ", t.scalar_type(),
+                   "; float64 cannot be mixed with lower precisions");
+}
+
+// "reverse_kl, forward_kl, ...": the known names, for error messages.
+inline std::string divergence_names() {
+  std::string out;
+  for (const auto& e : kDivergenceNames) out += (out.empty() ? "" : ", ") + std::string(e.name);
+  return out;
+}
+
+// Parses the divergence name and checks its parameter; applies the JSD
+// convention (beta 0 / 1 are forward / reverse KL).
+inline Divergence check_divergence(c10::string_view name, double param) {
+  Divergence kind;
+  const std::string n(name);
+  TORCH_CHECK_VALUE(parse_divergence(n.c_str(), &kind), "unknown divergence '", n, "'; expected one of ",
+                    divergence_names());
+  if (const char* pname = divergence_param_name(kind)) {
+    TORCH_CHECK_VALUE(param >= 0.0 && param <= 1.0, pname, " must be in [0, 1], got ", param);
+  }
+  return resolve_divergence(kind, param);
+}
+
+// divergence_forward's statistics, [rows, kStatsColumns].
+inline void check_stats(const at::Tensor& stats, int64_t rows, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(stats.numel() == rows * kStatsColumns && stats.dim() >= 1 && stats.size(-1) == kStatsColumns,
+                    "stats must have shape [rows, ", kStatsColumns, "] as returned by divergence_forward, got ",
+                    stats.sizes());
+  check_same_device(stats, "stats", like, "student_logits");
+}
 
 // Validated [rows, V] views of both logits and the parsed divergence.
 struct PairInput {
@@ -120,5 +166,27 @@ struct DivergencePartialArgs {
     out = at::empty(shape, student.options().dtype(acc));
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels: both register the same ops, under the schema names of
+// csrc/ops.cpp, with the same signatures.
+struct DivergenceKernels {
+  std::tuple<at::Tensor, at::Tensor> (*divergence_forward)(const at::Tensor&, const at::Tensor&, c10::string_view,
+                                                           double, double);
+  std::tuple<at::Tensor, at::Tensor> (*divergence_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                            const at::Tensor&, c10::string_view, double, double,
+                                                            bool, bool);
+  std::tuple<at::Tensor, at::Tensor> (*divergence_loss)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        c10::string_view, double, double);
+  at::Tensor (*divergence_partial)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   c10::string_view, double, double);
+};
+
+inline void register_kernels(torch::Library& m, const DivergenceKernels& k) {
+  m.impl("divergence_forward", k.divergence_forward);
+  m.impl("divergence_backward", k.divergence_backward);
+  m.impl("divergence_loss", k.divergence_loss);
+  m.impl("divergence_partial", k.divergence_partial);
+}
 
 }  // namespace kdext

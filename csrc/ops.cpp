@@ -1,62 +1,15 @@
 // The one schema list of kdext: every op under torch.ops.kdext is declared
 // here and nowhere else. Backend kernels register in csrc/cpu/<stem>.cpp and
-// csrc/cuda/<stem>.cu (TORCH_LIBRARY_IMPL); fake kernels and autograd are
-// registered in Python (kdext/_ops.py).
+// csrc/cuda/<stem>.cu (TORCH_LIBRARY_IMPL); the public per-row ops and their
+// autograd in csrc/autograd.cpp; the kernels' fake kernels and autograd in
+// Python (kdext/<stem>.py).
 //
 // Stems: divergence (divergence_* and the public divergence ops), softmax
-// (softmax, log_softmax, logsumexp, entropy), logprobs, top_p_sample, sparse.
+// (softmax, log_softmax, logsumexp, lse_float64, entropy), logprobs, common
+// (scale_), top_p_sample, sparse (topk_logprobs, sparse_*).
 #include <torch/library.h>
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-
 namespace kdext {
-namespace {
-
-at::Tensor divergence_value(const at::Tensor& s, const at::Tensor& t, const char* name, double param,
-                            double temperature) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("kdext::divergence_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 c10::string_view, double, double)>();
-  return std::get<0>(op.call(s, t, name, param, temperature));
-}
-
-at::Tensor reverse_kl(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  return divergence_value(s, t, "reverse_kl", 0.0, temperature);
-}
-at::Tensor forward_kl(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  return divergence_value(s, t, "forward_kl", 0.0, temperature);
-}
-at::Tensor jsd(const at::Tensor& s, const at::Tensor& t, double beta, double temperature) {
-  return divergence_value(s, t, "jsd", beta, temperature);
-}
-at::Tensor skew_forward_kl(const at::Tensor& s, const at::Tensor& t, double alpha, double temperature) {
-  return divergence_value(s, t, "skew_forward_kl", alpha, temperature);
-}
-at::Tensor skew_reverse_kl(const at::Tensor& s, const at::Tensor& t, double alpha, double temperature) {
-  return divergence_value(s, t, "skew_reverse_kl", alpha, temperature);
-}
-at::Tensor tvd(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  return divergence_value(s, t, "tvd", 0.0, temperature);
-}
-
-at::Tensor entropy(const at::Tensor& logits, double temperature) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("kdext::entropy_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double,
-                                                                 const std::optional<at::Tensor>&)>();
-  return std::get<0>(op.call(logits, temperature, std::nullopt));
-}
-
-at::Tensor logprobs(const at::Tensor& logits, const at::Tensor& tokens, double temperature) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("kdext::logprobs_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double)>();
-  return std::get<0>(op.call(logits, tokens, temperature));
-}
-
-}  // namespace
 
 TORCH_LIBRARY(kdext, m) {
   // ---- divergence family (stem: divergence) -------------------------------
@@ -80,9 +33,6 @@ TORCH_LIBRARY(kdext, m) {
   m.def(
       "divergence_partial(Tensor student_logits, Tensor teacher_logits, Tensor student_lse, Tensor teacher_lse, "
       "str divergence, float param, float temperature) -> Tensor");
-  // self *= factor (a 0-dim tensor), skipped on the device when factor == 1, so
-  // a fused loss's backward costs nothing in the common case and needs no sync.
-  m.def("scale_(Tensor(a!) self, Tensor factor) -> ()");
 
   m.def("reverse_kl(Tensor student_logits, Tensor teacher_logits, float temperature=1.0) -> Tensor");
   m.def("forward_kl(Tensor student_logits, Tensor teacher_logits, float temperature=1.0) -> Tensor");
@@ -102,6 +52,11 @@ TORCH_LIBRARY(kdext, m) {
   m.def("softmax_backward(Tensor grad_output, Tensor output, float temperature, bool log) -> Tensor");
   // Per-row log(sum_i exp(x_i / T)), float32 (float64 for float64 logits).
   m.def("logsumexp(Tensor logits, float temperature=1.0) -> Tensor");
+  // The same per-row lse in float64 for every input dtype: the float32 state
+  // (max, sum) taken to float64 before max + log(sum), so that it keeps the
+  // exact max (kdext/online_softmax.h, log_sum_exp_float64). The normaliser
+  // vocab shards exchange; equal to entropy_forward's lse. Not differentiable.
+  m.def("lse_float64(Tensor logits, float temperature) -> Tensor");
   // Per-row entropy of softmax(x/T) and the row's lse. With `lse` given (the
   // global normaliser of a vocab shard), returns the shard's partial entropy.
   m.def("entropy_forward(Tensor logits, float temperature, Tensor? lse=None) -> (Tensor entropy, Tensor lse)");
@@ -114,6 +69,11 @@ TORCH_LIBRARY(kdext, m) {
   m.def("logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor lse, float temperature) -> Tensor");
   m.def("logprobs(Tensor logits, Tensor tokens, float temperature=1.0) -> Tensor");
 
+  // ---- generic ops (stem: common) ------------------------------------------
+  // self *= factor (one element), skipped on the device when factor == 1, so a
+  // fused loss's backward costs nothing in the common case and needs no sync.
+  m.def("scale_(Tensor(a!) self, Tensor factor) -> ()");
+
   // ---- sampling (stem: top_p_sample) --------------------------------------
   // One token per row from r = (1-alpha) softmax(logits/T) + alpha softmax(teacher/T)
   // after top-k then top-p; Philox(seed, subsequence = row_ids[row] or the row's index,
@@ -121,28 +81,12 @@ TORCH_LIBRARY(kdext, m) {
   m.def(
       "top_p_sample(Tensor logits, Tensor? teacher_logits, float top_p, int top_k, float temperature, "
       "float alpha, int seed, int offset, Tensor? row_ids=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
-// The public per-row ops are thin compositions over the kernels above; their
-// autograd comes from the ops they call (registered in kdext/_ops.py).
-TORCH_LIBRARY_IMPL(kdext, CompositeImplicitAutograd, m) {
-  m.impl("reverse_kl", &reverse_kl);
-  m.impl("forward_kl", &forward_kl);
-  m.impl("jsd", &jsd);
-  m.impl("skew_forward_kl", &skew_forward_kl);
-  m.impl("skew_reverse_kl", &skew_reverse_kl);
-  m.impl("tvd", &tvd);
-  m.impl("entropy", &entropy);
-  m.impl("logprobs", &logprobs);
-}
+  // ---- the offline teacher (stem: sparse) ---------------------------------
+  // The top-k log-probabilities of a teacher, and the distillation loss
+  // against such a sparse teacher (docs/DESIGN.md, "the sparse family"; math
+  // in csrc/include/kdext/sparse.h). `tail` is "bucket" or "renormalize".
 
-}  // namespace kdext
-
-// ---- sparse family (stem: sparse) --------------------------------------------
-// The offline teacher: the top-k log-probabilities of a teacher, and the
-// distillation loss against such a sparse teacher (docs/SPARSE.md; math in
-// csrc/include/kdext/sparse.h). `tail` is "bucket" or "renormalize".
-TORCH_LIBRARY_FRAGMENT(kdext, m) {
   // Per row: the k most probable ids (int32, by descending probability, ties
   // by lower id; -1 past the row's finite entries), their log-probabilities
   // under softmax(logits / T) and the row's log-sum-exp.
@@ -161,3 +105,6 @@ TORCH_LIBRARY_FRAGMENT(kdext, m) {
       "sparse_loss(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, Tensor row_weights, "
       "str divergence, float param, float temperature, str tail) -> (Tensor loss, Tensor grad_student)");
 }
+
+}  // namespace kdext
+

@@ -4,9 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "adapter_args.h"
 #include "checks.h"
@@ -24,6 +27,13 @@ struct SoftmaxArgs {
   }
 };
 
+// softmax_backward's upstream gradient: the output's shape and device.
+inline void check_softmax_grad(const at::Tensor& grad_output, const at::Tensor& output) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == output.sizes(), "grad_output has shape ", grad_output.sizes(),
+                    " but output has shape ", output.sizes());
+  check_same_device(grad_output, "grad_output", output, "output");
+}
+
 // softmax_backward: the forward's output, the upstream gradient and the
 // [rows, V] input gradient in the output's dtype.
 struct SoftmaxBackwardArgs {
@@ -33,33 +43,28 @@ struct SoftmaxBackwardArgs {
 
   SoftmaxBackwardArgs(const at::Tensor& grad_output_in, const at::Tensor& output_in, double temperature,
                       OutputAllocator alloc)
-      : output(output_in, "output"),
-        grad_output(checked_grad_output(grad_output_in, output_in, temperature), "grad_output") {
-    grad = alloc({output.rows, output.V}, output_in.options());
-  }
-
- private:
-  // float64 pairs only with float64 in the kernels: when exactly one of the
-  // two is float64, grad_output takes the output's dtype. That is the value
-  // the accumulation dtype (the output's) would round it to anyway.
-  static at::Tensor checked_grad_output(const at::Tensor& grad_output, const at::Tensor& output,
-                                        double temperature) {
+      : output(output_in, "output"), grad_output(grad_output_in, "grad_output") {
     check_temperature(temperature);
-    check_softmax_grad(grad_output, output);
-    const bool f64_mix = (grad_output.scalar_type() == at::kDouble) != (output.scalar_type() == at::kDouble);
-    return f64_mix && is_supported_float(grad_output.scalar_type()) ? grad_output.to(output.scalar_type())
-                                                                    : grad_output;
+    check_softmax_grad(grad_output_in, output_in);
+    // float64 pairs only with float64 in the kernels: when exactly one of the
+    // two is float64, grad_output takes the output's dtype. That is the value
+    // the accumulation dtype (the output's) would round it to anyway.
+    const auto out_dtype = output.x.scalar_type();
+    if ((grad_output.x.scalar_type() == at::kDouble) != (out_dtype == at::kDouble))
+      grad_output.x = grad_output.x.to(out_dtype);
+    grad = alloc({output.rows, output.V}, output_in.options());
   }
 };
 
-// logsumexp: the logits and one accumulation-dtype value per row.
-struct LogsumexpArgs {
+// logsumexp and lse_float64: the logits and one value per row, in the
+// accumulation dtype (logsumexp) or in float64 (lse_float64).
+struct LseArgs {
   RowsInput in;
   at::Tensor out;  // [rows]
 
-  LogsumexpArgs(const at::Tensor& logits, double temperature) : in(logits, "logits") {
+  LseArgs(const at::Tensor& logits, double temperature, c10::ScalarType out_dtype) : in(logits, "logits") {
     check_temperature(temperature);
-    out = at::empty({in.rows}, logits.options().dtype(acc_dtype(logits)));
+    out = at::empty({in.rows}, logits.options().dtype(out_dtype));
   }
 };
 
@@ -107,5 +112,27 @@ struct EntropyBackwardArgs {
     out = alloc({in.rows, in.V}, logits.options());
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels (see DivergenceKernels, csrc/divergence_args.h).
+struct SoftmaxKernels {
+  at::Tensor (*softmax)(const at::Tensor&, double);
+  at::Tensor (*log_softmax)(const at::Tensor&, double);
+  at::Tensor (*softmax_backward)(const at::Tensor&, const at::Tensor&, double, bool);
+  at::Tensor (*logsumexp)(const at::Tensor&, double);
+  at::Tensor (*lse_float64)(const at::Tensor&, double);
+  std::tuple<at::Tensor, at::Tensor> (*entropy_forward)(const at::Tensor&, double, const std::optional<at::Tensor>&);
+  at::Tensor (*entropy_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+};
+
+inline void register_kernels(torch::Library& m, const SoftmaxKernels& k) {
+  m.impl("softmax", k.softmax);
+  m.impl("log_softmax", k.log_softmax);
+  m.impl("softmax_backward", k.softmax_backward);
+  m.impl("logsumexp", k.logsumexp);
+  m.impl("lse_float64", k.lse_float64);
+  m.impl("entropy_forward", k.entropy_forward);
+  m.impl("entropy_backward", k.entropy_backward);
+}
 
 }  // namespace kdext

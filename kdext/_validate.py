@@ -1,17 +1,21 @@
 """Argument checks shared by the Python wrappers and the fake kernels.
 
-They mirror csrc/checks.h word for word, so that an error looks the same in
-eager mode (raised by the C++ kernel) and under torch.compile (raised here,
-while tracing with fake tensors).
+They mirror the C++ checks (csrc/checks.h and csrc/<stem>_args.h) word for
+word, so that an error looks the same in eager mode (raised by the C++ kernel)
+and under torch.compile (raised here, while tracing with fake tensors).
 """
 
 import math
 
 import torch
 
+from ._ops import BUILD_INFO
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-PARAM_NAME = {"jsd": "beta", "skew_forward_kl": "alpha", "skew_reverse_kl": "alpha"}
+# The divergences and the names of their parameters come from the one list in
+# C++ (kDivergenceNames, csrc/include/kdext/divergence.h), through the library.
+DIVERGENCES = tuple(name for name, _ in BUILD_INFO["divergences"])
+PARAM_NAME = {name: param for name, param in BUILD_INFO["divergences"] if param is not None}
 
 
 def check_logits(x, name):

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import _validate
+from . import _validate, common  # noqa: F401  (common: scale_, the fused loss's backward)
 from ._ops import ops
 
 # ---------------------------------------------------------------------------
@@ -71,12 +71,6 @@ def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teache
     return student_logits.new_empty(rows + (3,), dtype=_validate.acc_dtype(student_logits))
 
 
-@torch.library.register_fake("kdext::scale_")
-def _scale_fake(self, factor):
-    _validate.check_same_device(factor, "factor", self, "self")
-    return None
-
-
 # ---------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------
@@ -120,13 +114,15 @@ def _loss_backward(ctx, grad_loss, _grad_grad):
     # by the upstream gradient, in place (a no-op on the device when it is 1).
     if grad_loss is None:
         return None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
+    # Checked before ctx.saved_tensors is read: once the buffer has been scaled in place,
+    # reading it raises autograd's generic version-counter error instead of this message.
     if ctx.consumed:
         raise RuntimeError(
             "distill_loss: backward was called twice through the fused loss, whose gradient buffer is scaled in "
             "place; use fused=False if you need retain_graph=True"
         )
     ctx.consumed = True
+    (grad,) = ctx.saved_tensors
     if _tracing(grad):
         # Under torch.compile / AOT tracing the buffer is also a forward output
         # of the graph, which a backward must not mutate: scale out of place.
@@ -151,33 +147,46 @@ torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_
 # ---------------------------------------------------------------------------
 
 
+def _check_scalars(kind, param, temperature):
+    # The schema's float arguments take a bool (True as 1.0) without a word; the Python API
+    # refuses it, with the words of the fake kernels and of distill_loss.
+    _validate.check_temperature(temperature)
+    _validate.check_divergence(kind, param)
+
+
 def reverse_kl(student_logits, teacher_logits, temperature=1.0):
     """Per-row KL(q || p), q = softmax(student_logits / T), p = softmax(teacher_logits / T)."""
+    _check_scalars('reverse_kl', 0.0, temperature)
     return ops.reverse_kl(student_logits, teacher_logits, temperature)
 
 
 def forward_kl(student_logits, teacher_logits, temperature=1.0):
     """Per-row KL(p || q)."""
+    _check_scalars('forward_kl', 0.0, temperature)
     return ops.forward_kl(student_logits, teacher_logits, temperature)
 
 
 def jsd(student_logits, teacher_logits, beta=0.5, temperature=1.0):
     """Per-row generalized JSD(beta) (GKD/TRL convention: beta=0 is forward KL, beta=1 reverse KL)."""
+    _check_scalars('jsd', beta, temperature)
     return ops.jsd(student_logits, teacher_logits, beta, temperature)
 
 
 def skew_forward_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
     """Per-row KL(p || alpha p + (1 - alpha) q) (DistiLLM's skew KL)."""
+    _check_scalars('skew_forward_kl', alpha, temperature)
     return ops.skew_forward_kl(student_logits, teacher_logits, alpha, temperature)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, alpha=0.1, temperature=1.0):
     """Per-row KL(q || (1 - alpha) p + alpha q) (DistiLLM's skew reverse KL)."""
+    _check_scalars('skew_reverse_kl', alpha, temperature)
     return ops.skew_reverse_kl(student_logits, teacher_logits, alpha, temperature)
 
 
 def tvd(student_logits, teacher_logits, temperature=1.0):
     """Per-row total variation distance 1/2 sum |p - q|."""
+    _check_scalars('tvd', 0.0, temperature)
     return ops.tvd(student_logits, teacher_logits, temperature)
 
 
@@ -197,6 +206,9 @@ def row_mask(student_logits, labels, ignore_index, mask):
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (token ids, ignore_index where a row is ignored), "
+                            f"got {labels.dtype}")
         if tuple(labels.shape) != rows:
             raise ValueError(f"labels must have shape {list(rows)} (the logits' leading dims), got {list(labels.shape)}")
         _validate.check_same_device(labels, "labels", student_logits, "student_logits")
@@ -273,7 +285,8 @@ def distill_loss(
     if keep is None:
         rows = student_logits.numel() // student_logits.shape[-1]
         loss, _ = ops.divergence_loss(student_logits, teacher_logits, w / max(rows, 1), kind, param, temperature)
-        return loss
+        # The mean over no row is NaN, as on the unfused path and in F.cross_entropy.
+        return loss if rows else loss + math.nan
     count = keep.sum()
     # clamp: with no row counted every weight is 0 (zero gradient), and the mean
     # itself is NaN, as in F.cross_entropy.

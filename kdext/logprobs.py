@@ -6,7 +6,9 @@ from . import _validate
 from ._ops import ops
 
 
-def _check_tokens(logits, tokens):
+def check_tokens(logits, tokens):
+    """The checks of logprobs' ``tokens`` (int64 or int32, the logits' leading shape, on their device);
+    shared with kdext.parallel.logprobs."""
     _validate.check_row_integers(tokens, "tokens", logits)
 
 
@@ -14,7 +16,7 @@ def _check_tokens(logits, tokens):
 def _logprobs_forward_fake(logits, tokens, temperature):
     _validate.check_logits(logits, "logits")
     _validate.check_temperature(temperature)
-    _check_tokens(logits, tokens)
+    check_tokens(logits, tokens)
     rows, acc = _validate.rows_shape(logits), _validate.acc_dtype(logits)
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
 
@@ -23,7 +25,7 @@ def _logprobs_forward_fake(logits, tokens, temperature):
 def _logprobs_backward_fake(grad, logits, tokens, lse, temperature):
     _validate.check_logits(logits, "logits")
     _validate.check_temperature(temperature)
-    _check_tokens(logits, tokens)
+    check_tokens(logits, tokens)
     _validate.check_same_device(grad, "grad", logits, "logits")
     _validate.check_same_device(lse, "lse", logits, "logits")
     return logits.new_empty(logits.shape)
@@ -55,4 +57,5 @@ def logprobs(logits, tokens, temperature=1.0):
     the CPU kernel raises IndexError otherwise; the CUDA kernel, which cannot raise
     without a device sync, returns NaN for such rows.
     """
+    _validate.check_temperature(temperature)
     return ops.logprobs(logits, tokens, temperature)

@@ -4,6 +4,10 @@ All take ``logits [..., V]`` and a temperature T > 0 and work on softmax(x / T).
 ``softmax``/``log_softmax`` return the input's dtype (computed in float32);
 ``logsumexp``/``entropy`` return one float32 value per row (float64 for float64
 logits). All are differentiable.
+
+``torch.ops.kdext.lse_float64(logits, temperature)`` is the row's lse in float64
+for every input dtype (the float32 state taken to float64 before the log: it
+keeps the exact max), the normaliser vocab shards exchange; not differentiable.
 """
 
 import torch
@@ -42,13 +46,19 @@ def _logsumexp_fake(logits, temperature=1.0):
     return logits.new_empty(_validate.rows_shape(logits), dtype=_validate.acc_dtype(logits))
 
 
+@torch.library.register_fake("kdext::lse_float64")
+def _lse_float64_fake(logits, temperature):
+    _check(logits, temperature)
+    return logits.new_empty(_validate.rows_shape(logits), dtype=torch.float64)
+
+
 @torch.library.register_fake("kdext::entropy_forward")
 def _entropy_forward_fake(logits, temperature, lse=None):
     _check(logits, temperature)
     if lse is not None:
         _validate.check_same_device(lse, "lse", logits, "logits")
     rows, acc = _validate.rows_shape(logits), _validate.acc_dtype(logits)
-    # The lse output is float64 for every input dtype (csrc/cpu/softmax.cpp, SplitLse).
+    # The lse output is float64 for every input dtype (SplitLse, csrc/include/kdext/row_contract.h).
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=torch.float64)
 
 
@@ -116,19 +126,23 @@ torch.library.register_autograd("kdext::entropy_forward", _entropy_backward, set
 
 def softmax(logits, temperature=1.0):
     """softmax(logits / T) over the last dim, in the logits' dtype."""
+    _validate.check_temperature(temperature)
     return ops.softmax(logits, temperature)
 
 
 def log_softmax(logits, temperature=1.0):
     """log_softmax(logits / T) over the last dim, in the logits' dtype."""
+    _validate.check_temperature(temperature)
     return ops.log_softmax(logits, temperature)
 
 
 def logsumexp(logits, temperature=1.0):
     """Per-row log sum_i exp(x_i / T)."""
+    _validate.check_temperature(temperature)
     return ops.logsumexp(logits, temperature)
 
 
 def entropy(logits, temperature=1.0):
     """Per-row entropy of softmax(logits / T), in nats."""
+    _validate.check_temperature(temperature)
     return ops.entropy(logits, temperature)

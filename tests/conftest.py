@@ -1,4 +1,5 @@
-"""Shared pytest setup: Hypothesis profiles and device parametrization.
+"""Shared pytest setup: Hypothesis profiles and the ``device`` fixture (every test that takes it
+runs on the CPU and, when one is visible, on CUDA).
 
 Profiles (select with HYPOTHESIS_PROFILE=ci|dev; `make test` uses ci):
   ci   bounded and derandomized, so CI is reproducible and the suite stays
@@ -32,6 +33,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(params=DEVICES)
+# Session-scoped: it is only a name, nothing to reset, so @given tests may take it too.
+@pytest.fixture(params=DEVICES, scope="session")
 def device(request):
     return request.param

@@ -1,6 +1,7 @@
-"""Float64 reference implementations of every kdext op (plain PyTorch).
+"""Float64 reference implementations of every kdext op (plain PyTorch), and the cases and
+helpers the tests (and the benchmarks, bench/ and tools/) share.
 
-They follow DESIGN.md's contract: entries with zero probability contribute
+They follow docs/DESIGN.md's contract: entries with zero probability contribute
 exactly 0 (torch.where on the log-ratio, never 0 * inf), JSD's beta = 0 / 1
 are forward / reverse KL (the TRL convention).
 """
@@ -18,6 +19,40 @@ VALUE_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5), torch.bfl
 # of that dtype: 2^-11 (fp16), 2^-8 (bf16) relative.
 GRAD_TOL = {torch.float32: (1e-6, 1e-4), torch.float16: (1e-6, 1e-3), torch.bfloat16: (1e-6, 8e-3),
             torch.float64: (1e-12, 1e-10)}
+
+
+# ---------------------------------------------------------------------------
+# The divergence family's cases (tests, bench/bench_divergence.py, bench_gpu.py,
+# tools/sanitize_cuda.py)
+# ---------------------------------------------------------------------------
+
+# Each kind with the parameter the benchmarks use (jsd: beta; the skew KLs: alpha; the others take none).
+DIVERGENCES = {"reverse_kl": 0.0, "forward_kl": 0.0, "jsd": 0.5, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.1,
+               "tvd": 0.0}
+# The (kind, parameter) cases of the tests: every kind, and JSD and the skew reverse KL at a
+# second, asymmetric parameter.
+DIVERGENCE_CASES = list(DIVERGENCES.items()) + [("jsd", 0.1), ("skew_reverse_kl", 0.3)]
+# JSD's endpoints, forward KL (beta = 0) and reverse KL (beta = 1), which the kernels special-case.
+JSD_ENDPOINTS = [("jsd", 0.0), ("jsd", 1.0)]
+
+
+def divergence_kwargs(kind, param):
+    """The keyword argument that carries a kind's parameter in the public API (none for the others)."""
+    if kind == "jsd":
+        return {"beta": param}
+    if kind in ("skew_forward_kl", "skew_reverse_kl"):
+        return {"alpha": param}
+    return {}
+
+
+def call_divergence(module, kind, param, s, t, temperature=1.0, **kw):
+    """The public per-row op ``kind`` of ``module`` (kdext or kdext.parallel) at ``param``."""
+    return getattr(module, kind)(s, t, temperature=temperature, **divergence_kwargs(kind, param), **kw)
+
+
+# ---------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------
 
 
 def log_probs(x, temperature=1.0):
@@ -80,7 +115,8 @@ def logsumexp(x, temperature=1.0):
 
 
 # ---------------------------------------------------------------------------
-# Error bounds shared by test_softmax.py and test_logprobs.py
+# Error bounds shared by test_softmax.py, test_logprobs.py, test_divergence.py and
+# test_distill_loss.py
 # ---------------------------------------------------------------------------
 
 
@@ -120,6 +156,18 @@ def log_domain_atol(x, temperature):
     return 64 * acc_unit(x.dtype) * (1 + scale + math.log(x.shape[-1] + 1))
 
 
+def divergence_atol(s, t, temperature):
+    """Float32 accumulation error bound for a divergence's row value.
+
+    The per-row value is a difference of O(1) sums and log-normalisers whose
+    size is about max|x/T| + log V; float32 rounds each to ~6e-8 relative and
+    a long sum accumulates a few dozen such roundings.
+    """
+    scale = max(s.double().abs().max().item(), t.double().abs().max().item()) / temperature
+    scale = 0.0 if math.isinf(scale) or math.isnan(scale) else scale
+    return 64 * 2**-24 * (1 + scale + math.log(s.shape[-1] + 1))
+
+
 def assert_within(got, want, bound, what=""):
     """|got - want| <= bound elementwise, with infinities and NaNs matched exactly.
 
@@ -153,3 +201,28 @@ def random_logits(gen, shape, dtype, scale=1.0, mask_frac=0.0, device="cpu"):
         x = x.masked_fill(torch.rand(shape, generator=gen, dtype=torch.float64) < mask_frac, -math.inf)
         x[..., 0] = torch.randn(shape[:-1], generator=gen, dtype=torch.float64) * scale
     return x.to(dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------
+# Philox4x32-10 (Random123), in plain Python integers
+# ---------------------------------------------------------------------------
+
+# Random123's published known answers: (counter words, key words) -> output words.
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def philox4x32_10(counter, key):
+    """The four output words of Philox4x32-10 for four 32-bit counter words and two key words."""
+    M = 0xFFFFFFFF
+    c = list(counter)
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & M, p1 & M, ((p0 >> 32) ^ c[3] ^ k1) & M, p0 & M]
+        k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
+    return tuple(c)

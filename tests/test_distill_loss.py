@@ -8,8 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdext
-from reference import GRAD_TOL, divergence
-from test_divergence import KINDS, make_logits, value_atol
+from reference import DIVERGENCE_CASES, GRAD_TOL, divergence, divergence_atol, divergence_kwargs, random_logits
 
 
 def reference_loss(s, t, kind, param, temperature, keep, reduction):
@@ -22,11 +21,7 @@ def reference_loss(s, t, kind, param, temperature, keep, reduction):
     return rows.sum() / count
 
 
-def kwargs_for(kind, param):
-    return {"beta": param} if kind == "jsd" else {"alpha": param} if kind.startswith("skew") else {}
-
-
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 @given(
     seed=st.integers(0, 2**31 - 1),
     rows=st.lists(st.integers(1, 5), min_size=1, max_size=2),
@@ -41,8 +36,8 @@ def test_fused_loss_matches_reference(kind, param, seed, rows, vocab, sdtype, td
                                       use_labels):
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(rows) + (vocab,)
-    s = make_logits(gen, shape, sdtype, 2.0, 0.0).requires_grad_()
-    t = make_logits(gen, shape, tdtype, 2.0, 0.0)
+    s = random_logits(gen, shape, sdtype, 2.0, 0.0).requires_grad_()
+    t = random_logits(gen, shape, tdtype, 2.0, 0.0)
     labels = None
     keep = None
     if use_labels:
@@ -51,20 +46,20 @@ def test_fused_loss_matches_reference(kind, param, seed, rows, vocab, sdtype, td
         labels.view(-1)[0] = 0  # at least one row counts
         keep = labels != -100
     loss = kdext.distill_loss(s, t, kind, labels=labels, temperature=temperature, reduction=reduction,
-                              **kwargs_for(kind, param))
+                              **divergence_kwargs(kind, param))
     assert loss.shape == () and loss.dtype == torch.float32
     sr = s.detach().double().requires_grad_()
     ref = reference_loss(sr, t, kind, param, temperature, keep, reduction)
-    torch.testing.assert_close(loss.double(), ref, atol=value_atol(s, t, temperature), rtol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, atol=divergence_atol(s, t, temperature), rtol=1e-5)
     loss.backward()
     ref.backward()
     assert s.grad.dtype == s.dtype
     atol, rtol = GRAD_TOL[s.dtype]
-    atol += value_atol(s, t, temperature) / temperature / (1 if reduction == "sum" else max(1, shape[0]))
+    atol += divergence_atol(s, t, temperature) / temperature / (1 if reduction == "sum" else max(1, shape[0]))
     torch.testing.assert_close(s.grad.double(), sr.grad, atol=atol + rtol * sr.grad.abs().max().item(), rtol=rtol)
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 def test_fused_equals_unfused(kind, param):
     gen = torch.Generator().manual_seed(2)
     s = torch.randn(3, 7, 300, generator=gen, requires_grad=True)
@@ -75,7 +70,7 @@ def test_fused_equals_unfused(kind, param):
     losses = []
     for fused in (True, False):
         s.grad = None
-        loss = kdext.distill_loss(s, t, kind, labels=labels, fused=fused, **kwargs_for(kind, param))
+        loss = kdext.distill_loss(s, t, kind, labels=labels, fused=fused, **divergence_kwargs(kind, param))
         loss.backward()
         losses.append(loss)
         grads.append(s.grad.clone())
@@ -97,7 +92,7 @@ def test_reduction_none_and_mask():
     torch.testing.assert_close(mean, rows.sum() / 4)
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 def test_row_weights(kind, param):
     """weights multiply each row's value; mean still divides by the rows that count; weight 0 is
     an ignored row (no NaN leaks in); fused and unfused agree; weights that require grad get it."""
@@ -112,7 +107,7 @@ def test_row_weights(kind, param):
     labels = torch.randint(0, 257, (3, 5), generator=gen)
     labels[2, :2] = -100
     keep = labels != -100
-    kw = kwargs_for(kind, param)
+    kw = divergence_kwargs(kind, param)
     sr = s.detach().double()
     sr[0, 1] = 0.0  # its weight is 0: any finite row gives the reference
     sr.requires_grad_()
@@ -206,6 +201,16 @@ def test_backward_twice_through_the_fused_buffer_is_refused():
     loss.backward()
 
 
+def test_backward_twice_through_a_scaled_fused_loss_is_refused():
+    # A loss scaled by anything but 1 scales the buffer in place, which bumps its version:
+    # the second backward must still raise kdext's message, not autograd's in-place error.
+    s = torch.randn(2, 10, requires_grad=True)
+    loss = 2.5 * kdext.distill_loss(s, torch.randn(2, 10))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward was called twice"):
+        loss.backward()
+
+
 def test_no_counted_rows():
     s = torch.randn(3, 10, requires_grad=True)
     labels = torch.full((3,), -100)
@@ -219,3 +224,17 @@ def test_no_counted_rows():
     assert loss == 0
     loss.backward()
     assert (s.grad == 0).all()
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize("reduction, expected", [("mean", math.nan), ("sum", 0.0)])
+def test_no_rows_has_one_answer_whether_or_not_the_student_needs_a_gradient(requires_grad, reduction, expected):
+    # The fused path (student needs a gradient) and the per-row path agree on 0 rows: the mean
+    # over no row is NaN (as F.cross_entropy's), the sum 0; the gradient is empty.
+    s = torch.randn(0, 9, requires_grad=requires_grad)
+    t = torch.randn(0, 9)
+    loss = kdext.distill_loss(s, t, reduction=reduction)
+    assert (math.isnan(float(loss)) if math.isnan(expected) else float(loss) == expected), float(loss)
+    if requires_grad:
+        loss.backward()
+        assert s.grad.shape == (0, 9)

@@ -8,17 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdext
-from reference import GRAD_TOL, divergence
+from reference import DIVERGENCE_CASES, GRAD_TOL, call_divergence, divergence, divergence_atol, random_logits
 
-KINDS = [
-    ("reverse_kl", 0.0),
-    ("forward_kl", 0.0),
-    ("jsd", 0.5),
-    ("jsd", 0.1),
-    ("skew_forward_kl", 0.1),
-    ("skew_reverse_kl", 0.3),
-    ("tvd", 0.0),
-]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FINITE_UNDER_MASKS = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 ODD_VOCABS = [1, 2, 3, 7, 31, 100, 511, 513, 1271, 4099]
@@ -26,31 +17,7 @@ ODD_VOCABS = [1, 2, 3, 7, 31, 100, 511, 513, 1271, 4099]
 
 def call(kind, param, s, t, temperature):
     """The public per-row op for a kind."""
-    if kind == "jsd":
-        return kdext.jsd(s, t, beta=param, temperature=temperature)
-    if kind in ("skew_forward_kl", "skew_reverse_kl"):
-        return getattr(kdext, kind)(s, t, alpha=param, temperature=temperature)
-    return getattr(kdext, kind)(s, t, temperature=temperature)
-
-
-def value_atol(s, t, temperature):
-    """Float32 accumulation error bound for a row value.
-
-    The per-row value is a difference of O(1) sums and log-normalisers whose
-    size is about max|x/T| + log V; float32 rounds each to ~6e-8 relative and
-    a long sum accumulates a few dozen such roundings.
-    """
-    scale = max(s.double().abs().max().item(), t.double().abs().max().item()) / temperature
-    scale = 0.0 if math.isinf(scale) or math.isnan(scale) else scale
-    return 64 * 2**-24 * (1 + scale + math.log(s.shape[-1] + 1))
-
-
-def make_logits(gen, shape, dtype, scale, mask_frac, device="cpu"):
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-    if mask_frac > 0:
-        x = x.masked_fill(torch.rand(shape, generator=gen, dtype=torch.float64) < mask_frac, -math.inf)
-        x[..., 0] = torch.randn(shape[:-1], generator=gen, dtype=torch.float64) * scale  # >= 1 live entry
-    return x.to(dtype=dtype, device=device)
+    return call_divergence(kdext, kind, param, s, t, temperature)
 
 
 def check_against_reference(kind, param, s, t, temperature):
@@ -62,7 +29,7 @@ def check_against_reference(kind, param, s, t, temperature):
     sr = s.detach().double().requires_grad_()
     tr = t.detach().double().requires_grad_()
     ref = divergence(sr, tr, kind, param, temperature)
-    torch.testing.assert_close(out.double(), ref, atol=value_atol(s, t, temperature), rtol=1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=divergence_atol(s, t, temperature), rtol=1e-5)
 
     upstream = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gs, gt = torch.autograd.grad(out, (s, t), upstream.to(out.dtype))
@@ -71,14 +38,14 @@ def check_against_reference(kind, param, s, t, temperature):
     # Gradient entries carry the same float32 cancellation as the value (log
     # q_i - log p_i - c is a difference of numbers of size max|x/T|), times
     # the 1/T of the chain rule, plus the rounding to the input's dtype.
-    atol_acc = value_atol(s, t, temperature) / temperature
+    atol_acc = divergence_atol(s, t, temperature) / temperature
     for got, want, dtype in ((gs, gs_ref, s.dtype), (gt, gt_ref, t.dtype)):
         atol, rtol = GRAD_TOL[dtype]
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double(), want, atol=atol + atol_acc + rtol * scale, rtol=rtol)
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 @given(
     seed=st.integers(0, 2**31 - 1),
     rows=st.lists(st.integers(1, 4), min_size=1, max_size=3),
@@ -92,8 +59,8 @@ def check_against_reference(kind, param, s, t, temperature):
 def test_matches_float64_reference(kind, param, seed, rows, vocab, sdtype, tdtype, temperature, scale, mask_frac):
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(rows) + (vocab,)
-    s = make_logits(gen, shape, sdtype, scale, mask_frac)
-    t = make_logits(gen, shape, tdtype, scale, mask_frac if kind in FINITE_UNDER_MASKS else 0.0)
+    s = random_logits(gen, shape, sdtype, scale, mask_frac)
+    t = random_logits(gen, shape, tdtype, scale, mask_frac if kind in FINITE_UNDER_MASKS else 0.0)
     # Tokens masked for the student are masked for the teacher too (banned or
     # padded tokens); only the kinds that stay finite also get masks of their
     # own on either side (+inf, the true value elsewhere, is tested separately).
@@ -101,17 +68,17 @@ def test_matches_float64_reference(kind, param, seed, rows, vocab, sdtype, tdtyp
     check_against_reference(kind, param, s, t, temperature)
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 @pytest.mark.parametrize("shape", [(41, 401, 1271)[1:], (2, 32000), (1, 128256)])
 def test_large_and_odd_shapes(kind, param, shape):
     gen = torch.Generator().manual_seed(7)
-    s = make_logits(gen, shape, torch.float32, 3.0, 0.1)
-    t = make_logits(gen, shape, torch.bfloat16, 3.0, 0.0)
+    s = random_logits(gen, shape, torch.float32, 3.0, 0.1)
+    t = random_logits(gen, shape, torch.bfloat16, 3.0, 0.0)
     t = t.masked_fill(torch.isinf(s), -math.inf)
     check_against_reference(kind, param, s, t, 1.0)
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 def test_gradcheck_float64(kind, param):
     gen = torch.Generator().manual_seed(3)
     s = torch.randn(3, 2, 9, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -119,13 +86,13 @@ def test_gradcheck_float64(kind, param):
     assert torch.autograd.gradcheck(lambda a, b: call(kind, param, a, b, 1.7), (s, t))
 
 
-@pytest.mark.parametrize("kind,param", KINDS)
+@pytest.mark.parametrize("kind,param", DIVERGENCE_CASES)
 @given(seed=st.integers(0, 2**31 - 1), vocab=st.sampled_from(ODD_VOCABS), temperature=st.sampled_from([0.7, 1.0]))
 def test_properties(kind, param, seed, vocab, temperature):
     gen = torch.Generator().manual_seed(seed)
     s = torch.randn(5, vocab, generator=gen) * 3
     t = torch.randn(5, vocab, generator=gen) * 3
-    atol = value_atol(s, t, temperature)
+    atol = divergence_atol(s, t, temperature)
     d = call(kind, param, s, t, temperature)
     assert (d >= -atol).all(), "divergences are non-negative"
     torch.testing.assert_close(call(kind, param, s, s, temperature), torch.zeros(5), atol=atol, rtol=0)
@@ -173,8 +140,8 @@ def test_skew_endpoints_and_underflowing_mixtures():
     assert kdext.skew_reverse_kl(ms, mt, alpha=0.0)[1] == math.inf
     assert torch.isfinite(kdext.skew_forward_kl(ms, mt, alpha=0.1)).all()
     peaked = torch.Generator().manual_seed(4)
-    ps = make_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
-    pt = make_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
+    ps = random_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
+    pt = random_logits(peaked, (6, 1271), torch.float32, 60.0, 0.3)
     for kind, param in (("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.3), ("jsd", 0.2)):
         check_against_reference(kind, param, ps, pt, 1.0)
 
@@ -198,7 +165,7 @@ def test_nan_poisons_only_its_row():
     t = torch.randn(3, 17)
     with torch.no_grad():
         s[1, 4] = math.nan
-    for kind, param in KINDS:
+    for kind, param in DIVERGENCE_CASES:
         s.grad = None
         d = call(kind, param, s, t, 1.0)
         assert torch.isnan(d[1]) and torch.isfinite(d[[0, 2]]).all(), kind
@@ -213,7 +180,7 @@ def test_non_contiguous_and_leading_dims():
     s = base_s[:, 1:4, :]  # rows not collapsible into a view
     t = base_t.permute(2, 1, 0)[:, 1:4, :]  # last dim not unit-stride
     assert not s.is_contiguous() and t.stride(-1) != 1
-    for kind, param in KINDS:
+    for kind, param in DIVERGENCE_CASES:
         check_against_reference(kind, param, s, t, 1.3)
 
 
@@ -254,7 +221,7 @@ def test_indexing_beyond_2_pow_31_elements():
     s[-2:], t[-2:] = tail_s, tail_t
     kl = kdext.reverse_kl(s, t)
     ref = divergence(tail_s, tail_t, "reverse_kl")
-    torch.testing.assert_close(kl[-2:].double(), ref, atol=value_atol(tail_s, tail_t, 1.0), rtol=1e-5)
+    torch.testing.assert_close(kl[-2:].double(), ref, atol=divergence_atol(tail_s, tail_t, 1.0), rtol=1e-5)
     assert (kl[:-2] == 0).all()
     s.requires_grad_()
     kdext.distill_loss(s, t, reduction="sum").backward()

@@ -100,11 +100,16 @@ def pair_cases():
                           (TypeError, RuntimeError), "temperature"))
         cases.append(Case(f"{name}-not_a_tensor", lambda fn=fn: fn([[1.0, 2.0]], L(1, 2)), (TypeError, RuntimeError),
                           "student_logits"))
+        # The schema's float would take True as 1.0; every public function refuses a bool.
+        cases.append(Case(f"{name}-temperature_bool", lambda fn=fn: fn(L(3, 5), L(3, 5), temperature=True),
+                          TypeError, "temperature"))
     for fn_name, pname in (("jsd", "beta"), ("skew_forward_kl", "alpha"), ("skew_reverse_kl", "alpha")):
         fn = PAIR_FNS[fn_name]
         for v in (-0.1, 1.1, math.nan, math.inf):
             cases.append(Case(f"{fn_name}-{pname}={v}", lambda fn=fn, pname=pname, v=v: fn(L(3, 5), L(3, 5), **{pname: v}),
                               ValueError, pname))
+        cases.append(Case(f"{fn_name}-{pname}_bool", lambda fn=fn, pname=pname: fn(L(3, 5), L(3, 5), **{pname: False}),
+                          TypeError, pname))
     return cases
 
 
@@ -118,6 +123,8 @@ def distill_loss_cases():
         Case("distill_loss-labels_shape", lambda: dl(s(), t(), labels=I(2, 4)), ValueError, "labels"),
         Case("distill_loss-labels_flat", lambda: dl(s(), t(), labels=I(6)), ValueError, "labels"),
         Case("distill_loss-labels_list", lambda: dl(s(), t(), labels=[[0, 1, 2], [0, 1, 2]]), TypeError, "labels"),
+        Case("distill_loss-labels_float", lambda: dl(s(), t(), labels=torch.zeros(2, 3)), TypeError, "labels"),
+        Case("distill_loss-labels_bool", lambda: dl(s(), t(), labels=B(2, 3)), TypeError, "labels"),
         Case("distill_loss-labels_device", lambda: dl(s(), t(), labels=I(2, 3, device="meta")), RuntimeError, "labels"),
         Case("distill_loss-mask_dtype", lambda: dl(s(), t(), mask=torch.ones(2, 3)), TypeError, "mask"),
         Case("distill_loss-mask_shape", lambda: dl(s(), t(), mask=B(3, 2)), ValueError, "mask"),
@@ -166,6 +173,8 @@ def single_cases():
                               "temperature"))
         cases.append(Case(f"{name}-temperature_str", lambda fn=fn: fn(L(3, 5), temperature="hot"),
                           (TypeError, RuntimeError), "temperature"))
+        cases.append(Case(f"{name}-temperature_bool", lambda fn=fn: fn(L(3, 5), temperature=True), TypeError,
+                          "temperature"))
     lp = kdext.logprobs
     cases += [
         Case("logprobs-tokens_float", lambda: lp(L(3, 5), torch.zeros(3)), TypeError, "tokens"),
@@ -210,7 +219,10 @@ _BY_ID = {c.id: c for c in PUBLIC_CASES}
 
 @pytest.mark.parametrize("cid", FAKE_IDS)
 def test_same_error_under_fake_tensors(cid):
-    case = _BY_ID[cid]
+    check_same_error_under_fake_tensors(_BY_ID[cid])
+
+
+def check_same_error_under_fake_tensors(case):
     with pytest.raises(case.exc) as eager:
         case.fn()
     with FakeTensorMode():
@@ -343,6 +355,14 @@ def raw_cases():
         Case("softmax_backward-device", lambda: sb(L(3, 5, device="meta"), L(3, 5), 1.0, False), RuntimeError,
              "grad_output"),
     ]
+    lf64 = ops.lse_float64
+    c += [
+        Case("lse_float64-int", lambda: lf64(I(3, 5), 1.0), TypeError, "logits"),
+        Case("lse_float64-zero_dim", lambda: lf64(L(), 1.0), ValueError, "logits"),
+        Case("lse_float64-empty_vocab", lambda: lf64(L(3, 0), 1.0), ValueError, ("logits", "vocabulary")),
+        Case("lse_float64-temperature", lambda: lf64(L(3, 5), 0.0), ValueError, "temperature"),
+        Case("lse_float64-temperature_nan", lambda: lf64(L(3, 5), math.nan), ValueError, "temperature"),
+    ]
     ef, eb = ops.entropy_forward, ops.entropy_backward
     c += [
         Case("entropy_forward-int", lambda: ef(I(3, 5), 1.0), TypeError, "logits"),
@@ -388,6 +408,18 @@ RAW_CASES = raw_cases()
 @pytest.mark.parametrize("case", RAW_CASES, ids=lambda c: c.id)
 def test_raw_op_error(case):
     case.check()
+
+
+# Raw ops that the Python wrappers do not check first: their fake kernels alone
+# must raise the eager words.
+RAW_FAKE_IDS = ["lse_float64-int", "lse_float64-empty_vocab", "lse_float64-temperature", "scale_-factor_shape",
+                "scale_-factor_device"]
+_RAW_BY_ID = {c.id: c for c in RAW_CASES}
+
+
+@pytest.mark.parametrize("cid", RAW_FAKE_IDS)
+def test_raw_op_same_error_under_fake_tensors(cid):
+    check_same_error_under_fake_tensors(_RAW_BY_ID[cid])
 
 
 def test_every_op_has_error_cases():

@@ -24,6 +24,7 @@ import traceback
 
 import pytest
 import torch
+from reference import DIVERGENCE_CASES, JSD_ENDPOINTS, PHILOX_KNOWN_ANSWERS, call_divergence, divergence_kwargs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +37,7 @@ TOL = {
     torch.float16: (1e-3, 1e-3),
 }
 
-DIVERGENCES = [
-    ("reverse_kl", None),
-    ("forward_kl", None),
-    ("jsd", 0.0),
-    ("jsd", 0.3),
-    ("jsd", 1.0),
-    ("skew_forward_kl", 0.1),
-    ("skew_reverse_kl", 0.25),
-    ("tvd", None),
-]
+DIVERGENCES = DIVERGENCE_CASES + JSD_ENDPOINTS
 
 
 def shard_sizes(vocab, world, variant=0):
@@ -130,14 +122,6 @@ def logits(shape, gen, scale=3.0, dtype=torch.float32):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
-def div_call(module, kind, param, s, t, temperature, **kw):
-    fn = getattr(module, kind)
-    if param is None:
-        return fn(s, t, temperature=temperature, **kw)
-    key = "beta" if kind == "jsd" else "alpha"
-    return fn(s, t, temperature=temperature, **{key: param}, **kw)
-
-
 def compare_divergence(ctx, kind, param, s_full, t_full, temperature, variant=0, what=""):
     import kdext
     import kdext.parallel as P
@@ -146,8 +130,8 @@ def compare_divergence(ctx, kind, param, s_full, t_full, temperature, variant=0,
     t_loc = ctx.shard(t_full, variant=variant).requires_grad_()
     s_ref = s_full.detach().clone().requires_grad_()
     t_ref = t_full.detach().clone().requires_grad_()
-    got = div_call(P, kind, param, s_loc, t_loc, temperature)
-    ref = div_call(kdext, kind, param, s_ref, t_ref, temperature)
+    got = call_divergence(P, kind, param, s_loc, t_loc, temperature)
+    ref = call_divergence(kdext, kind, param, s_ref, t_ref, temperature)
     tag = f"{what} {kind}({param}) T={temperature}"
     expect(got.shape == ref.shape and got.dtype == ref.dtype, tag + ": shape/dtype")
     assert_close(got, ref, what=tag + " value")
@@ -244,7 +228,7 @@ def check_distill_loss(ctx):
     nothing = torch.zeros(rows, dtype=torch.bool)
     lo, hi = ctx.bounds(vocab)
     for kind, param in DIVERGENCES:
-        kw = {} if param is None else ({"beta": param} if kind == "jsd" else {"alpha": param})
+        kw = divergence_kwargs(kind, param)
         for reduction in ("mean", "sum", "none"):
             for sel in ({"labels": labels}, {"mask": mask}, {"labels": labels, "mask": mask}, {"mask": nothing}):
                 for teacher_grad in (False, True):
@@ -432,7 +416,7 @@ def check_validation(ctx):
             P.distill_loss(s, s, labels=torch.zeros(3, dtype=torch.long))
         with pytest.raises(ValueError, match="top_p must be in"):
             P.top_p_sample(s, top_p=1.5)
-        with pytest.raises(ValueError, match="top_k must be >= 0"):
+        with pytest.raises(ValueError, match=r"top_k must be in \[0, 2\*\*63 - 1\]"):
             P.top_p_sample(s, top_k=-1)
         with pytest.raises(ValueError, match="teacher_logits is None"):
             P.top_p_sample(s, alpha=0.2)
@@ -592,7 +576,7 @@ def op_runners(ctx, rows, vocab, dtype):
         runners.append((name, forward, backward))
 
     for kind, param in DIVERGENCES:
-        add(f"{kind}({param})", lambda s, t, k=kind, p=param: div_call(P, k, p, s, t, 1.0))
+        add(f"{kind}({param})", lambda s, t, k=kind, p=param: call_divergence(P, k, p, s, t, 1.0))
     add("distill_loss", lambda s, t: P.distill_loss(s, t, kind="jsd", labels=labels))
     add("softmax", lambda s, t: P.softmax(s))
     add("log_softmax", lambda s, t: P.log_softmax(s))
@@ -603,7 +587,7 @@ def op_runners(ctx, rows, vocab, dtype):
 
 
 def expected_bytes(name, rows, a, world):
-    """Payload bytes (forward, backward) that the module docstring's schedule promises.
+    """Payload bytes (forward, backward) that the schedule of kdext/parallel/__init__.py promises.
 
     ``a``: bytes of the accumulation dtype; the softmax family and logprobs exchange
     their lse's in float64 (8 bytes) whatever the input dtype.
@@ -740,9 +724,11 @@ def compare_sample(ctx, s, t, what, variant=0, seed=1234, max_ill=None, **kw):
         a, b = getattr(got, name), getattr(ref, name)
         expect(a.shape == b.shape and a.dtype == b.dtype, f"{tag} {name}: shape/dtype {a.shape} {a.dtype}")
         assert_same_on_all_ranks(a, f"{tag} {name}")
+    from kdext.parallel.top_p_sample import philox_uniform
+
     rows = s.reshape(-1, s.shape[-1]).shape[0]
     ids = kw.get("row_ids")
-    u = P._philox_uniform(seed, 0, torch.arange(rows, device=s.device) if ids is None else ids.reshape(-1))
+    u = philox_uniform(seed, 0, torch.arange(rows, device=s.device) if ids is None else ids.reshape(-1))
     refs = sample_reference(s.reshape(rows, -1), None if t is None else t.reshape(rows, -1),
                             kw.get("top_p", 1.0), kw.get("top_k", 0), kw.get("temperature", 1.0), alpha, u)
     g_tok, r_tok = got.tokens.reshape(-1), ref.tokens.reshape(-1)
@@ -865,12 +851,12 @@ def check_sample_collective_bytes(ctx):
     """top_p_sample moves O(rows) bytes, bounded independently of V, and never the logits:
     gather (V_local, seed, offset), 24 B per call; gather lse's, 8 B per row and side; gather the
     row totals, 32 B per row; per search round, gather 4K float64 per still-active row, at most
-    _search_round_bound() rounds per search; gather the owner's draw, 32 B per row."""
+    search_round_bound() rounds per search; gather the owner's draw, 32 B per row."""
     import kdext.parallel as P
+    from kdext.parallel.top_p_sample import SEARCH_PIVOTS, search_round_bound
 
-    k = P._SEARCH_PIVOTS
-    per_round = 4 * k * 8
-    bound = P._search_round_bound()
+    per_round = 4 * SEARCH_PIVOTS * 8
+    bound = search_round_bound()
     with CollectiveCounter() as counter:
         for rows in (6, 12):
             for vocab in (ctx.world * 8, ctx.world * 3000):
@@ -1006,18 +992,13 @@ def test_torchrun_example():
     assert "all ops agree with the single-device result" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_philox_known_answers():
+@pytest.mark.parametrize("counter,key,words", PHILOX_KNOWN_ANSWERS)
+def test_philox_known_answers(counter, key, words):
     """The Python Philox4x32-10 of kdext.parallel: Random123's known-answer vectors."""
-    import kdext.parallel as P
+    from kdext.parallel.top_p_sample import philox4x32_10
 
-    def words(ctr, key):
-        out = P._philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in ctr), *key)
-        return [int(w) for w in out]
-
-    assert words((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    assert words((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF)) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-    assert words((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == [
-        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+    out = philox4x32_10(tuple(torch.tensor([c], dtype=torch.int64) for c in counter), *key)
+    assert tuple(int(w) for w in out) == words
 
 
 @pytest.mark.parametrize("seed,offset", [(1234, 0), (-7, 5), ((1 << 63) - 3, (1 << 40) + 3)])
@@ -1027,16 +1008,31 @@ def test_philox_uniform_matches_the_kernel(seed, offset):
     the top 12 bits of u; 300 rows check (seed, row, offset) -> u, by index and by row_ids
     (negative, repeated and beyond 2^32 included)."""
     import kdext
-    import kdext.parallel as P
+    from kdext.parallel.top_p_sample import philox_uniform
 
     rows, vocab = 300, 4096
     x = torch.zeros(rows, vocab)
     tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset)[0]
-    u = P._philox_uniform(seed, offset, torch.arange(rows))
+    u = philox_uniform(seed, offset, torch.arange(rows))
     assert torch.equal(tokens, (u.double() * vocab).floor().long())
     ids = torch.randint(-(1 << 62), 1 << 62, (rows,), generator=torch.Generator().manual_seed(offset % 1000))
     ids[:3] = torch.tensor([-1, (1 << 63) - 1, 1 << 32])
     ids[3] = ids[4]
     tokens = kdext.ops.top_p_sample(x, None, 1.0, 0, 1.0, 0.0, seed, offset, ids)[0]
-    u = P._philox_uniform(seed, offset, ids)
+    u = philox_uniform(seed, offset, ids)
     assert torch.equal(tokens, (u.double() * vocab).floor().long())
+
+
+def test_signatures_are_the_single_device_ones_plus_group():
+    """Every op of kdext.parallel takes its single-device twin's parameters (same names, order and
+    defaults) plus ``group=None``; distill_loss has no ``fused`` (its gradient is never fused)."""
+    import inspect
+
+    import kdext
+    import kdext.parallel as P
+
+    twins = [name for name in P.__all__ if name not in ("count_collectives", "shard_range")]
+    for name in twins:
+        want = [p for p in inspect.signature(getattr(kdext, name)).parameters.values() if p.name != "fused"]
+        got = list(inspect.signature(getattr(P, name)).parameters.values())
+        assert [(p.name, p.default) for p in got] == [(p.name, p.default) for p in want] + [("group", None)], name

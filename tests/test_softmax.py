@@ -342,7 +342,7 @@ def test_all_masked_row():
     torch.testing.assert_close(kdext.softmax(x), torch.softmax(xd, -1), equal_nan=True)
     torch.testing.assert_close(kdext.log_softmax(x), torch.log_softmax(xd, -1), equal_nan=True)
     torch.testing.assert_close(kdext.logsumexp(x), torch.logsumexp(xd, -1))
-    # entropy: no distribution, so NaN, and a zero gradient (DESIGN.md).
+    # entropy: no distribution, so NaN, and a zero gradient (docs/DESIGN.md).
     h = kdext.entropy(x, 1.3)
     assert torch.isnan(h[1]) and torch.isfinite(h[[0, 2]]).all()
     (g,) = torch.autograd.grad(h[[0, 2]].sum() + h[1], x)  # NaN upstream value included
@@ -377,3 +377,90 @@ def test_plus_inf_logit_poisons_only_its_row(name):
     ref = {"softmax": torch.softmax, "log_softmax": torch.log_softmax}.get(name)
     if ref is not None:
         torch.testing.assert_close(out[0], ref(x, -1)[0], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------
+# lse_float64: the per-row lse in float64 that vocab shards exchange
+# ---------------------------------------------------------------------------
+
+ops = torch.ops.kdext
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rows=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    vocab=st.sampled_from(VOCABS),
+    dtype=st.sampled_from(DTYPES),
+    temperature=st.sampled_from([0.5, 1.0, 2.3]),
+    scale=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
+    mask_frac=st.sampled_from([0.0, 0.3]),
+)
+def test_lse_float64_matches_float64_reference(seed, rows, vocab, dtype, temperature, scale, mask_frac):
+    """The lse of the same rounded inputs, within the float32 accumulation error
+    (float64 for float64 logits): log_domain_atol, as for logsumexp."""
+    gen = torch.Generator().manual_seed(seed)
+    x = R.random_logits(gen, tuple(rows) + (vocab,), dtype, scale, mask_frac)
+    out = ops.lse_float64(x, temperature)
+    assert out.dtype == torch.float64 and out.shape == x.shape[:-1]
+    R.assert_within(out, R.logsumexp(x, temperature), R.log_domain_atol(x, temperature), "lse_float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 1), (2, 3, 7), (513,), (4, 1271), (0, 9), (3, 0, 8)])
+def test_lse_float64_is_entropy_forwards_lse(device, dtype, shape):
+    """Bit for bit the lse entropy_forward returns (what kdext.parallel exchanged
+    before lse_float64 existed), on every shape, with masked entries, large
+    logits and a temperature."""
+    gen = torch.Generator().manual_seed(11)
+    x = R.random_logits(gen, shape, dtype, 7.0, 0.3, device) + 2000.0  # masked entries stay -inf
+    for temperature in (1.0, 0.37):
+        got = ops.lse_float64(x, temperature)
+        assert got.dtype == torch.float64 and got.shape == x.shape[:-1] and got.device == x.device
+        assert torch.equal(got, ops.entropy_forward(x, temperature)[1])
+
+
+@pytest.mark.parametrize("shift", [1000.0, 10000.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("vocab", [7, 1271, 128256])
+def test_lse_float64_keeps_the_exact_max(shift, temperature, vocab):
+    """The float32 state's max is exact and only max + log(sum) is formed in
+    float64, so the error does not grow with the logits: a few dozen roundings
+    of O(1 + log V), where the float32 logsumexp rounds at ulp(shift / T) / 2.
+    (T is a power of two, so x / T is exact.)"""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(3, vocab, generator=gen) * 3 + shift
+    want = R.logsumexp(x, temperature)
+    bound = 16 * 2.0**-24 * (1 + math.log(vocab))
+    R.assert_within(ops.lse_float64(x, temperature), want, bound, f"lse_float64(x + {shift})")
+    if shift / temperature >= 2**12:  # a float32 lse rounds by up to ulp / 2 >= 2^-12 there
+        float32_error = (kdext.logsumexp(x, temperature).double() - want).abs().max().item()
+        assert float32_error > bound, "the float64 output is what makes the difference"
+
+
+def test_lse_float64_row_contract(device):
+    """Masked entries add nothing, a row whose logits are all -inf has lse -inf
+    (the row contract: an Empty row), and a NaN or +inf logit poisons its row
+    only (not finite, like logsumexp's)."""
+    inf = math.inf
+    x = torch.tensor([[0.0, 1.0, -inf, 2.0], [-inf, -inf, -inf, -inf], [3.0, -inf, -inf, 1.0],
+                      [1.0, math.nan, 0.0, 2.0], [0.5, inf, 0.0, 1.0]], device=device)
+    for dtype in DTYPES:
+        out = ops.lse_float64(x.to(dtype), 1.3).cpu()
+        want = torch.logsumexp(x.to(dtype).double().cpu() / 1.3, -1)
+        R.assert_within(out[[0, 2]], want[[0, 2]], 2 * R.log_domain_atol(x[[0, 2]].to(dtype), 1.3))
+        assert out[1] == -inf
+        assert torch.isnan(out[3]) and not torch.isfinite(out[4])
+        assert torch.equal(torch.isfinite(out), torch.isfinite(kdext.logsumexp(x.to(dtype), 1.3).cpu()))
+
+
+def test_lse_float64_non_contiguous_and_not_differentiable():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 5, 40, generator=gen)
+    rows_strided = base[:, 1:4, :]
+    last_strided = torch.randn(40, 5, 3, generator=gen).permute(2, 1, 0)
+    every_other = torch.randn(4, 81, generator=gen).to(torch.bfloat16)[:, ::2]
+    for x in (rows_strided, last_strided, every_other):
+        R.assert_within(ops.lse_float64(x, 1.3), R.logsumexp(x, 1.3), R.log_domain_atol(x, 1.3))
+        assert torch.equal(ops.lse_float64(x, 1.3), ops.lse_float64(x.contiguous(), 1.3))
+    x = torch.randn(2, 9, requires_grad=True)
+    assert not ops.lse_float64(x, 1.0).requires_grad

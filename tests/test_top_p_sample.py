@@ -1,11 +1,13 @@
-"""kdext.top_p_sample against a float64, sort-based reference of the sampling contract (DESIGN.md).
+"""kdext.top_p_sample against a float64, sort-based reference of the sampling contract (docs/DESIGN.md).
 
 Statistical tests draw many rows of the same logits in one call (one draw per row) with fixed
 seeds, so they are deterministic; the chi-square p-value is computed here (no scipy). Hypothesis
-settings come from the profile of tests/conftest.py (HYPOTHESIS_PROFILE).
+settings come from the profile of tests/conftest.py (HYPOTHESIS_PROFILE), the devices from its
+``device`` fixture.
 """
 
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -17,9 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kdext  # noqa: F401
-from kdext.sampling import SampleResult, top_p_sample
+from kdext.top_p_sample import SampleResult, top_p_sample
+from reference import PHILOX_KNOWN_ANSWERS, philox4x32_10
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a visible CUDA device")
 
 # Relative slack on top_p for the float32 kernel vs the float64 reference: a token whose
@@ -37,7 +39,7 @@ FLT_MIN = torch.finfo(torch.float32).tiny
 
 def ref_mixture(logits, teacher, temperature, alpha):
     """r in float64; probabilities below float32's normal range count as 0 (the contract's
-    float32 r, see kdext/top_p.h mixture_prob)."""
+    float32 r, see csrc/include/kdext/top_p.h mixture_prob)."""
     q = torch.softmax(logits.double() / temperature, -1)
     if alpha == 0.0:
         r = q
@@ -199,7 +201,6 @@ CHI2_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha,temperature,top_k,top_p", CHI2_SETTINGS)
 def test_frequencies_follow_filtered_distribution(device, alpha, temperature, top_k, top_p):
     gen = torch.Generator().manual_seed(1000 + int(100 * top_p) + top_k)
@@ -256,7 +257,6 @@ def sampling_case(draw):
     return s, (t if with_teacher else None), top_p, top_k, temperature, alpha, seed
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @given(case=sampling_case())
 def test_matches_reference(device, case):
     s, t, top_p, top_k, temperature, alpha, seed = case
@@ -291,7 +291,6 @@ def test_large_vocab_all_rules():
 # ---------------------------------------------------------------------------------------------
 # Limits, ties, masks
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 def test_tiny_top_p_is_greedy(device):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(64, 300, generator=g)
@@ -304,7 +303,6 @@ def test_tiny_top_p_is_greedy(device):
     assert torch.equal(res.tokens.cpu(), s.argmax(-1))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_greedy_keeps_tied_maxima(device):
     s = torch.zeros(4000, 10)
     s[:, [2, 5, 7]] = 3.0
@@ -316,7 +314,6 @@ def test_greedy_keeps_tied_maxima(device):
     assert set(res.tokens.cpu().tolist()) == {2, 5, 7}
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_top_p_one_keeps_everything(device):
     g = torch.Generator().manual_seed(1)
     s = torch.randn(5, 1000, generator=g) * 3
@@ -331,7 +328,6 @@ def test_top_p_one_keeps_everything(device):
     assert torch.equal(res.tokens, res3.tokens)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_uniform_row_ties(device):
     # Every token tied: any top_p keeps all of them.
     s = torch.zeros(3, 50000)
@@ -349,7 +345,6 @@ def test_uniform_row_ties(device):
     assert set(res.tokens.cpu().tolist()) == set(range(8))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_masked_tokens_never_drawn(device):
     g = torch.Generator().manual_seed(4)
     s = torch.randn(3000, 40, generator=g)
@@ -373,7 +368,6 @@ def test_masked_tokens_never_drawn(device):
     assert not (res.tokens.cpu() == 1).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_probabilities_below_float32_range_are_zero(device):
     # q = e^-200 / Z is below FLT_MIN: such tokens are never drawn, on every device alike.
     s = torch.tensor([[0.0, -200.0, 0.0, -80.0]]).expand(2000, 4).contiguous()
@@ -383,7 +377,6 @@ def test_probabilities_below_float32_range_are_zero(device):
     torch.testing.assert_close(res.threshold.cpu(), torch.softmax(s, -1)[:, 3])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_rows_without_distribution(device):
     s = torch.randn(5, 30)
     s[1] = -math.inf
@@ -412,7 +405,6 @@ def test_rows_without_distribution(device):
 # ---------------------------------------------------------------------------------------------
 # Random numbers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_by_seed(device):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(200, 500, generator=g).to(device)
@@ -434,7 +426,6 @@ def test_reproducible_by_seed(device):
     assert torch.equal(f.tokens.reshape(-1), a.tokens)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_reproducible_by_generator(device):
     g0 = torch.Generator().manual_seed(0)
     s = torch.randn(200, 500, generator=g0).to(device)
@@ -459,7 +450,6 @@ def test_reproducible_by_generator(device):
     assert not torch.equal(c.tokens, e.tokens)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_row_ids_make_a_draw_independent_of_the_batch(device):
     g = torch.Generator().manual_seed(1)
     s = torch.randn(40, 300, generator=g).to(device)
@@ -504,7 +494,6 @@ def test_cuda_generator_offset_advances_by_one_block():
     assert torch.equal(a.tokens, b[0])
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_philox_stream_mapping(device):
     # The op's uniforms are word 0 of philox4x32_10(counter=(offset, row), key=seed): seen
     # through a two-token row whose CDF splits at 1/2, token 1 iff u > 1/2 iff the top bit of
@@ -517,32 +506,30 @@ def test_philox_stream_mapping(device):
 
 
 def _philox_word0(seed, offset, row):
-    M = 0xFFFFFFFF
-    c = [offset & M, (offset >> 32) & M, row & M, row >> 32]
-    k0, k1 = seed & M, seed >> 32
-    for i in range(10):
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [((p1 >> 32) ^ c[1] ^ k0) & M, p1 & M, ((p0 >> 32) ^ c[3] ^ k1) & M, p0 & M]
-        k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
-    return c[0]
+    return philox4x32_10((offset & 0xFFFFFFFF, offset >> 32, row & 0xFFFFFFFF, row >> 32),
+                         (seed & 0xFFFFFFFF, seed >> 32))[0]
 
 
-def test_philox_known_answer_python_model():
-    # The Python model above against Random123's published philox4x32_10 vector (all zero).
-    M = 0xFFFFFFFF
-    c = [0, 0, 0, 0]
-    k0 = k1 = 0
-    for i in range(10):
-        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
-        c = [((p1 >> 32) ^ c[1] ^ k0) & M, p1 & M, ((p0 >> 32) ^ c[3] ^ k1) & M, p0 & M]
-        k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
-    assert c == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+@pytest.mark.parametrize("counter,key,words", PHILOX_KNOWN_ANSWERS)
+def test_philox_known_answer_python_model(counter, key, words):
+    # The Python model above against Random123's published philox4x32_10 vectors.
+    assert philox4x32_10(counter, key) == words
+
+
+def test_function_and_module_share_the_stem():
+    # kdext.top_p_sample is the function; the module of the same stem stays importable.
+    import importlib
+
+    module = importlib.import_module("kdext.top_p_sample")
+    assert kdext.top_p_sample is top_p_sample is module.top_p_sample
+    assert kdext.SampleResult is SampleResult is module.SampleResult
+    res = kdext.top_p_sample(torch.zeros(3, 5), top_p=0.5, seed=1)
+    assert isinstance(res, SampleResult) and res.tokens.shape == (3,)
 
 
 # ---------------------------------------------------------------------------------------------
 # dtypes, shapes
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tdtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                                           (torch.bfloat16, torch.float16), (torch.float64, torch.float32)])
 def test_low_precision_inputs(device, dtype, tdtype):
@@ -555,7 +542,6 @@ def test_low_precision_inputs(device, dtype, tdtype):
         check_against_reference(res, s, t, top_p, top_k, 0.8, alpha)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_shapes_and_strides(device):
     g = torch.Generator().manual_seed(6)
     s = torch.randn(3, 5, 7, 129, generator=g).to(device)
@@ -590,6 +576,13 @@ BAD = [
     (dict(temperature=-1.0), ValueError, "temperature"),
     (dict(temperature=math.inf), ValueError, "temperature"),
 ]
+
+
+def test_top_k_beyond_int64_says_the_range():
+    # The op's schema takes an int64: the wrapper says the range instead of the binding's
+    # "Expected a value of type 'int'".
+    with pytest.raises(ValueError, match=re.escape("top_k must be in [0, 2**63 - 1]")):
+        top_p_sample(torch.randn(2, 10), top_k=2**63)
 
 
 @pytest.mark.parametrize("kwargs,exc,word", BAD)
@@ -681,7 +674,6 @@ def test_cuda_agrees_with_cpu(dtype):
         check_against_reference(b, s, t, top_p, top_k, 1.0, alpha)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     g = torch.Generator().manual_seed(0)
     s = torch.randn(3, 4, 97, generator=g).to(device)

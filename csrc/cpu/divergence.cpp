@@ -1,10 +1,10 @@
 // CPU kernels of the divergence family: divergence_forward, divergence_backward,
-// divergence_loss (the fused loss + student gradient), divergence_partial
-// (a vocab shard's sums) and scale_.
+// divergence_loss (the fused loss + student gradient) and divergence_partial
+// (a vocab shard's sums).
 //
 // Rows are split across threads; each row is streamed in chunks (cpu/vec.h)
 // and reduced with SIMD lanes. Reverse KL takes one pass per row (the online
-// state of DESIGN.md); the other divergences need the log-normalisers before
+// state of docs/DESIGN.md); the other divergences need the log-normalisers before
 // their terms, so they take a second pass over the row, which is still in L2.
 // The gradient pass is one more read of the row and one write.
 #include <ATen/Dispatch.h>
@@ -17,6 +17,7 @@
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
 #include "kdext/divergence.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cpu {
@@ -56,7 +57,7 @@ struct RowPair {
 };
 
 // Softmax states of both rows in one pass; with kWeighted also the reverse-KL
-// sum A = sum_i exp(x_i - m_s) (x_i - y_i) (DESIGN.md).
+// sum A = sum_i exp(x_i - m_s) (x_i - y_i) (docs/DESIGN.md).
 template <typename acc_t, bool kWeighted>
 ReverseKLState<acc_t> pair_state(const RowPair<acc_t>& row, Buffers<acc_t>& buf) {
   LaneSoftmax<acc_t> s, t;
@@ -140,16 +141,14 @@ RowResult<acc_t> row_forward(const RowPair<acc_t>& row, const DivergenceParam<ac
 }
 
 // Gradient pass: writes scale * dD/ds (and/or dD/dt) * T for one row. `scale`
-// carries 1/T and the upstream gradient. Empty rows get zeros, poisoned rows NaN.
+// carries 1/T and the upstream gradient. Rows whose gradient is a constant
+// (empty or poisoned rows, a zero scale) are filled: constant_gradient.
 template <typename acc_t, Divergence D>
 void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const DivergenceParam<acc_t>& prm,
                   acc_t scale, void* gs, c10::ScalarType gs_dtype, void* gt, c10::ScalarType gt_dtype,
                   Buffers<acc_t>& buf) {
-  const RowKind kind = classify_row(st.lse_s, st.lse_t);
-  // A zero upstream gradient (an ignored row) gives a zero gradient even for a
-  // NaN row, as autograd treats "no gradient"; empty rows always get zeros.
-  if (kind != RowKind::Normal || scale == acc_t(0)) {
-    const acc_t fill = (kind == RowKind::Poisoned && scale != acc_t(0)) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
+  acc_t fill;
+  if (constant_gradient(classify_row(st.lse_s, st.lse_t), scale, &fill)) {
     std::fill(buf.out, buf.out + kChunk, fill);
     for (int64_t b = 0; b < row.V; b += kChunk) {
       const int64_t n = std::min<int64_t>(kChunk, row.V - b);
@@ -159,30 +158,29 @@ void row_backward(const RowPair<acc_t>& row, const RowResult<acc_t>& st, const D
     return;
   }
   const Vec<acc_t> vls(st.lse_s), vlt(st.lse_t), vscale(scale), inv(row.inv_t);
+  // grad(log q, log p) * scale over chunk [b, b + n) of one gradient row.
+  const auto write_chunk = [&](void* g, c10::ScalarType g_dtype, const auto& c, int64_t b, int64_t n, auto grad) {
+    acc_t* out = chunk_out(g, g_dtype, b, n, buf.out);
+    for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
+      const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
+      (grad(ls, lt) * vscale).store(out + i);
+    }
+    finish_chunk(out, buf.out, n, g_dtype, g, b);
+  };
   for (int64_t b = 0; b < row.V; b += kChunk) {
     const int64_t n = std::min<int64_t>(kChunk, row.V - b);
     const auto c = row.load(b, n, buf);
-    if (gs) {
-      acc_t* out = chunk_out(gs, gs_dtype, b, n, buf.out);
-      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
-        (DivergenceMath<D>::student_grad(ls, lt, prm, st.cs) * vscale).store(out + i);
-      }
-      finish_chunk(out, buf.out, n, gs_dtype, gs, b);
-    }
-    if (gt) {
-      acc_t* out = chunk_out(gt, gt_dtype, b, n, buf.out);
-      for (int64_t i = 0; i < c.padded; i += Vec<acc_t>::size()) {
-        const auto ls = Vec<acc_t>::loadu(c.s + i) * inv - vls, lt = Vec<acc_t>::loadu(c.t + i) * inv - vlt;
-        (DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct) * vscale).store(out + i);
-      }
-      finish_chunk(out, buf.out, n, gt_dtype, gt, b);
-    }
+    if (gs) write_chunk(gs, gs_dtype, c, b, n, [&](const auto& ls, const auto& lt) {
+      return DivergenceMath<D>::student_grad(ls, lt, prm, st.cs);
+    });
+    if (gt) write_chunk(gt, gt_dtype, c, b, n, [&](const auto& ls, const auto& lt) {
+      return DivergenceMath<D>::teacher_grad(ls, lt, prm, st.ct);
+    });
   }
 }
 
 // The fused reverse-KL loss row in two passes and two exps per entry. Pass 1
-// is the online state of DESIGN.md, and it also keeps e_j = exp(x_j - m_c)
+// is the online state of docs/DESIGN.md, and it also keeps e_j = exp(x_j - m_c)
 // (m_c: the running max when chunk c was seen) in `scratch`, a row-sized
 // per-thread buffer that stays in L2. Pass 2 then needs no exp at all:
 // q_j = e_j exp(m_c - m_s) / Z_s, and the student gradient is
@@ -388,20 +386,13 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
   return a.out;
 }
 
-void scale_(at::Tensor& self, const at::Tensor& factor) {
-  check_scale_factor(factor, self);
-  const double f = factor.item<double>();
-  if (f != 1.0) self.mul_(f);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("divergence_forward", &divergence_forward);
-  m.impl("divergence_backward", &divergence_backward);
-  m.impl("divergence_loss", &divergence_loss);
-  m.impl("divergence_partial", &divergence_partial);
-  m.impl("scale_", &scale_);
+  register_kernels(m, {.divergence_forward = &divergence_forward,
+                       .divergence_backward = &divergence_backward,
+                       .divergence_loss = &divergence_loss,
+                       .divergence_partial = &divergence_partial});
 }
 
 }  // namespace cpu

@@ -11,6 +11,7 @@
 #include "logprobs_args.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cpu {
@@ -71,13 +72,13 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
       for (int64_t r = begin; r < end; ++r) {
         const void* row = row_ptr(x, r);
         void* orow = mutable_row_ptr(out, r);
-        const RowKind kind = classify_row(lp[r], acc_t(0));
+        const RowKind kind = classify_row(lp[r]);
         const acc_t scale = gp[r] * inv_t;
         const Vec<acc_t> vlse(lp[r]), vscale(-scale);
         for (int64_t b = 0; b < V; b += kChunk) {
           const int64_t n = std::min<int64_t>(kChunk, V - b);
           if (kind != RowKind::Normal) {
-            std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+            std::fill(buf, buf + n, constant_row_gradient<acc_t>(kind));
           } else {
             const int64_t P = load_chunk(row, x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size())
@@ -96,8 +97,7 @@ at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("logprobs_forward", &logprobs_forward);
-  m.impl("logprobs_backward", &logprobs_backward);
+  register_kernels(m, {.logprobs_forward = &logprobs_forward, .logprobs_backward = &logprobs_backward});
 }
 
 }  // namespace cpu

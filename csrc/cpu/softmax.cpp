@@ -1,5 +1,6 @@
 // CPU kernels of the softmax family: softmax, log_softmax (with temperature),
-// their backward, logsumexp, and entropy (forward, shard partial, backward).
+// their backward, logsumexp, lse_float64, and entropy (forward, shard partial,
+// backward).
 //
 // Each is one or two streamed passes over a row (cpu/vec.h), with the online
 // softmax state of csrc/include/kdext/online_softmax.h.
@@ -13,6 +14,7 @@
 #include "softmax_args.h"
 #include "cpu/buffer_pool.h"
 #include "cpu/row_reduce.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cpu {
@@ -103,41 +105,45 @@ at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& out
   return grad.view(output.sizes());
 }
 
-at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  LogsumexpArgs a(logits, temperature);
+// The per-row lse of x/T from the row's online softmax state: in the
+// accumulation dtype (logsumexp) or, from the same state, in float64 (lse_float64).
+at::Tensor row_lse(const at::Tensor& logits, double temperature, bool float64) {
+  LseArgs a(logits, temperature, float64 ? at::kDouble : acc_dtype(logits));
   const RowsInput& in = a.in;
-  const at::Tensor& out = a.out;
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "kdext::logsumexp", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::row_lse", [&] {
     using acc_t = scalar_t;
-    acc_t* o = out.data_ptr<acc_t>();
+    const acc_t inv_t = acc_t(1.0 / temperature);
+    acc_t* out = float64 ? nullptr : a.out.data_ptr<acc_t>();
+    double* out64 = float64 ? a.out.data_ptr<double>() : nullptr;
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
-      for (int64_t r = begin; r < end; ++r)
-        o[r] = log_sum_exp(row_softmax_state(row_ptr(in.x, r), in.x.scalar_type(), in.V, acc_t(1.0 / temperature), buf));
+      for (int64_t r = begin; r < end; ++r) {
+        const auto st = row_softmax_state(row_ptr(in.x, r), in.x.scalar_type(), in.V, inv_t, buf);
+        if (float64) {
+          out64[r] = log_sum_exp_float64(st);
+        } else {
+          out[r] = log_sum_exp(st);
+        }
+      }
     });
   });
-  return out.view(row_shape(logits));
+  return a.out.view(row_shape(logits));
+}
+
+at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
+  return row_lse(logits, temperature, /*float64=*/false);
+}
+
+at::Tensor lse_float64(const at::Tensor& logits, double temperature) {
+  return row_lse(logits, temperature, /*float64=*/true);
 }
 
 // The per-row log-normaliser that entropy_forward returns is float64 even for
-// float32 logits: its backward forms log q_j = x_j/T - lse, and a float32 lse
-// rounds at the size of the logits (1e-3 absolute at 1e4). Split into two
-// floats, hi + lo, the difference (x_j/T - hi) - lo keeps full precision.
-struct SplitLse {
-  float hi, lo;
-  explicit SplitLse(double lse) : hi(static_cast<float>(lse)), lo(static_cast<float>(lse - double(hi))) {
-    if (!std::isfinite(lse)) lo = 0.0f;
-  }
-};
-
+// float32 logits: its backward forms log q_j = x_j/T - lse from it, split into
+// two floats (SplitLse, kdext/row_contract.h).
 template <typename acc_t>
 at::vec::Vectorized<acc_t> log_q(const at::vec::Vectorized<acc_t>& x, double lse) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return x - at::vec::Vectorized<acc_t>(lse);
-  } else {
-    const SplitLse s(lse);
-    return (x - at::vec::Vectorized<acc_t>(s.hi)) - at::vec::Vectorized<acc_t>(s.lo);
-  }
+  return kdext::log_q(x, split_lse<acc_t>(lse));
 }
 
 // Entropy in one pass, with the weighted sum centred on the running max,
@@ -171,15 +177,15 @@ std::pair<acc_t, double> row_entropy(const void* row, c10::ScalarType dtype, int
     centred = centred + c;
   });
   const auto s = st.finish();
-  const double lse = log_sum_exp(SoftmaxState<double>{double(s.max), double(s.sum)});
-  if (classify_row(lse, 0.0) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
+  const double lse = log_sum_exp_float64(s);
+  if (classify_row(lse) != RowKind::Normal) return {std::numeric_limits<acc_t>::quiet_NaN(), lse};
   return {MathOps<acc_t>::log(s.sum) - reduce_sum(centred) / s.sum, lse};
 }
 
 // A vocab shard's part of the entropy, -sum_i q_i log q_i, given the global lse.
 template <typename acc_t>
 acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, double lse, acc_t* buf) {
-  if (classify_row(lse, 0.0) != RowKind::Normal) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (classify_row(lse) != RowKind::Normal) return std::numeric_limits<acc_t>::quiet_NaN();
   Vec<acc_t> acc(acc_t(0));
   const Vec<acc_t> zero(acc_t(0));
   for_each_chunk(V, [&](int64_t b, int64_t n) {
@@ -197,7 +203,7 @@ acc_t row_entropy_partial(const void* row, c10::ScalarType dtype, int64_t V, acc
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, double temperature,
                                                    const std::optional<at::Tensor>& lse) {
-  EntropyForwardArgs a(logits, temperature, lse);  // lse: float64, see SplitLse
+  EntropyForwardArgs a(logits, temperature, lse);  // lse: float64, see log_q
   const RowsInput& in = a.in;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::entropy_forward", [&] {
     using acc_t = scalar_t;
@@ -234,11 +240,11 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
     at::parallel_for(0, in.rows, row_grain(in.V), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t r = begin; r < end; ++r) {
-        const RowKind kind = classify_row(lp[r], 0.0);
+        const RowKind kind = classify_row(lp[r]);
         const Vec<acc_t> zero(acc_t(0)), vh(hp[r]), vscale(-gp[r] * inv_t);
         for_each_chunk(in.V, [&](int64_t b, int64_t n) {
           if (kind != RowKind::Normal) {
-            std::fill(buf, buf + n, kind == RowKind::Empty ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN());
+            std::fill(buf, buf + n, constant_row_gradient<acc_t>(kind));
           } else {
             const int64_t P = load_chunk(row_ptr(in.x, r), in.x.scalar_type(), b, n, inv_t, buf);
             for (int64_t i = 0; i < P; i += Vec<acc_t>::size()) {
@@ -258,12 +264,13 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("softmax", &softmax);
-  m.impl("log_softmax", &log_softmax);
-  m.impl("softmax_backward", &softmax_backward);
-  m.impl("logsumexp", &logsumexp);
-  m.impl("entropy_forward", &entropy_forward);
-  m.impl("entropy_backward", &entropy_backward);
+  register_kernels(m, {.softmax = &softmax,
+                       .log_softmax = &log_softmax,
+                       .softmax_backward = &softmax_backward,
+                       .logsumexp = &logsumexp,
+                       .lse_float64 = &lse_float64,
+                       .entropy_forward = &entropy_forward,
+                       .entropy_backward = &entropy_backward});
 }
 
 }  // namespace cpu

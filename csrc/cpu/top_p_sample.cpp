@@ -10,12 +10,12 @@
 //      mass), each round one vectorized pass at 6 pivots (mass and count above
 //      each). Before a round, the values in the bracket (lo, hi] are compacted
 //      into a second buffer whenever they are clearly fewer than those scanned,
-//      and the
-//      round scans only that list (with F(hi) carried as a base), so only the
-//      first round reads the whole row;
+//      and the round scans only that list (with F(hi) carried as a base), so
+//      only the first round reads the whole row;
 //   4. the inverse-CDF draw in vocabulary order at u * kept_mass, u from
-//      Philox(seed, row, offset), scanning blocks of 64 values and stepping
-//      into the block where the running mass passes the target.
+//      Philox(seed, the row's subsequence (row_ids[row] or its index), offset),
+//      scanning blocks of 64 values and stepping into the block where the
+//      running mass passes the target.
 // Rows whose distribution does not exist (all -inf, NaN or +inf logits on a
 // side in use) get token -1 and NaN in the four float outputs.
 #include <ATen/Parallel.h>
@@ -224,8 +224,7 @@ int64_t compact(const float* x, int64_t n, float lo, float hi, float* out, float
 // Runs a search to the end over the row's r (length `padded`). Before each
 // round, the values in the window (lo, hi] are compacted into sc.list when
 // they are clearly fewer than those scanned, so a round costs what its window
-// holds;
-// F(v) = F(hi at the compaction) + the list's sum above v. Compaction also
+// holds: F(v) = F(hi at the compaction) + the list's sum above v. Compaction also
 // gives the window's smallest and largest values, which end the search as
 // soon as they coincide (a threshold shared by any number of ties).
 void run_search(top_p::ThresholdSearch& st, const float* r, int64_t padded, Scratch& sc) {
@@ -341,16 +340,14 @@ RowOut sample_row(const RowIn& in, const Options& o, uint64_t subsequence, Scrat
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
     double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
-  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
-  const at::Tensor ids = row_ids_vector(row_ids);
-  const int64_t* idp = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
+  const TopPSampleArgs a(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
+  const int64_t* idp = a.row_ids.defined() ? a.row_ids.const_data_ptr<int64_t>() : nullptr;
   const at::Tensor s = as_rows(logits);
   const at::Tensor t = teacher_logits.has_value() ? as_rows(*teacher_logits) : at::Tensor();
   const int64_t rows = s.size(0), V = s.size(1);
-  const TopPSampleOutputs out(logits);
-  int64_t* tp = out.tokens.data_ptr<int64_t>();
-  float *sp = out.student_logprob.data_ptr<float>(), *tq = out.teacher_logprob.data_ptr<float>();
-  float *xp = out.sample_logprob.data_ptr<float>(), *hp = out.threshold.data_ptr<float>();
+  int64_t* tp = a.tokens.data_ptr<int64_t>();
+  float *sp = a.student_logprob.data_ptr<float>(), *tq = a.teacher_logprob.data_ptr<float>();
+  float *xp = a.sample_logprob.data_ptr<float>(), *hp = a.threshold.data_ptr<float>();
 
   const Options o{top_p, top_k, static_cast<float>(1.0 / temperature), static_cast<float>(alpha),
                   static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
@@ -370,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
       hp[r] = res.threshold;
     }
   });
-  return out.as_tuple();
+  return a.outputs();
 }
 
 }  // namespace

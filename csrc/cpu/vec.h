@@ -1,13 +1,16 @@
 // CPU vector lanes for the shared math (csrc/include/kdext/*.h) and the chunked
 // row reader/writer every CPU kernel uses.
 //
-// A row is processed in chunks of kChunk entries: each chunk is converted once
-// from its storage dtype (fp32/fp16/bf16/fp64) into an on-stack buffer of the
-// accumulation type, already multiplied by 1/T, and padded with -inf up to a
-// whole number of vectors. -inf is a masked token in the math contract, so the
-// padding contributes exactly nothing and no scalar tail loop is needed. The
-// dtype switch happens once per chunk, which keeps the number of template
-// instantiations (and the build time) small.
+// A row is processed in chunks of kChunk entries, each padded with -inf up to
+// a whole number of vectors: -inf is a masked token in the math contract, so
+// the padding contributes exactly nothing and no scalar tail loop is needed.
+// chunk_view reads a chunk in place when it already is in the accumulation
+// type and whole vectors, and otherwise converts it once from its storage
+// dtype (fp32/fp16/bf16/fp64) into an on-stack buffer; either way the values
+// are not scaled, and its callers multiply by 1/T in registers. load_chunk
+// always converts, multiplied by a given scale (1/T, or 1). The dtype switch
+// happens once per chunk, which keeps the number of template instantiations
+// (and the build time) small.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>

@@ -1,11 +1,14 @@
 // Helpers shared by the CUDA adapters (csrc/cuda/*.cu): the torch side of the
 // framework-free launchers in csrc/include/kdext/cuda/ — dtype tags, the
-// current stream, and caching-allocator workspaces.
+// current stream, caching-allocator workspaces, and run_launcher, which runs
+// a launcher on a device with all three.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
@@ -61,6 +64,19 @@ class WorkspaceHolder {
   c10::Device device_;
   std::vector<at::Tensor> blocks_;
 };
+
+// Runs launch(workspace, stream), a framework-free launcher returning a
+// cudaError_t, on `device`: under a device guard, on the device's current
+// stream, with caching-allocator temporaries that live until it returns;
+// a launcher's or a kernel launch's error becomes an exception. The adapters
+// build their argument structs first (see empty_device_output).
+template <typename Launch>
+void run_launcher(c10::Device device, Launch&& launch) {
+  const c10::cuda::CUDAGuard guard(device);
+  WorkspaceHolder ws(device);
+  C10_CUDA_CHECK(launch(ws.workspace(), current_stream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace cuda_adapter
 }  // namespace kdext

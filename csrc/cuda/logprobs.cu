@@ -1,5 +1,5 @@
 // CUDA adapters for logprobs_forward and logprobs_backward: checks
-// (csrc/checks.h), device guard, current stream, then the framework-free
+// (csrc/logprobs_args.h), device guard, current stream, then the framework-free
 // launchers of csrc/include/kdext/cuda/logprobs_kernels.cuh.
 //
 // One difference from csrc/cpu/logprobs.cpp, by design: a token outside
@@ -9,8 +9,6 @@
 // one-hot term.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -30,11 +28,10 @@ kdext::cuda::RowTensor row_tensor(const RowsInput& in) {
 std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens,
                                                     double temperature) {
   LogprobsForwardArgs a(logits, tokens, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::logprobs_forward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
-                                               a.out.data_ptr(), a.lse.data_ptr(), ws.workspace(), current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::logprobs_forward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
+                                         a.out.data_ptr(), a.lse.data_ptr(), ws, stream);
+  });
   const auto shape = row_shape(logits);
   return {a.out.view(shape), a.lse.view(shape)};
 }
@@ -42,19 +39,17 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, co
 at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
                              const at::Tensor& lse, double temperature) {
   LogprobsBackwardArgs a(grad, logits, tokens, lse, temperature, &empty_device_output);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::logprobs_backward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
-                                                a.grad.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(),
-                                                current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return kdext::cuda::logprobs_backward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
+                                          a.grad.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(), stream);
+  });
   return a.out.view(logits.sizes());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  m.impl("logprobs_forward", &logprobs_forward);
-  m.impl("logprobs_backward", &logprobs_backward);
+  register_kernels(m, {.logprobs_forward = &logprobs_forward, .logprobs_backward = &logprobs_backward});
 }
 
 }  // namespace cuda_adapter

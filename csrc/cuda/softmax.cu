@@ -1,11 +1,10 @@
 // CUDA adapters of the softmax family: softmax, log_softmax, softmax_backward,
-// logsumexp, entropy_forward, entropy_backward. Checks (csrc/checks.h), device
-// guard, current stream, then the framework-free launchers of
-// csrc/include/kdext/cuda/softmax_kernels.cuh. Semantics: csrc/cpu/softmax.cpp.
+// logsumexp, lse_float64, entropy_forward, entropy_backward. Checks
+// (csrc/softmax_args.h), device guard, current stream, then the framework-free
+// launchers of csrc/include/kdext/cuda/softmax_kernels.cuh. Semantics:
+// csrc/cpu/softmax.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -26,11 +25,9 @@ RowTensor row_tensor(const RowsInput& in) {
 
 at::Tensor softmax_impl(const at::Tensor& logits, double temperature, bool log) {
   SoftmaxArgs a(logits, temperature, &empty_device_output);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::softmax_forward(row_tensor(a.in), temperature, log, a.out.data_ptr(), ws.workspace(),
-                                              current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::softmax_forward(row_tensor(a.in), temperature, log, a.out.data_ptr(), ws, stream);
+  });
   return a.out.view(logits.sizes());
 }
 
@@ -41,33 +38,36 @@ at::Tensor log_softmax(const at::Tensor& logits, double temperature) {
 
 at::Tensor softmax_backward(const at::Tensor& grad_output, const at::Tensor& output, double temperature, bool log) {
   SoftmaxBackwardArgs a(grad_output, output, temperature, &empty_device_output);
-  const c10::cuda::CUDAGuard guard(output.device());
-  WorkspaceHolder ws(output.device());
-  C10_CUDA_CHECK(kdext::cuda::softmax_backward(row_tensor(a.grad_output), row_tensor(a.output), temperature, log,
-                                               a.grad.data_ptr(), ws.workspace(), current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(output.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::softmax_backward(row_tensor(a.grad_output), row_tensor(a.output), temperature, log,
+                                         a.grad.data_ptr(), ws, stream);
+  });
   return a.grad.view(output.sizes());
 }
 
 at::Tensor logsumexp(const at::Tensor& logits, double temperature) {
-  LogsumexpArgs a(logits, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(
-      kdext::cuda::logsumexp(row_tensor(a.in), temperature, a.out.data_ptr(), ws.workspace(), current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LseArgs a(logits, temperature, acc_dtype(logits));
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::logsumexp(row_tensor(a.in), temperature, a.out.data_ptr(), ws, stream);
+  });
+  return a.out.view(row_shape(logits));
+}
+
+at::Tensor lse_float64(const at::Tensor& logits, double temperature) {
+  LseArgs a(logits, temperature, at::kDouble);
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::lse_float64(row_tensor(a.in), temperature, a.out.data_ptr(), ws, stream);
+  });
   return a.out.view(row_shape(logits));
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, double temperature,
                                                    const std::optional<at::Tensor>& lse) {
   EntropyForwardArgs a(logits, temperature, lse);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  WorkspaceHolder ws(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::entropy_forward(row_tensor(a.in), temperature,
-                                              a.lse_given ? a.lse.const_data_ptr() : nullptr, a.entropy.data_ptr(),
-                                              a.lse.data_ptr(), ws.workspace(), current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return kdext::cuda::entropy_forward(row_tensor(a.in), temperature, a.lse_given ? a.lse.const_data_ptr() : nullptr,
+                                        a.entropy.data_ptr(), a.lse.data_ptr(), ws, stream);
+  });
   const auto shape = row_shape(logits);
   return {a.entropy.view(shape), a.lse.view(shape)};
 }
@@ -75,23 +75,23 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward(const at::Tensor& logits, dou
 at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
                             const at::Tensor& lse, double temperature) {
   EntropyBackwardArgs a(grad, logits, entropy, lse, temperature, &empty_device_output);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  C10_CUDA_CHECK(kdext::cuda::entropy_backward(row_tensor(a.in), temperature, a.grad.const_data_ptr(),
-                                               a.entropy.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(),
-                                               current_stream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_launcher(logits.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return kdext::cuda::entropy_backward(row_tensor(a.in), temperature, a.grad.const_data_ptr(),
+                                         a.entropy.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(), stream);
+  });
   return a.out.view(logits.sizes());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  m.impl("softmax", &softmax);
-  m.impl("log_softmax", &log_softmax);
-  m.impl("softmax_backward", &softmax_backward);
-  m.impl("logsumexp", &logsumexp);
-  m.impl("entropy_forward", &entropy_forward);
-  m.impl("entropy_backward", &entropy_backward);
+  register_kernels(m, {.softmax = &softmax,
+                       .log_softmax = &log_softmax,
+                       .softmax_backward = &softmax_backward,
+                       .logsumexp = &logsumexp,
+                       .lse_float64 = &lse_float64,
+                       .entropy_forward = &entropy_forward,
+                       .entropy_backward = &entropy_backward});
 }
 
 }  // namespace cuda_adapter

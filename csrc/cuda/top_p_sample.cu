@@ -30,7 +30,7 @@ void launch_top_p_sample(const top_p_cuda::Params& p, int64_t rows, cudaStream_t
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
     double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
-  check_top_p_sample_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
+  const TopPSampleArgs a(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor here, got one on ", logits.device());
   const c10::cuda::CUDAGuard guard(logits.device());
 
@@ -45,8 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   TORCH_CHECK(rows <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), "top_p_sample: too many rows (",
               rows, ") for one launch");
 
-  const TopPSampleOutputs out(logits);
-  if (rows == 0) return out.as_tuple();
+  if (rows == 0) return a.outputs();
 
   top_p_cuda::Params p;
   p.s = s.const_data_ptr();
@@ -60,13 +59,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   p.top_k = top_k;
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  const at::Tensor ids = row_ids_vector(row_ids);
-  p.row_ids = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
-  p.tokens = out.tokens.data_ptr<int64_t>();
-  p.student_logprob = out.student_logprob.data_ptr<float>();
-  p.teacher_logprob = out.teacher_logprob.data_ptr<float>();
-  p.sample_logprob = out.sample_logprob.data_ptr<float>();
-  p.threshold = out.threshold.data_ptr<float>();
+  p.row_ids = a.row_ids.defined() ? a.row_ids.const_data_ptr<int64_t>() : nullptr;
+  p.tokens = a.tokens.data_ptr<int64_t>();
+  p.student_logprob = a.student_logprob.data_ptr<float>();
+  p.teacher_logprob = a.teacher_logprob.data_ptr<float>();
+  p.sample_logprob = a.sample_logprob.data_ptr<float>();
+  p.threshold = a.threshold.data_ptr<float>();
 
   const cudaStream_t stream = current_stream();  // of the guarded device
   switch (dtype) {
@@ -82,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
     default:
       TORCH_CHECK_TYPE(false, "logits must be float32, float16, bfloat16 or float64, got ", dtype);
   }
-  return out.as_tuple();
+  return a.outputs();
 }
 
 }  // namespace

@@ -2,6 +2,18 @@
 
 Run ``kdext distill --help`` for every option. Under ``torchrun`` the distill command runs data
 parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``.
+
+The options are generated from the dataclasses in config.py. Exit codes:
+
+* 0: done;
+* 1: a runtime error the user can fix (a data or model file that cannot be used, a checkpoint
+  that cannot be read, a full disk, out of GPU memory, another process of a data-parallel run
+  that died or stopped answering), or a bug (an unexpected exception: reported in one line,
+  with its traceback under ``--debug`` or ``KDEXT_DEBUG=1``);
+* 2: a usage error (a bad flag value or combination, also against the checkpoint being resumed);
+* 3: training diverged (a NaN/inf loss or gradient; see the message for the last checkpoint).
+
+Errors print ``kdext <command>: error: <message>`` on stderr.
 """
 
 from __future__ import annotations
@@ -10,172 +22,124 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from .data import DEFAULT_TEMPLATE  # noqa: E402
-from .methods import METHODS  # noqa: E402
+from .config import COMMANDS  # noqa: E402
+from .options import ConfigError, add_arguments, from_namespace  # noqa: E402
 
-EXIT_DIVERGED = 3
+EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+_COMMANDS = {  # name -> (one-line help, description)
+    "distill": ("distill a teacher into a student",
+                "Distill --teacher into --student on --data with --method; writes OUT/final, "
+                "OUT/metrics.jsonl and OUT/checkpoints/."),
+    "eval": ("score a model: Rouge-L, exact match, calibration",
+             "Generate a response per prompt of --data with --model and score it; writes --out (JSON)."),
+    "demo": ("the self-contained demo: teacher, 7 methods, report",
+             "Build a synthetic task, train a teacher and distill a student with every method; "
+             "writes a report under --out."),
+}
 
 
-def _add_distill(sub):
-    p = sub.add_parser(
-        "distill",
-        help="distill a teacher into a student",
-        description="Distill --teacher into --student on --data with --method; writes OUT/final, "
-        "OUT/metrics.jsonl and OUT/checkpoints/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("what to train")
-    g.add_argument("--method", required=True, choices=METHODS)
-    g.add_argument("--teacher", help="teacher model folder (save_pretrained); not needed for sft")
-    g.add_argument("--student", required=True, help="student model folder (with its tokenizer)")
-    g.add_argument("--data", required=True, help="JSONL: prompt/response or instruction/context/response")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--eval-data", help="JSONL scored at the end (and every --eval-every steps)")
-    g.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template; {prompt} is replaced")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=100)
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --lr")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--max-prompt-len", type=int, default=256)
-    g.add_argument("--max-response-len", type=int, default=128)
-    g.add_argument("--seed", type=int, default=0)
-
-    g = p.add_argument_group("method options")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of losses and sampling")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="minillm: teacher mix in sampling (default 0.2); distillm: skew (default 0.1)")
-    g.add_argument("--beta", type=float, default=0.5, help="gkd: JSD beta (0 forward KL, 1 reverse KL)")
-    g.add_argument("--lam", type=float, default=0.5, help="gkd: fraction of steps on student samples")
-    g.add_argument("--lm-coef", type=float, default=0.0,
-                   help="weight of an LM loss on the data's responses added to the method's loss "
-                        "(MiniLLM's pretraining-loss term when --data holds LM data)")
-    g.add_argument("--skew", default="skew_forward_kl", choices=["skew_forward_kl", "skew_reverse_kl"],
-                   help="distillm: which skew divergence")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled rollouts")
-    g.add_argument("--top-k", type=int, default=0, help="top-k of sampled rollouts (0 = off)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="rollout / evaluation length limit")
-    g.add_argument("--gamma", type=float, default=1.0, help="minillm: reward discount")
-    g.add_argument("--clip-eps", type=float, default=0.2, help="minillm: PPO clip range")
-    g.add_argument("--ppo-epochs", type=int, default=1, help="minillm: optimizer steps per rollout batch")
-
-    g = p.add_argument_group("run control")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--eval-every", type=int, default=0)
-    g.add_argument("--eval-max-examples", type=int, default=256)
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop (with a checkpoint) after this step, as if preempted; --resume continues")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_eval(sub):
-    p = sub.add_parser(
-        "eval",
-        help="score a model: Rouge-L, exact match, calibration",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", required=True, help="model folder (with its tokenizer)")
-    p.add_argument("--data", required=True, help="JSONL; 'response' may be a list of valid references")
-    p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompt-len", type=int, default=256)
-    p.add_argument("--max-response-len", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-
-
-def _add_demo(sub):
-    p = sub.add_parser("demo", help="the self-contained demo: teacher, 7 methods, report")
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a much smaller run (for smoke tests)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes that train the methods side by side (default: 2 on CPU, 1 on GPU)")
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error: the message and where to find the options, exit code 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n{self.prog}: see '{self.prog} --help'\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kdext", description="Distill language models with kdext's fused ops.")
+    p = _Parser(prog="kdext", description="Distill language models with kdext's fused ops.")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_distill(sub)
-    _add_eval(sub)
-    _add_demo(sub)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (also with KDEXT_DEBUG=1)")
+    for name, cls in COMMANDS.items():
+        help_, description = _COMMANDS[name]
+        add_arguments(sub.add_parser(name, help=help_, description=description, parents=[common]), cls)
     return p
 
 
-def distill_config(a: argparse.Namespace):
-    from .methods import MethodConfig
-    from .trainer import TrainConfig
+def config_from_args(args: argparse.Namespace):
+    """The command's configuration (TrainConfig, EvalConfig or DemoConfig) from parsed arguments."""
+    return from_namespace(COMMANDS[args.command], args)
 
-    mcfg = MethodConfig(
-        temperature=a.temperature, alpha=a.alpha, beta=a.beta, lam=a.lam, lm_coef=a.lm_coef, top_p=a.top_p,
-        top_k=a.top_k, max_new_tokens=a.max_new_tokens, gamma=a.gamma, clip_eps=a.clip_eps,
-        ppo_epochs=a.ppo_epochs, skew=a.skew, seed=a.seed,
-    )
-    return TrainConfig(
-        method=a.method, student=a.student, teacher=a.teacher, data=a.data, out=a.out, eval_data=a.eval_data,
-        template=a.template, max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
-        weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, schedule=a.schedule,
-        min_lr_ratio=a.min_lr_ratio, max_grad_norm=a.max_grad_norm, max_prompt_len=a.max_prompt_len,
-        max_response_len=a.max_response_len, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints,
-        eval_every=a.eval_every, eval_max_examples=a.eval_max_examples, resume=a.resume, stop_after=a.stop_after,
-        seed=a.seed, device=a.device, bf16=not a.no_bf16, progress=not a.no_progress, method_cfg=mcfg,
-    )
+
+def _run(command: str, cfg) -> None:
+    cfg.validate()  # every flag checked before anything is loaded
+    if command == "distill":
+        from .trainer import train
+
+        summary = train(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({k: v for k, v in summary.items() if k != "last"}, default=str))
+    elif command == "eval":
+        from dataclasses import asdict
+
+        from .evaluate import evaluate_folder
+
+        kw = asdict(cfg)
+        res = evaluate_folder(kw.pop("model"), kw.pop("data"), kw.pop("out"), **kw)
+        print(json.dumps({k: res[k] for k in ("rougeL", "exact_match", "ece", "n")}))
+    elif command == "demo":
+        from .demo import run_demo
+
+        run_demo(cfg.out, device=cfg.device, seed=cfg.seed, quick=cfg.quick, workers=cfg.workers)
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean "fix the input or the machine", not "fix kdext" (exit code 1)."""
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .distributed import PeerFailed
+    from .models import ModelError
+
+    return (DataError, ModelError, CheckpointError, PeerFailed, OSError, torch.cuda.OutOfMemoryError)
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    from .data import DataError
-    from .models import ModelError
-    from .trainer import TrainingDiverged
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    name = f"kdext {args.command}"
+    debug = args.debug or os.environ.get("KDEXT_DEBUG", "") not in ("", "0")
+
+    def fail(code: int, *lines: str) -> int:
+        if debug:
+            traceback.print_exc()
+        for line in lines:
+            print(f"{name}: {line}", file=sys.stderr)
+        return code
+
+    from .step import TrainingDiverged
 
     try:
-        if args.command == "distill":
-            from .trainer import train
-
-            summary = train(distill_config(args))
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(json.dumps({k: v for k, v in summary.items() if k != "last"}, default=str))
-        elif args.command == "eval":
-            from .evaluate import evaluate_folder
-
-            res = evaluate_folder(
-                args.model, args.data, args.out, template=args.template, device=args.device,
-                max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len,
-                max_response_len=args.max_response_len, seed=args.seed, temperature=args.temperature,
-                top_p=args.top_p, greedy=args.greedy, batch_size=args.batch_size,
-            )
-            print(json.dumps({k: res[k] for k in ("rougeL", "exact_match", "ece", "n")}))
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args.out, device=args.device, seed=args.seed, quick=args.quick, workers=args.workers)
+        _run(args.command, config_from_args(args))
+    except ConfigError as e:
+        return fail(EXIT_USAGE, f"error: {e}")
     except TrainingDiverged as e:
-        print(f"kdext: training stopped: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except (DataError, ModelError, ValueError) as e:
-        print(f"kdext {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_DIVERGED, f"training stopped: {e}")
+    except _user_errors() as e:
+        return fail(EXIT_ERROR, f"error: {e}")
+    except KeyboardInterrupt:
+        return fail(EXIT_INTERRUPTED, "interrupted")
+    except Exception as e:
+        from .distributed import collective_failure
+
+        why = collective_failure(e)
+        if why is not None:
+            return fail(EXIT_ERROR, "error: another process of the run died or did not answer within "
+                                    f"--collective-timeout ({why})")
+        return fail(EXIT_ERROR, f"internal error: {type(e).__name__}: {e}",
+                    "this is a bug in kdext; rerun with --debug (or KDEXT_DEBUG=1) for the traceback")
     finally:
         import torch.distributed as dist
 

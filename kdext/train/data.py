@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .seeds import data_order_seed
+
 # The prompt template: ``{prompt}`` is replaced by the record's prompt (for Dolly records, the
 # instruction followed by the context when there is one).
 DEFAULT_TEMPLATE = "{prompt}\n"
@@ -42,6 +44,7 @@ class DataError(ValueError):
 class Example:
     prompt: str  # already templated
     references: list[str]  # one or more valid responses; training uses references[0]
+    where: str = ""  # "file:line" of the record, for messages
 
     @property
     def response(self) -> str:
@@ -66,21 +69,55 @@ def _parse_record(obj, path: str, lineno: int, template: str, need_response: boo
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "prompt" not in obj and "instruction" not in obj:
         raise DataError(f"{where}: record has neither 'prompt' nor 'instruction' (keys: {sorted(obj)})")
-    for key in ("prompt", "instruction", "context"):
+    main = "prompt" if "prompt" in obj else "instruction"
+    if obj[main] is None:
+        raise DataError(f"{where}: field '{main}' is null; expected a string")
+    for key in ("prompt", "instruction", "context"):  # a null context is no context
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
             raise DataError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
     refs = obj.get("response")
     if refs is None:
         if need_response:
-            raise DataError(f"{where}: record has no 'response'")
+            raise DataError(f"{where}: record has no 'response'" if "response" not in obj
+                            else f"{where}: field 'response' is null; expected a string")
         refs = [""]
     elif isinstance(refs, str):
         refs = [refs]
     elif isinstance(refs, list) and refs and all(isinstance(r, str) for r in refs):
         refs = list(refs)
     else:
-        raise DataError(f"{where}: 'response' must be a string or a non-empty list of strings")
-    return Example(prompt=format_prompt(obj, template), references=refs)
+        raise DataError(f"{where}: field 'response' must be a string or a non-empty list of strings")
+    for key in ("prompt", "instruction", "context"):
+        if isinstance(obj.get(key), str):
+            _check_utf8(where, f"field '{key}'", obj[key])
+    for r in refs:
+        _check_utf8(where, "field 'response'", r)
+    prompt = format_prompt(obj, template)
+    if not prompt:  # nothing to tokenise (a prompt of whitespace is the tokenizer's to judge: encode())
+        raise DataError(f"{where}: field '{main}' is empty; under --template {template!r} the model gets no prompt")
+    return Example(prompt=prompt, references=refs, where=where)
+
+
+def _lines(path: str):
+    """(line number, text) of a file of UTF-8 text (a byte order mark is allowed). Bytes that are
+    not UTF-8 come through as lone surrogates (``surrogateescape``), so the record's check can
+    name the field that holds them (:func:`_check_utf8`)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield lineno, raw.decode("utf-8", errors="surrogateescape")
+
+
+def _check_utf8(where: str, what: str, value: str) -> None:
+    """DataError unless ``value`` came from UTF-8 bytes; ``what``: "field 'prompt'", "the line"."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(value[e.start]) - 0xDC00 if 0xDC80 <= ord(value[e.start]) <= 0xDCFF else None
+        bad = f"byte 0x{byte:02x}" if byte is not None else f"character {value[e.start]!r}"
+        raise DataError(f"{where}: {what} is not UTF-8 text ({bad} at character {e.start + 1}); "
+                        "save the file as UTF-8") from None
 
 
 def load_jsonl(path: str, template: str = DEFAULT_TEMPLATE, need_response: bool = True) -> list[Example]:
@@ -94,15 +131,15 @@ def load_jsonl(path: str, template: str = DEFAULT_TEMPLATE, need_response: bool 
     if "{prompt}" not in template:
         raise DataError(f"prompt template {template!r} has no '{{prompt}}' field to put the prompt in")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_parse_record(obj, path, lineno, template, need_response))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            _check_utf8(f"{path}:{lineno}", "the line", line)  # a stray byte outside any string
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        examples.append(_parse_record(obj, path, lineno, template, need_response))
     if not examples:
         raise DataError(f"{path}: no records")
     return examples
@@ -122,17 +159,20 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 class Encoded:
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS unless truncated
+    prompt_cut: int = 0  # tokens dropped from the prompt's start (--max-prompt-len)
+    response_cut: int = 0  # tokens dropped from the response's end, EOS included (--max-response-len)
 
 
 def encode(tokenizer, ex: Example, max_prompt_len: int, max_response_len: int) -> Encoded:
     """Tokenise one example. Long prompts keep their end (the part next to the response)."""
     prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-    if len(prompt_ids) > max_prompt_len:
-        prompt_ids = prompt_ids[-max_prompt_len:]
+    prompt_cut = max(0, len(prompt_ids) - max_prompt_len)
+    prompt_ids = prompt_ids[prompt_cut:]
     if not prompt_ids:
-        raise DataError(f"prompt {ex.prompt!r} tokenises to nothing")
+        raise DataError(f"{ex.where or 'a record'}: the prompt {ex.prompt!r} tokenises to nothing")
     response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return Encoded(prompt_ids, response_ids[:max_response_len])
+    response_cut = max(0, len(response_ids) - max_response_len)
+    return Encoded(prompt_ids, response_ids[:max_response_len], prompt_cut, response_cut)
 
 
 @dataclass
@@ -227,7 +267,7 @@ def concat_batches(a: Batch, b: Batch, pad_id: int) -> Batch:
 class DataSchedule:
     """Which examples each (step, rank, micro-batch) gets: deterministic and layout independent.
 
-    The data are visited in a fresh permutation per epoch (seeded by ``seed + epoch``). Step ``k``
+    The data are visited in a fresh permutation per epoch (seeded by ``data_order_seed(seed, epoch)``). Step ``k``
     takes the next ``global_batch`` positions; rank ``r`` micro-batch ``a`` takes rows
     ``r * accum * B + a * B ... + B`` of them. So one process with batch 4 sees exactly the
     examples that two processes with batch 2 see together, and a resumed run sees exactly what
@@ -246,7 +286,7 @@ class DataSchedule:
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(data_order_seed(self.seed, epoch))
             if len(self._perms) >= 2:  # a step spans at most two epochs; keep those cached
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = torch.randperm(self.n, generator=g)

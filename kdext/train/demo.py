@@ -5,7 +5,10 @@
 3. train a small Llama-style teacher from scratch (the trainer's ``sft`` method, no teacher);
 4. give a student of under a quarter of the teacher's parameters a short SFT warm start (the
    usual starting point of MiniLLM and GKD), then continue it with each of the seven methods
-   for the same number of steps;
+   for the same number of steps (every method at its defaults, MiniLLM's and DistiLLM's being
+   their official code's), plus MiniLLM in the paper's form (the options that give it, which is
+   also what kdext ran before it followed LMOps), and then the best of those again with feature
+   (hidden-state) distillation added;
 5. score the teacher, the warm start and every distilled student on held-out prompts, and write
    ``report.json``, ``report.md`` and PNG plots; print the table.
 
@@ -24,7 +27,8 @@ import torch
 
 from . import task
 from .data import write_jsonl
-from .methods import METHODS, MethodConfig
+from .config import MethodConfig, TrainConfig
+from .methods import METHODS
 
 TEMPLATE = "{prompt}\n"
 
@@ -35,6 +39,7 @@ class Budget:
 
     n_train: int = 4000
     n_eval: int = 300
+    n_dev: int = 100  # validation prompts (DistiLLM's schedule), apart from the scored ones
     vocab_size: int = 400
     teacher_steps: int = 1500
     teacher_batch: int = 32
@@ -47,7 +52,8 @@ class Budget:
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(n_train=300, n_eval=24, teacher_steps=30, warmup_steps=5, method_steps=4, method_batch=8)
+        return cls(n_train=300, n_eval=24, n_dev=8, teacher_steps=30, warmup_steps=5, method_steps=4,
+                   method_batch=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +133,12 @@ def save_new_model(config, tokenizer, out_dir: str, seed: int) -> int:
 
 
 def _train(out, method, student, data, budget: Budget, steps, batch, lr, seed, device, teacher=None,
-           progress=True, **mkw):
-    from .trainer import TrainConfig, train
+           progress=True, eval_data=None, **mkw):
+    from .trainer import train
 
     mcfg = MethodConfig(max_new_tokens=budget.max_new_tokens, **mkw)
     cfg = TrainConfig(
-        method=method, student=student, teacher=teacher, data=data, out=out, template=TEMPLATE,
+        method=method, student=student, teacher=teacher, data=data, out=out, template=TEMPLATE, eval_data=eval_data,
         max_steps=steps, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20), max_grad_norm=1.0,
         max_prompt_len=32, max_response_len=16, seed=seed, device=device, method_cfg=mcfg, progress=progress,
     )
@@ -161,9 +167,11 @@ def _job(job: dict) -> dict:
     folder = job["model"]
     if job.get("method"):
         m = job["method"]
-        r = _train(os.path.join(job["runs"], m), m, job["model"], job["train_path"], b, b.method_steps,
+        # DistiLLM's schedule reads a validation loss: the dev prompts, never the scored ones.
+        r = _train(os.path.join(job["runs"], job["name"]), m, job["model"], job["train_path"], b, b.method_steps,
                    b.method_batch, b.method_lr, job["seed"], job["device"],
-                   teacher=None if m == "sft" else job["teacher"], progress=False, **job.get("mkw", {}))
+                   teacher=None if m == "sft" else job["teacher"], progress=False,
+                   eval_data=job["dev_path"] if m == "distillm" else None, **job.get("mkw", {}))
         folder, seconds = r["final"], r["train_seconds"]
     dev = torch.device("cuda" if job["device"] == "cuda" else "cpu")
     model = load_model(folder, job["name"], dev, trainable=False)
@@ -177,22 +185,38 @@ def _job(job: dict) -> dict:
             "ece": round(res["ece"], 4), "train_seconds": round(seconds, 1)}
 
 
-# Rough relative cost of each method (sampling is the expensive part); the pool starts the
+# Rough relative cost of each run (sampling is the expensive part); the pool starts the
 # slowest first so the two workers finish together.
-_COST = {"minillm": 5, "gkd": 3, "seqkd": 3, "kd": 2, "rkl": 2, "distillm": 2, "sft": 1}
+_COST = {"minillm_paper": 6, "minillm": 5, "gkd": 3, "seqkd": 3, "kd": 2, "rkl": 2, "distillm": 2, "sft": 1}
 
-# Per-method settings of the demo: none, every method runs with the trainer's defaults.
-METHOD_KW: dict[str, dict] = {m: {} for m in METHODS}
+# MiniLLM in the paper's form (Gu et al., section 2): returns R_{t+1} of the rewards after t,
+# no discount or whitening, w_t outside PPO's clip and on the single-step term, unscaled
+# rewards, one optimizer step per rollout batch, global token means. This is also what kdext's
+# minillm computed before it followed LMOps' code.
+MINILLM_PAPER = dict(returns="paper", whiten="off", pg_clip="ratio", single_step_weight=True, gamma=1.0,
+                     reward_scaling=1.0, cliprange_reward=0.0, ppo_epochs=1, token_mean="global")
+
+# The demo's runs: (row name, method, method options). Every method at its defaults, then the
+# paper form of MiniLLM; the best of these is rerun with feature distillation (HIDDEN_KW).
+RUNS: list[tuple[str, str, dict]] = [(m, m, {}) for m in METHODS] + [("minillm_paper", "minillm", MINILLM_PAPER)]
+# Feature distillation added to the best run: student blocks 1, 2 to teacher blocks 2, 4 (the
+# default layer map), mean squared error through the learned projection. The weight was chosen
+# on the dev prompts (data/dev.jsonl, never the scored ones), with rkl, among cosine 0.1 / 1 and
+# MSE 0.001 / 0.01 (Rouge-L 90.0, 90.7, 91.2, 93.1; 91.5 without): the teacher's hidden states
+# are large (the MSE starts near 150), so a weight of 1 swamps the divergence (29 Rouge-L).
+HIDDEN_KW = dict(hidden_coef=0.01, hidden_loss="mse")
 
 
 def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False, workers: int | None = None) -> dict:
     t_start = time.time()
     budget = Budget.quick() if quick else Budget()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev_name = "cuda" if use_cuda else "cpu"
+    from .distributed import use_cuda
+
+    cuda = use_cuda(device)
+    dev_name = "cuda" if cuda else "cpu"
     if workers is None:
-        workers = 1 if use_cuda else max(1, min(2, os.cpu_count() or 1))
-    threads = 0 if use_cuda else 1
+        workers = 1 if cuda else max(1, min(2, os.cpu_count() or 1))
+    threads = 0 if cuda else 1
     if threads:
         torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
@@ -201,12 +225,17 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False,
     log(f"kdext demo -> {out} (device {dev_name}; {workers} worker process(es) for the methods)")
 
     # 1-2. data and tokenizer
-    train_recs, eval_recs = task.make_task(budget.n_train, budget.n_eval, seed=seed)
+    # The held-out prompts come one after another from the task's generator, so the first
+    # n_eval (the scored ones) are the same whatever n_dev is; the next n_dev are the dev set.
+    train_recs, held_out = task.make_task(budget.n_train, budget.n_eval + budget.n_dev, seed=seed)
+    eval_recs, dev_recs = held_out[: budget.n_eval], held_out[budget.n_eval :]
     data_dir = os.path.join(out, "data")
     os.makedirs(data_dir, exist_ok=True)
     train_path, eval_path = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl")
+    dev_path = os.path.join(data_dir, "dev.jsonl")
     write_jsonl(train_path, train_recs)
     write_jsonl(eval_path, eval_recs)
+    write_jsonl(dev_path, dev_recs)
     tok = train_tokenizer(task.corpus(), budget.vocab_size, os.path.join(out, "tokenizer"))
     log(f"task: {len(train_recs)} training examples, {len(eval_recs)} held-out prompts; BPE vocabulary {len(tok)}")
 
@@ -233,22 +262,36 @@ def run_demo(out: str, device: str = "auto", seed: int = 0, quick: bool = False,
     log(f"student SFT warm start ({budget.warmup_steps} steps) in {start_s:.0f}s")
 
     # 5. every method from the warm start, and every evaluation, on the worker pool
-    common = dict(budget=budget, runs=runs, train_path=train_path, eval_path=eval_path, seed=seed,
-                  device=dev_name, threads=threads, teacher=teacher_dir)
+    common = dict(budget=budget, runs=runs, train_path=train_path, eval_path=eval_path, dev_path=dev_path,
+                  seed=seed, device=dev_name, threads=threads, teacher=teacher_dir)
     jobs = [dict(common, name="teacher", model=teacher_dir, seconds=teacher_s),
             dict(common, name="student_init", model=start_dir, seconds=start_s)]
-    jobs += [dict(common, name=m, method=m, model=start_dir, mkw=METHOD_KW[m]) for m in METHODS]
+    jobs += [dict(common, name=name, method=m, model=start_dir, mkw=kw) for name, m, kw in RUNS]
     order = sorted(jobs, key=lambda j: -_COST.get(j["name"], 0))
-    log(f"distilling with {', '.join(METHODS)} ({budget.method_steps} steps each) and evaluating ...")
+    names = [name for name, _, _ in RUNS]
+    log(f"distilling with {', '.join(names)} ({budget.method_steps} steps each) and evaluating ...")
     results = {}
-    for res in _run_jobs(order, workers):
+
+    def done(res):
         results[res["name"]] = res
-        done = f"trained in {res['train_seconds']:.0f}s, " if res["name"] in METHODS else ""
-        log(f"  {res['name']}: {done}Rouge-L {res['rougeL']:.1f}, exact match {res['exact_match']:.1f}%")
+        trained = f"trained in {res['train_seconds']:.0f}s, " if res["name"] not in ("teacher", "student_init") else ""
+        log(f"  {res['name']}: {trained}Rouge-L {res['rougeL']:.1f}, exact match {res['exact_match']:.1f}%")
+
+    for res in _run_jobs(order, workers):
+        done(res)
+    # the best run again, with feature distillation added
+    best = best_student({n: results[n] for n in names})
+    best_method, best_kw = next((m, kw) for n, m, kw in RUNS if n == best)
+    hidden_name = f"{best}+hidden"
+    log(f"{hidden_name}: {best} with feature distillation added ...")
+    for res in _run_jobs([dict(common, name=hidden_name, method=best_method, model=start_dir,
+                               mkw={**best_kw, **HIDDEN_KW})], 1):
+        done(res)
+    names.append(hidden_name)
 
     # 6. report
     report = {}
-    for name in ["teacher", "student_init", *METHODS]:
+    for name in ["teacher", "student_init", *names]:
         r = dict(results[name])
         r.pop("name")
         r["params"] = n_teacher if name == "teacher" else n_student
@@ -297,7 +340,7 @@ def _run_jobs(jobs: list[dict], workers: int):
 
 
 def best_student(report: dict) -> str:
-    students = {k: v for k, v in report.items() if k in METHODS}
+    students = {k: v for k, v in report.items() if k not in ("teacher", "student_init")}
     return max(students, key=lambda k: (students[k]["rougeL"], students[k]["exact_match"]))
 
 
@@ -315,9 +358,12 @@ def report_markdown(report: dict, budget: Budget, total: float, dev: str) -> str
     return (
         "# kdext demo report\n\n"
         f"Device: {dev}; total wall time {total:.0f}s. Teacher {report['teacher']['params']:,} parameters, "
-        f"student {report['sft']['params']:,}. Every method continues the same SFT warm start for "
-        f"{budget.method_steps} steps of batch {budget.method_batch}; scores are on {budget.n_eval} held-out "
-        "prompts with sampled responses (temperature 1), every valid answer a reference.\n\n"
+        f"student {report['sft']['params']:,}. Every run continues the same SFT warm start for "
+        f"{budget.method_steps} steps of batch {budget.method_batch}: each method at its defaults "
+        "(MiniLLM's and DistiLLM's are their official code's), `minillm_paper` MiniLLM in the paper's form, "
+        "and `<best>+hidden` the best of those with feature distillation added. Scores are on "
+        f"{budget.n_eval} held-out prompts with sampled responses (temperature 1), every valid answer a "
+        "reference.\n\n"
         + report_table(report)
         + f"\n\nBest student by Rouge-L: **{best}**. One standard error of an exact-match rate near "
         f"{em:.0f}% on {budget.n_eval} prompts is about {se:.1f} points; smaller gaps are noise.\n"
@@ -330,18 +376,21 @@ def plot(out: str, report: dict, runs: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(METHODS)
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    names = [k for k in report if k not in ("teacher", "student_init")]
     curves = ["teacher"] + names
+    rows = -(-len(curves) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.5 * rows))
+    for ax in list(axes.flat)[len(curves):]:
+        ax.set_visible(False)
     for ax, name in zip(axes.flat, curves):
         recs = [r for r in _read_metrics(os.path.join(runs, name, "metrics.jsonl")) if "loss" in r]
         steps = [r["step"] for r in recs]
         ax.plot(steps, [r["loss"] for r in recs], lw=0.5, color="tab:blue", alpha=0.35)
         ax.plot(steps, _smooth([r["loss"] for r in recs]), lw=1.5, color="tab:blue")
-        if name == "minillm" and recs and "reward" in recs[0]:
+        if name.startswith("minillm") and recs and "reward" in recs[0]:
             ax2 = ax.twinx()
             ax2.plot(steps, _smooth([r["reward"] for r in recs]), color="tab:orange", lw=1.5)
-            ax2.set_ylabel("mean reward log p - log q (orange)")
+            ax2.set_ylabel("reward, LMOps' logged form (orange)")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")

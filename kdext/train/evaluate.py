@@ -23,6 +23,7 @@ import kdext
 from . import generation
 from .data import Example, collate, encode, pad_prompts
 from .models import VocabAligner, head_width, response_labels, response_logits
+from .seeds import Stream, stream_seed
 
 
 def normalize(text: str) -> str:
@@ -85,7 +86,7 @@ def generate(
                 eos_id=tokenizer.eos_token_id,
                 pad_id=tokenizer.pad_token_id,
                 max_new_tokens=max_new_tokens,
-                seed=generation.mix_seed(seed, 4),
+                seed=stream_seed(seed, Stream.EVAL_SAMPLING),
                 row_ids=torch.arange(start, start + len(chunk)),
                 top_p=top_p,
                 top_k=1 if greedy else 0,
@@ -171,17 +172,23 @@ def evaluate_model(
 
 def evaluate_folder(model_dir: str, data: str, out: str, *, template: str, device: str = "auto", **kw) -> dict:
     """``kdext eval``: load a saved model folder, score it on a JSONL file, write JSON to ``out``."""
+    from . import storage
     from .data import load_jsonl
-    from .models import load_model, load_tokenizer
+    from .distributed import use_cuda
+    from .models import check_context, load_model, load_tokenizer
 
-    dev = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    # Everything that can fail without the weights fails first: the output folder, the data,
+    # the lengths against the model's context.
+    storage.check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    examples = load_jsonl(data, template)
+    P, N, R = kw.get("max_prompt_len", 256), kw.get("max_new_tokens", 64), kw.get("max_response_len", 128)
+    check_context([("--model", model_dir)], [(f"--max-prompt-len {P} + --max-new-tokens {N}", P + N),
+                                             (f"--max-prompt-len {P} + --max-response-len {R}", P + R)])
+    dev = torch.device("cuda" if use_cuda(device) else "cpu")
     tok = load_tokenizer(model_dir, "--model")
     model = load_model(model_dir, "--model", dev, trainable=False)
-    examples = load_jsonl(data, template)
     res = evaluate_model(model, tok, examples, **kw)
     res["model"] = model_dir
     res["data"] = data
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
+    storage.atomic_write(out, lambda f: f.write(json.dumps(res, indent=2).encode("utf-8")))
     return res

@@ -7,7 +7,7 @@ log-probability under the filtered mixture it was drawn from, and the nucleus th
 
 Random numbers: one ``kdext.top_p_sample`` call per generated position draws the whole batch,
 from the Philox stream (seed ``mix_seed(seed, t)`` for position ``t``, subsequence = the row's
-id). The trainer derives ``seed`` from the run seed and the step, and gives each row its position
+id). The trainer derives ``seed`` from the run seed and the step (seeds.py), and gives each row its position
 in the *global* batch as its id. A row's sample therefore does not depend on which process,
 micro-batch or batch row it lands in, which is what makes 2 DDP processes reproduce 1 process
 exactly and a resumed run reproduce an uninterrupted one.
@@ -24,25 +24,11 @@ import torch
 import kdext
 
 from .models import VocabAligner, position_ids
-
-_SEED_MASK = (1 << 62) - 1
+from .seeds import mix_seed
 
 
 class NonFiniteLogits(FloatingPointError):
     """A row had no distribution to sample from (NaN / inf logits): the model has diverged."""
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-spread 62-bit seed from integers (splitmix64 steps): nearby inputs, unrelated seeds."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        z = x
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        x = z ^ (z >> 31)
-    return x & _SEED_MASK
 
 
 @dataclass

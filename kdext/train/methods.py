@@ -1,22 +1,32 @@
 """The distillation methods: what each one trains on and which loss it minimises.
 
-A method works on one micro-batch in two phases:
+A method works on one optimizer step in two phases:
 
-1. ``prepare(ctx, batch, step)`` (no gradients): build the rows to train on. Methods that learn
-   from generated text sample them here (SeqKD from the teacher, GKD from the student, MiniLLM
-   from the teacher-mixed student). It returns a :class:`Prepared` whose ``counts`` say how many
-   tokens each loss term averages over.
+1. ``prepare_step(ctx, step)`` (no gradients): build the rows of every micro-batch of this
+   process. Methods that learn from generated text sample them here (SeqKD from the teacher,
+   GKD and DistiLLM from the student, MiniLLM from the teacher-mixed student). Each micro-batch
+   is a :class:`Prepared` whose ``counts`` say how many tokens each loss term averages over.
+   By default this is ``prepare(ctx, batch, step, micro)`` on each data micro-batch.
 2. ``terms(ctx, prepared)`` (with gradients): run the student (and the teacher, frozen) on those
    rows and return, per loss term, the *sum* over this micro-batch's tokens.
 
-The trainer sums the token counts over all micro-batches and all processes first, then divides
-each term's sum by its global count. That makes the loss (and its gradient) independent of how
-the global batch is split into micro-batches and processes, which the DDP test checks.
+The trainer turns sums into means one of two ways (``--token-mean``, step.py): ``global``
+divides each term's sum by its token count over all micro-batches and processes, so the loss is
+independent of how the global batch is split; ``micro_batch`` takes each micro-batch's token
+mean and averages those over micro-batches and processes (LMOps' and DistiLLM's DeepSpeed
+loop), independent of the split at a fixed ``--batch-size``.
+
+Every method's loss is ``main terms + lm_coef * LM term + hidden_coef * hidden term``:
+
+* the LM term is ``(1 - kd_ratio) CE + kd_ratio H(p, q)`` (both at T = 1) on ``--lm-data``'s
+  documents when given, else on the data's responses (appended to the rows when the main term
+  trains on samples, shared with them when it trains on the data);
+* the hidden term (hidden.py) compares hidden states on the main term's rows.
 
 Every vocabulary-wide quantity comes from a kdext op: ``kdext.logprobs`` (LM loss, policy
-log-probs), ``kdext.distill_loss`` (the token-level divergences, and MiniLLM's single-step
-reverse KL with each token's importance weight as its row weight, fused) and
-``kdext.top_p_sample`` (every sampled token, in generation.py).
+log-probs), ``kdext.distill_loss`` (the token-level divergences, MiniLLM's single-step reverse
+KL), ``kdext.entropy`` (H(p) in the LM term's cross-entropy) and ``kdext.top_p_sample`` (every
+sampled token, in generation.py). MiniLLM lives in minillm.py, DistiLLM in distillm.py.
 """
 
 from __future__ import annotations
@@ -32,61 +42,34 @@ import torch
 import kdext
 
 from . import generation
+from .config import MethodConfig
 from .data import Batch, concat_batches
+from .distributed import Dist
 from .models import VocabAligner, response_labels, response_logits, unwrap
+from .options import ConfigError
+from .seeds import Stream, stream_seed
 
-METHODS = ("sft", "kd", "seqkd", "rkl", "gkd", "distillm", "minillm")
+# Every method registers itself here (``@register``), under its ``name``; METHODS lists them in
+# the order of ``--method``'s choices and of the demo's report: this one, then any other method
+# in registration order. (DistiLLM and MiniLLM live in their own modules, which this one
+# imports; whichever of the three is imported first, the order is the same.)
+_ORDER = ("sft", "kd", "seqkd", "rkl", "gkd", "distillm", "minillm")
+REGISTRY: dict[str, type["Method"]] = {}
 
-# Per-method defaults for options whose meaning depends on the method (see MethodConfig).
-DEFAULT_ALPHA = {"minillm": 0.2, "distillm": 0.1}
 
-
-@dataclass
-class MethodConfig:
-    temperature: float = 1.0  # divergences, policy log-probs and sampling use softmax(logits / T)
-    alpha: Optional[float] = None  # minillm: teacher mix in sampling (0.2); distillm: skew (0.1)
-    beta: float = 0.5  # gkd: JSD interpolation (0 = forward KL, 1 = reverse KL)
-    lam: float = 0.5  # gkd: probability that a step trains on student samples
-    lm_coef: float = 0.0  # weight of an LM loss on the data's responses, added to the method's loss
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    gamma: float = 1.0  # minillm: discount of future rewards
-    clip_eps: float = 0.2  # minillm: PPO clip range
-    ppo_epochs: int = 1  # minillm: optimizer steps per batch of rollouts
-    skew: str = "skew_forward_kl"  # distillm: "skew_forward_kl" or "skew_reverse_kl"
-    seed: int = 0
-
-    def resolved(self, method: str) -> "MethodConfig":
-        """A copy with the method-dependent defaults filled in and every value checked."""
-        import dataclasses
-
-        c = dataclasses.replace(self)
-        if c.alpha is None:
-            c.alpha = DEFAULT_ALPHA.get(method, 0.0)
-        checks = [
-            (c.temperature > 0, "--temperature must be > 0"),
-            (0.0 <= c.alpha < 1.0, "--alpha must be in [0, 1)"),
-            (0.0 <= c.beta <= 1.0, "--beta must be in [0, 1]"),
-            (0.0 <= c.lam <= 1.0, "--lam must be in [0, 1]"),
-            (c.lm_coef >= 0, "--lm-coef must be >= 0"),
-            (0.0 < c.top_p <= 1.0, "--top-p must be in (0, 1]"),
-            (c.top_k >= 0, "--top-k must be >= 0"),
-            (c.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-            (0.0 <= c.gamma <= 1.0, "--gamma must be in [0, 1]"),
-            (c.clip_eps > 0, "--clip-eps must be > 0"),
-            (c.ppo_epochs >= 1, "--ppo-epochs must be >= 1"),
-            (c.skew in ("skew_forward_kl", "skew_reverse_kl"), "--skew must be skew_forward_kl or skew_reverse_kl"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        return c
+def register(cls: type["Method"]) -> type["Method"]:
+    if cls.name in REGISTRY:
+        raise AssertionError(f"method {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    ranked = sorted(REGISTRY.values(), key=lambda c: _ORDER.index(c.name) if c.name in _ORDER else len(_ORDER))
+    REGISTRY.clear()
+    REGISTRY.update((c.name, c) for c in ranked)
+    return cls
 
 
 @dataclass
 class Context:
-    """What a method needs to run: models, vocabulary handling, token ids and settings."""
+    """What a method needs to run: models, vocabulary handling, token ids, settings, the run's shape."""
 
     student: torch.nn.Module  # possibly DDP-wrapped; forward through it, sample from unwrap()
     teacher: Optional[torch.nn.Module]
@@ -95,18 +78,40 @@ class Context:
     eos_id: int
     cfg: MethodConfig
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    dd: Dist = field(default_factory=Dist)
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = 1
+    data: Optional[Callable[[int, int], Batch]] = None  # (step, micro) -> this process's data micro-batch
+    lm: Optional[Callable[[int, int], Batch]] = None  # (step, micro) -> its --lm-data micro-batch
+    hidden: Optional[torch.nn.Module] = None  # hidden.HiddenProjection when --hidden-coef > 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.dd.world
 
 
 @dataclass
 class Prepared:
-    batch: Batch  # rows to train on; rollout rows (if any) come first
-    n_rollout: int  # number of leading batch rows that are samples
+    batch: Batch  # the main term's rows first, then (unless lm_shared) the LM term's rows
+    n_main: int  # number of leading batch rows the main term trains on
     counts: dict[str, int]  # term -> number of tokens the term averages over (this micro-batch)
     stats: dict[str, tuple[float, int]] = field(default_factory=dict)  # name -> (sum, count) to log
+    lm_shared: bool = False  # the LM term trains on the main rows themselves
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode (no dropout) inside the block, its previous mode after."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
-def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teacher=None, alpha=0.0):
+
+def sample_batch(ctx: Context, batch: Batch, policy, step: int, stream: Stream, teacher=None, alpha=0.0):
     """Replace a batch's responses by samples; returns (new batch, rollout)."""
     cfg = ctx.cfg
     with ctx.autocast():
@@ -118,7 +123,7 @@ def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teach
             eos_id=ctx.eos_id,
             pad_id=ctx.pad_id,
             max_new_tokens=cfg.max_new_tokens,
-            seed=generation.mix_seed(cfg.seed, tag, step),
+            seed=stream_seed(cfg.seed, stream, step),
             row_ids=batch.index,
             teacher=teacher,
             alpha=alpha,
@@ -130,21 +135,36 @@ def _sample_batch(ctx: Context, batch: Batch, policy, step: int, tag: int, teach
     return new, ro
 
 
-def _teacher_rows(ctx: Context, batch: Batch) -> torch.Tensor:
+def teacher_rows(ctx: Context, batch: Batch, hidden: bool = False):
+    """The teacher's logits rows of a batch (and its hidden-state rows with ``hidden``)."""
     with torch.no_grad(), ctx.autocast():
-        return ctx.aligner(response_logits(ctx.teacher, batch))
+        out = response_logits(ctx.teacher, batch, hidden_states=hidden)
+    if hidden:
+        return ctx.aligner(out[0]), out[1]
+    return ctx.aligner(out)
 
 
-def _student_rows(ctx: Context, batch: Batch) -> torch.Tensor:
+def student_rows(ctx: Context, batch: Batch, hidden: bool = False):
     with ctx.autocast():
-        return ctx.aligner(response_logits(ctx.student, batch))
+        out = response_logits(ctx.student, batch, hidden_states=hidden)
+    if hidden:
+        return ctx.aligner(out[0]), out[1]
+    return ctx.aligner(out)
 
 
-def _nll_sum(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def nll_sum(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -kdext.logprobs(rows, labels, temperature=1.0).sum()
 
 
-def _divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
+def cross_entropy_sum(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+    """sum over rows of H(p, q) = KL(p || q) + H(p), both at T = 1 (H(p) a constant)."""
+    kl = kdext.distill_loss(s_rows, t_rows, kind="forward_kl", temperature=1.0, reduction="sum")
+    with torch.no_grad():
+        h = kdext.entropy(t_rows.float()).sum()
+    return kl + h
+
+
+def divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
     return kdext.distill_loss(
         s_rows,
         t_rows,
@@ -156,294 +176,241 @@ def _divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tenso
     )
 
 
-class Method(abc.ABC):
-    """Base: trains on the data's rows as they are; ``main_term`` plus an optional LM loss."""
-
-    name = "?"
-    needs_teacher = True
-    stat_keys: tuple[str, ...] = ()  # what Prepared.stats may hold (logged per step)
-
-    def main_term(self, cfg: MethodConfig) -> str:
-        return "nll"
-
-    def weights(self, cfg: MethodConfig) -> dict[str, float]:
-        """Loss = sum over terms of weight * (global sum / global token count)."""
-        main = self.main_term(cfg)
-        return {"nll": 1.0} if main == "nll" else {main: 1.0, "nll": cfg.lm_coef}
-
-    def prepare(self, ctx: Context, batch: Batch, step: int) -> Prepared:
-        n = int(batch.response_mask.sum())
-        counts = {self.main_term(ctx.cfg): n}
-        if ctx.cfg.lm_coef > 0:
-            counts["nll"] = n
-        return Prepared(batch, 0, counts)
-
-    @abc.abstractmethod
-    def terms(self, ctx: Context, prep: Prepared) -> dict[str, torch.Tensor]:
-        """The loss terms of one micro-batch, each a global-sum numerator (see combine)."""
-
-    def combine(self, cfg: MethodConfig, terms: dict, counts: dict) -> torch.Tensor:
-        """The loss: sum_k weight_k * term_k / count_k (counts: global token counts per term)."""
-        w = self.weights(cfg)
-        return sum(w[k] * terms[k] / max(1.0, float(counts[k])) for k in terms if w.get(k, 0.0) != 0)
-
-
-class SFT(Method):
-    """Fine-tune the student on the data's responses (cross-entropy)."""
-
-    name, needs_teacher = "sft", False
-
-    def terms(self, ctx, prep):
-        s = _student_rows(ctx, prep.batch)
-        return {"nll": _nll_sum(s, response_labels(prep.batch))}
-
-
-class _TokenDivergence(Method):
-    """A token-level divergence to the teacher on the data's responses (+ optional LM loss)."""
-
-    def terms(self, ctx, prep):
-        kind = self.main_term(ctx.cfg)
-        s = _student_rows(ctx, prep.batch)
-        t = _teacher_rows(ctx, prep.batch)
-        out = {kind: _divergence_sum(s, t, kind, ctx.cfg)}
-        if ctx.cfg.lm_coef > 0:
-            out["nll"] = _nll_sum(s, response_labels(prep.batch))
-        return out
-
-
-class KD(_TokenDivergence):
-    """Word-level KD: forward KL(p || q) per token on the data."""
-
-    name = "kd"
-
-    def main_term(self, cfg):
-        return "forward_kl"
-
-
-class RKL(_TokenDivergence):
-    """Off-policy reverse KL(q || p) per token on the data."""
-
-    name = "rkl"
-
-    def main_term(self, cfg):
-        return "reverse_kl"
-
-
-class DistiLLM(_TokenDivergence):
-    """DistiLLM's skew KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = --alpha."""
-
-    name = "distillm"
-
-    def main_term(self, cfg):
-        return cfg.skew
-
-
-class SeqKD(Method):
-    """Sequence-level (black-box) KD: the teacher writes the responses, the student imitates them."""
-
-    name = "seqkd"
-
-    def prepare(self, ctx, batch, step):
-        new, _ = _sample_batch(ctx, batch, ctx.teacher, step, tag=1)
-        return Prepared(new, new.prompt_ids.shape[0], {"nll": int(new.response_mask.sum())})
-
-    def weights(self, cfg):
-        return {"nll": 1.0}
-
-    def terms(self, ctx, prep):
-        s = _student_rows(ctx, prep.batch)
-        return {"nll": _nll_sum(s, response_labels(prep.batch))}
-
-
-class GKD(Method):
-    """Generalized KD: JSD(beta) per token; with probability lambda a step uses student samples.
-
-    The coin is flipped once per optimizer step from (seed, step), so every process and every
-    micro-batch of a step agrees, and a resumed run flips the same coins.
-    """
-
-    name = "gkd"
-    stat_keys = ("on_policy",)
-
-    def main_term(self, cfg):
-        return "jsd"
-
-    def on_policy(self, cfg: MethodConfig, step: int) -> bool:
-        return random.Random(generation.mix_seed(cfg.seed, 2, step)).random() < cfg.lam
-
-    def prepare(self, ctx, batch, step):
-        cfg = ctx.cfg
-        if not self.on_policy(cfg, step):
-            prep = super().prepare(ctx, batch, step)
-            prep.stats["on_policy"] = (0.0, 1)
-            return prep
-        sampled, _ = _sample_batch(ctx, batch, unwrap(ctx.student), step, tag=2)
-        counts = {"jsd": int(sampled.response_mask.sum())}
-        rows = sampled
-        if cfg.lm_coef > 0:  # the LM loss stays on the data: append the data rows
-            rows = concat_batches(sampled, batch, ctx.pad_id)
-            counts["nll"] = int(batch.response_mask.sum())
-        return Prepared(rows, sampled.prompt_ids.shape[0], counts, {"on_policy": (1.0, 1)})
-
-    def terms(self, ctx, prep):
-        s = _student_rows(ctx, prep.batch)
-        labels = response_labels(prep.batch)
-        n_kd = _rows_of(prep.batch, prep.n_rollout) if prep.n_rollout else s.shape[0]
-        kd_batch = _first_rows(prep.batch, prep.n_rollout) if prep.n_rollout else prep.batch
-        t = _teacher_rows(ctx, kd_batch)
-        out = {"jsd": _divergence_sum(s[:n_kd], t, "jsd", ctx.cfg)}
-        if ctx.cfg.lm_coef > 0:
-            lm_rows = slice(n_kd, None) if prep.n_rollout else slice(None)
-            out["nll"] = _nll_sum(s[lm_rows], labels[lm_rows])
-        return out
-
-
-class MiniLLM(Method):
-    """MiniLLM: reverse-KL policy gradient on teacher-mixed samples (Gu et al., 2024).
-
-    Per response token t of a rollout y ~ (1-a) q + a p (top-p filtered):
-      reward        r_t = log p(y_t) - log q(y_t)                  (rollout-time values, at T)
-      return        R_t = sum_{k>t} gamma^(k-t-1) r_k / #{k > t}   (length normalised; 0 at the end)
-      weight        w_t = q(y_t) / ((1-a) q(y_t) + a p(y_t))       (importance weight, constant)
-      ratio         rho_t = exp(log q_theta(y_t) - log q_old(y_t))
-      PG term       w_t * max(-R_t rho_t, -R_t clip(rho_t, 1-eps, 1+eps))
-      single-step   w_t * KL(q_theta(.|y<t) || p(.|y<t))            (exact, full vocabulary)
-    averaged over rollout tokens, plus lm_coef * the LM loss averaged over the data's tokens.
-    The current token's reward is not in R_t because the single-step term already accounts
-    for it exactly (the paper's decomposition of the gradient).
-
-    With ppo_epochs = E > 1 a batch of rollouts serves E consecutive optimizer steps (rho then
-    moves away from 1 and the clip matters); the data for the LM loss is fresh every step.
-    """
-
-    name = "minillm"
-    stat_keys = ("reward", "response_len")
-
-    def __init__(self):
-        self._cache: dict[tuple[int, int], Batch] = {}  # (cycle, first row index) -> rollout batch
-
-    def weights(self, cfg):
-        return {"pg": 1.0, "single": 1.0, "nll": cfg.lm_coef}
-
-    def rollout(self, ctx: Context, batch: Batch, step: int) -> Batch:
-        """Sample from the teacher-mixed student; the batch carries what the loss needs."""
-        sampled, ro = _sample_batch(
-            ctx, batch, unwrap(ctx.student), step, tag=3, teacher=ctx.teacher, alpha=ctx.cfg.alpha
-        )
-        return self.attach(sampled, ro.student_logprob, ro.teacher_logprob, ctx.cfg)
-
-    @staticmethod
-    def attach(sampled: Batch, student_logprob, teacher_logprob, cfg: MethodConfig) -> Batch:
-        """Rewards, normalised returns, importance weights and old log-probs, as batch extras."""
-        m = sampled.response_mask
-        reward = (teacher_logprob - student_logprob).masked_fill(~m, 0.0)
-        sampled.extras = {
-            "old_logprob": student_logprob.masked_fill(~m, 0.0),
-            "teacher_logprob": teacher_logprob.masked_fill(~m, 0.0),
-            "reward": reward,
-            "returns": normalized_returns(reward, m, cfg.gamma),
-            "weight": importance_weight(student_logprob, teacher_logprob, cfg.alpha).masked_fill(~m, 0.0),
-            "mask": m,
-        }
-        return sampled
-
-    def prepare(self, ctx, batch, step):
-        cfg = ctx.cfg
-        cycle = step // cfg.ppo_epochs
-        key = (cycle, int(batch.index[0]))
-        if key not in self._cache or cfg.ppo_epochs == 1:
-            # Rollouts of a cycle come from the prompts of the cycle's first step.
-            self._cache = {k: v for k, v in self._cache.items() if k[0] == cycle}
-            self._cache[key] = self.rollout(ctx, batch, step)
-        return self.assemble(cfg, self._cache[key], batch, ctx.pad_id)
-
-    @staticmethod
-    def assemble(cfg: MethodConfig, sampled: Batch, data: Batch, pad_id: int) -> Prepared:
-        """Rollout rows first, then (for the LM loss) the data rows, in one batch."""
-        rows = concat_batches(sampled, data, pad_id) if cfg.lm_coef > 0 else sampled
-        rows.extras = sampled.extras
-        m = sampled.response_mask
-        n_roll = int(m.sum())
-        counts = {"pg": n_roll, "single": n_roll}
-        if cfg.lm_coef > 0:
-            counts["nll"] = int(data.response_mask.sum())
-        stats = {
-            "reward": (float(sampled.extras["reward"][m].sum()), n_roll),
-            "response_len": (float(n_roll), m.shape[0]),
-        }
-        return Prepared(rows, sampled.prompt_ids.shape[0], counts, stats)
-
-    def terms(self, ctx, prep):
-        cfg = ctx.cfg
-        ex = prep.batch.extras
-        s = _student_rows(ctx, prep.batch)
-        labels = response_labels(prep.batch)
-        roll_batch = _first_rows(prep.batch, prep.n_rollout)
-        m = ex["mask"]  # the rollout's own [B, R] mask (the concatenated batch may be wider)
-        n = int(m.sum())
-        s_roll = s[:n]
-        t_roll = _teacher_rows(ctx, roll_batch)
-        logq = kdext.logprobs(s_roll, labels[:n], temperature=cfg.temperature)
-        w, adv, old = ex["weight"][m], ex["returns"][m], ex["old_logprob"][m]
-        out = {
-            "pg": (w * clipped_pg(logq, old, adv, cfg.clip_eps)).sum(),
-            "single": kdext.distill_loss(s_roll, t_roll, "reverse_kl", temperature=cfg.temperature,
-                                         reduction="sum", weights=w),
-        }
-        if cfg.lm_coef > 0:
-            out["nll"] = _nll_sum(s[n:], labels[n:])
-        return out
-
-
-def _first_rows(batch: Batch, k: int) -> Batch:
+def first_rows(batch: Batch, k: int) -> Batch:
     return Batch(
         batch.prompt_ids[:k], batch.prompt_mask[:k], batch.response_ids[:k], batch.response_mask[:k], batch.index[:k]
     )
 
 
-def _rows_of(batch: Batch, k: int) -> int:
+def rest_rows(batch: Batch, k: int) -> Batch:
+    return Batch(
+        batch.prompt_ids[k:], batch.prompt_mask[k:], batch.response_ids[k:], batch.response_mask[k:], batch.index[k:]
+    )
+
+
+def tokens_of_rows(batch: Batch, k: int) -> int:
     """Number of response-token rows belonging to the first k batch rows."""
     return int(batch.response_mask[:k].sum())
 
 
-def normalized_returns(reward: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """R_t = sum_{k>t} gamma^(k-t-1) r_k / #{valid k > t}; 0 where no token follows.
+class Method(abc.ABC):
+    """Base: trains on the data's rows as they are; the main terms, the LM term, the hidden term."""
 
-    ``mask`` marks a right-padded prefix of valid tokens per row.
+    name = "?"
+    needs_teacher = True
+    samples = False  # whether prepare() generates responses (up to --max-new-tokens after the prompt)
+    has_lm_term = True  # --lm-coef / --lm-data apply (no method with it has an "nll" main term)
+    main_uses_teacher = True  # the main terms need the teacher's logits on the main rows
+    train_mode = True  # the student's mode in the loss forward (MiniLLM: eval, no dropout)
+    stat_keys: tuple[str, ...] = ()  # what Prepared.stats may hold (logged per step)
+    default_alpha = 0.0  # --alpha when not given (its meaning is the method's)
+    default_token_mean = "global"  # --token-mean when not given
+    default_kd_ratio = 0.0  # --kd-ratio when not given
+
+    @classmethod
+    def steps_per_cycle(cls, cfg: MethodConfig) -> int:
+        """Optimizer steps that share one batch of rollouts; checkpoints fall between cycles."""
+        return 1
+
+    @classmethod
+    def data_batches(cls, cfg: MethodConfig, steps: int) -> int:
+        """Global batches of --data whose prompts the first ``steps`` optimizer steps used."""
+        return steps
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The method's own rules on a TrainConfig (ConfigError naming the flag)."""
+
+    def setup(self, s) -> None:
+        """Called once by step.build with the run's Setup (before any step or resume)."""
+
+    def state_dict(self) -> Optional[dict]:
+        """State to checkpoint beside the model (None: the method keeps none)."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        raise AssertionError(f"{self.name} keeps no state")
+
+    def after_step(self, ctx: Context, steps_done: int) -> dict:
+        """Called after each optimizer step; returns extra metrics for the step's record."""
+        return {}
+
+    def main_terms(self, cfg: MethodConfig) -> dict[str, float]:
+        """The main terms and their weights."""
+        return {"nll": 1.0}
+
+    def weights(self, cfg: MethodConfig) -> dict[str, float]:
+        """Loss = sum over terms of weight * (term sum / its token count)."""
+        w = dict(self.main_terms(cfg))
+        if self.has_lm_term and cfg.lm_coef > 0:
+            w["nll"] = w.get("nll", 0.0) + cfg.lm_coef * (1.0 - cfg.kd_ratio)
+            if cfg.kd_ratio > 0:
+                w["lm_kd"] = cfg.lm_coef * cfg.kd_ratio
+        if cfg.hidden_coef > 0:
+            w["hidden"] = cfg.hidden_coef
+        return w
+
+    def prepare_step(self, ctx: Context, step: int) -> list[Prepared]:
+        """Every micro-batch of this process at ``step`` (no gradients)."""
+        return [self.prepare(ctx, ctx.data(step, a), step, a) for a in range(ctx.grad_accum)]
+
+    def prepare(self, ctx: Context, batch: Batch, step: int, micro: int = 0) -> Prepared:
+        return self.with_lm(ctx, batch, batch, step, micro)
+
+    def with_lm(self, ctx: Context, main: Batch, data: Batch, step: int, micro: int, stats=None) -> Prepared:
+        """``main`` rows (the main terms') plus the LM term's rows: ``--lm-data``'s micro-batch,
+        else ``data``, shared with ``main`` when it is the same batch."""
+        cfg = ctx.cfg
+        n = int(main.response_mask.sum())
+        counts = {k: n for k in self.main_terms(cfg)}
+        if cfg.hidden_coef > 0:
+            counts["hidden"] = n
+        stats = dict(stats or {})
+        n_main = main.prompt_ids.shape[0]
+        if not (self.has_lm_term and cfg.lm_coef > 0):
+            return Prepared(main, n_main, counts, stats)
+        lm = ctx.lm(step, micro) if ctx.lm is not None else data
+        lm_counts = {k: int(lm.response_mask.sum()) for k in ("nll", "lm_kd")}
+        if lm is main:
+            counts.update(lm_counts)
+            return Prepared(main, n_main, counts, stats, lm_shared=True)
+        rows = concat_batches(main, lm, ctx.pad_id)
+        rows.extras = main.extras
+        counts.update(lm_counts)
+        return Prepared(rows, n_main, counts, stats)
+
+    def main_loss(self, ctx: Context, prep: Prepared, s: torch.Tensor, y: torch.Tensor, t) -> dict:
+        """The main terms' sums from the main rows' student logits ``s``, labels ``y`` and teacher
+        logits ``t`` (None unless ``main_uses_teacher``)."""
+        return {"nll": nll_sum(s, y)}
+
+    def terms(self, ctx: Context, prep: Prepared) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch, each a sum over its tokens (see step.py)."""
+        cfg = ctx.cfg
+        hidden = ctx.hidden is not None
+        s, s_states = student_rows(ctx, prep.batch, True) if hidden else (student_rows(ctx, prep.batch), None)
+        labels = response_labels(prep.batch)
+        n = tokens_of_rows(prep.batch, prep.n_main)
+        main = first_rows(prep.batch, prep.n_main)
+        w = self.weights(cfg)
+        lm_on = self.has_lm_term and (w.get("nll", 0) or w.get("lm_kd", 0)) and cfg.lm_coef > 0
+        need_t = self.main_uses_teacher or hidden or (lm_on and prep.lm_shared and cfg.kd_ratio > 0)
+        t = t_states = None
+        if need_t:
+            t, t_states = teacher_rows(ctx, main, True) if hidden else (teacher_rows(ctx, main), None)
+        out = self.main_loss(ctx, prep, s[:n], labels[:n], t)
+        if lm_on:
+            out.update(self.lm_loss(ctx, prep, s, labels, n, t))
+        if hidden:
+            out["hidden"] = ctx.hidden.loss_sum([x[:n] for x in s_states], t_states)
+        return out
+
+    def lm_loss(self, ctx, prep, s, labels, n, t_main) -> dict:
+        """The LM term's sums: CE and (kd_ratio > 0) the teacher cross-entropy H(p, q), at T = 1."""
+        cfg = ctx.cfg
+        if prep.lm_shared:
+            s_lm, y_lm, t_lm = s[:n], labels[:n], t_main
+        else:
+            s_lm, y_lm = s[n:], labels[n:]
+            t_lm = teacher_rows(ctx, rest_rows(prep.batch, prep.n_main)) if cfg.kd_ratio > 0 else None
+        out = {"nll": nll_sum(s_lm, y_lm)}
+        if cfg.kd_ratio > 0:
+            out["lm_kd"] = cross_entropy_sum(s_lm, t_lm)
+        return out
+
+    def combine(self, cfg: MethodConfig, terms: dict, counts: dict) -> torch.Tensor:
+        """The loss: sum_k weight_k * term_k / count_k."""
+        w = self.weights(cfg)
+        return sum(w[k] * terms[k] / max(1.0, float(counts[k])) for k in terms if w.get(k, 0.0) != 0)
+
+
+@register
+class SFT(Method):
+    """Fine-tune the student on the data's responses (cross-entropy)."""
+
+    name, needs_teacher, has_lm_term, main_uses_teacher = "sft", False, False, False
+
+
+class _TokenDivergence(Method):
+    """A token-level divergence to the teacher on the data's responses."""
+
+    kind = "?"
+
+    def main_terms(self, cfg):
+        return {self.kind: 1.0}
+
+    def main_loss(self, ctx, prep, s, y, t):
+        return {self.kind: divergence_sum(s, t, self.kind, ctx.cfg)}
+
+
+@register
+class KD(_TokenDivergence):
+    """Word-level KD: forward KL(p || q) per token on the data."""
+
+    name, kind = "kd", "forward_kl"
+
+
+@register
+class SeqKD(Method):
+    """Sequence-level (black-box) KD: the teacher writes the responses, the student imitates them."""
+
+    name, has_lm_term, main_uses_teacher = "seqkd", False, False
+    samples = True
+
+    def prepare(self, ctx, batch, step, micro=0):
+        new, _ = sample_batch(ctx, batch, ctx.teacher, step, Stream.SEQKD_ROLLOUT)
+        return self.with_lm(ctx, new, batch, step, micro)
+
+
+@register
+class RKL(_TokenDivergence):
+    """Off-policy reverse KL(q || p) per token on the data."""
+
+    name, kind = "rkl", "reverse_kl"
+
+
+@register
+class GKD(_TokenDivergence):
+    """Generalized KD: JSD(beta) per token; with probability lambda a step uses student samples.
+
+    The loss is TRL's ``GKDTrainer.generalized_jsd_loss`` (kdext's ``jsd``; beta = 0 forward KL,
+    beta = 1 reverse KL). The coin is flipped once per optimizer step from (seed, step), so every
+    process and every micro-batch of a step agrees, and a resumed run flips the same coins.
     """
-    r = reward.masked_fill(~mask, 0.0).float()
-    out = torch.zeros_like(r)
-    acc = torch.zeros_like(r[:, 0])
-    for t in range(r.shape[1] - 1, -1, -1):
-        out[:, t] = acc  # discounted sum of the rewards after t
-        acc = r[:, t] + gamma * acc
-    m = mask.float()
-    remaining = m.flip(-1).cumsum(-1).flip(-1) - m  # valid tokens strictly after t
-    return torch.where(remaining > 0, out / remaining.clamp(min=1), torch.zeros_like(out)) * m
+
+    name, kind = "gkd", "jsd"
+    samples = True
+    stat_keys = ("on_policy",)
+
+    def on_policy(self, cfg: MethodConfig, step: int) -> bool:
+        return random.Random(stream_seed(cfg.seed, Stream.GKD_COIN, step)).random() < cfg.lam
+
+    def prepare(self, ctx, batch, step, micro=0):
+        if not self.on_policy(ctx.cfg, step):
+            return self.with_lm(ctx, batch, batch, step, micro, {"on_policy": (0.0, 1)})
+        sampled, _ = sample_batch(ctx, batch, unwrap(ctx.student), step, Stream.GKD_ROLLOUT)
+        return self.with_lm(ctx, sampled, batch, step, micro, {"on_policy": (1.0, 1)})
 
 
-def importance_weight(student_logprob: torch.Tensor, teacher_logprob: torch.Tensor, alpha: float) -> torch.Tensor:
-    """w = q / ((1 - a) q + a p), from log-probs; exactly 1 when alpha == 0."""
-    if alpha == 0:
-        return torch.ones_like(student_logprob)
-    # log of the mixture, stable: logaddexp(log(1-a) + log q, log a + log p)
-    log_mix = torch.logaddexp(
-        student_logprob + torch.log1p(torch.tensor(-alpha, dtype=student_logprob.dtype)),
-        teacher_logprob + torch.log(torch.tensor(alpha, dtype=student_logprob.dtype)),
-    )
-    return torch.exp(student_logprob - log_mix)
+from . import distillm as _distillm  # noqa: E402,F401  (registers DistiLLM)
+from . import minillm as _minillm  # noqa: E402,F401  (registers MiniLLM)
 
 
-def clipped_pg(logq: torch.Tensor, old_logq: torch.Tensor, adv: torch.Tensor, eps: float) -> torch.Tensor:
-    """PPO's clipped surrogate per token: max(-A rho, -A clip(rho, 1-eps, 1+eps))."""
-    rho = torch.exp(logq - old_logq)
-    return torch.maximum(-adv * rho, -adv * rho.clamp(1.0 - eps, 1.0 + eps))
+def __getattr__(name: str):
+    """``METHODS`` (every registered method, in order) and the two classes defined elsewhere,
+    looked up when asked for, so they are complete whatever module was imported first."""
+    if name == "METHODS":
+        return tuple(REGISTRY)
+    if name in ("DistiLLM", "MiniLLM"):
+        return REGISTRY[name.lower()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_REGISTRY = {"sft": SFT, "kd": KD, "seqkd": SeqKD, "rkl": RKL, "gkd": GKD, "distillm": DistiLLM, "minillm": MiniLLM}
+def method_class(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise ConfigError(f"--method must be one of {', '.join(REGISTRY)}; got {name!r}")
+    return REGISTRY[name]
 
 
 def make(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {name!r}")
-    return _REGISTRY[name]()
+    return method_class(name)()

@@ -11,7 +11,10 @@ sides the same width and sets those ids' logits to -inf, so they carry no probab
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -42,6 +45,20 @@ def _check_dir(path: str, arg: str) -> None:
         raise ModelError(f"{arg}: {path!r} has no config.json; expected a save_pretrained() folder")
 
 
+def _load_errors() -> tuple:
+    """What ``from_pretrained`` raises for a folder it cannot use (a truncated safetensors file,
+    an unpicklable .bin, a broken tokenizer.json, ...), as opposed to a bug."""
+    from safetensors import SafetensorError
+
+    # RuntimeError: torch.load of a damaged pytorch_model.bin ("PytorchStreamReader failed ...").
+    return (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_tokenizer(path: str, arg: str = "--student"):
     """AutoTokenizer from a local folder; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
@@ -50,8 +67,8 @@ def load_tokenizer(path: str, arg: str = "--student"):
         raise ModelError(f"{arg}: {path!r} is not a folder")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{arg}: cannot load a tokenizer from {path!r}: {e}") from None
+    except _load_errors() as e:
+        raise ModelError(f"{arg}: cannot load a tokenizer from {path!r}: {_one_line(e)}") from None
     if tok.eos_token_id is None:
         raise ModelError(f"{arg}: the tokenizer in {path!r} has no EOS token; generation could never stop")
     if tok.pad_token_id is None:
@@ -64,15 +81,40 @@ def has_tokenizer(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
+def check_weight_files(path: str, arg: str) -> None:
+    """Each ``*.safetensors`` file of the folder must hold what its header describes: a truncated
+    copy is named here, not by a SafetensorError from deep inside from_pretrained."""
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        full = os.path.join(path, name)
+        size = os.path.getsize(full)
+        with open(full, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 <= n <= size - 8 else None
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                header = None
+        if header is None:
+            raise ModelError(f"{arg}: {full} is damaged or truncated ({size} bytes; its header cannot be read); "
+                             "copy or save the model again")
+        if 8 + n + end > size:
+            raise ModelError(f"{arg}: {full} is truncated: its header describes {8 + n + end} bytes, the file has "
+                             f"{size}; copy or save the model again")
+
+
 def load_model(path: str, arg: str, device: torch.device, trainable: bool):
     """AutoModelForCausalLM in float32 on ``device``. Frozen models are put in eval mode."""
     from transformers import AutoModelForCausalLM
 
     _check_dir(path, arg)
+    check_weight_files(path, arg)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{arg}: cannot load a causal LM from {path!r}: {e}") from None
+    except _load_errors() as e:
+        raise ModelError(f"{arg}: cannot load a causal LM from {path!r}: {_one_line(e)}") from None
     model.to(device)
     if trainable:
         model.train()
@@ -81,6 +123,46 @@ def load_model(path: str, arg: str, device: torch.device, trainable: bool):
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+# Config keys that bound the positions a model can take (learned position tables index with
+# them: GPT-2 fails with an IndexError beyond n_positions); the first one present is used.
+CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_limit(path: str, arg: str) -> tuple[Optional[int], Optional[str]]:
+    """(positions, the config.json key it comes from) of the model folder; (None, None) when its
+    config gives none. Reads config.json only."""
+    from transformers import AutoConfig
+
+    _check_dir(path, arg)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True).to_dict()
+    except _load_errors() as e:
+        raise ModelError(f"{arg}: cannot read {os.path.join(path, 'config.json')}: {_one_line(e)}") from None
+    for key in CONTEXT_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key], key
+    return None, None
+
+
+def check_context(models: list[tuple[str, str]], needs: list[tuple[str, int]]) -> None:
+    """Refuse (ConfigError naming the flags and the limit) sequence lengths a model cannot take.
+
+    ``models``: (flag, folder); ``needs``: (what makes the length, e.g. "--max-prompt-len 256 +
+    --max-response-len 128", the length)."""
+    from .options import ConfigError
+
+    for flag, path in models:
+        limit, key = context_limit(path, flag)
+        if limit is None:
+            continue
+        for what, n in needs:
+            if n > limit:
+                raise ConfigError(
+                    f"{what} = {n} tokens, more than the {limit} positions of {flag} ({key} in its config.json); "
+                    "lower them so that the sum is at most " + str(limit)
+                )
 
 
 def head_width(model) -> int:
@@ -151,11 +233,13 @@ def _bool_keep_supported() -> bool:
     return int(transformers.__version__.split(".")[0]) >= 5
 
 
-def response_logits(model, batch: Batch) -> torch.Tensor:
+def response_logits(model, batch: Batch, hidden_states: bool = False):
     """Logits predicting every real response token, as rows [N, V] in row-major (b, j) order.
 
     Only those rows go through the LM head (transformers' ``logits_to_keep`` with a boolean
-    mask), which on a large vocabulary is most of the cost.
+    mask), which on a large vocabulary is most of the cost. With ``hidden_states`` it returns
+    ``(logits, states)``: ``states[i]`` is transformers' ``hidden_states[i]`` (0: the
+    embeddings, i: the output of block i) at the same positions, as rows [N, width].
     """
     P = batch.prompt_ids.shape[1]
     input_ids = batch.input_ids
@@ -163,9 +247,17 @@ def response_logits(model, batch: Batch) -> torch.Tensor:
     keep = torch.zeros_like(attn)
     keep[:, P - 1 : -1] = batch.response_mask  # column c predicts the token at column c + 1
     kwargs = dict(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids(attn), use_cache=False)
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
     if _bool_keep_supported():
-        return model(**kwargs, logits_to_keep=keep).logits
-    return model(**kwargs).logits[keep]
+        out = model(**kwargs, logits_to_keep=keep)
+        logits = out.logits
+    else:
+        out = model(**kwargs)
+        logits = out.logits[keep]
+    if not hidden_states:
+        return logits
+    return logits, tuple(h[keep] for h in out.hidden_states)
 
 
 def response_labels(batch: Batch) -> torch.Tensor:

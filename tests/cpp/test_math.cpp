@@ -1,14 +1,16 @@
 // ctest: the framework-free math in csrc/include/kdext, with no torch at all.
 // Checks the exact merge of online-softmax states (any split of a row gives
 // the single-pass answer), the divergence terms against direct float64
-// formulas, and the helpers around them.
+// formulas, the row contract, and the helpers around them.
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace {
 
@@ -131,16 +133,60 @@ void test_helpers() {
   expect_near(kdext::log_add_exp<double>(1000.0, 1000.0), 1000.0 + std::log(2.0), 1e-12, "log_add_exp large");
   expect(std::isnan(kdext::log_add_exp<double>(NAN, 0.0)), "log_add_exp keeps NaN");
   expect(kdext::sign<double>(-2.0) == -1 && kdext::sign<double>(0.0) == 0 && kdext::sign<double>(3.0) == 1, "sign");
-  const double inf = INFINITY, nan = NAN;
-  expect(kdext::classify_row(1.0, 2.0) == kdext::RowKind::Normal, "classify normal");
-  expect(kdext::classify_row(-inf, 2.0) == kdext::RowKind::Empty, "classify empty");
-  expect(kdext::classify_row(nan, 2.0) == kdext::RowKind::Poisoned, "classify NaN");
-  expect(kdext::classify_row(inf, 2.0) == kdext::RowKind::Poisoned, "classify +inf");
   kdext::Divergence d;
   expect(kdext::parse_divergence("skew_reverse_kl", &d) && d == kdext::Divergence::SkewReverseKL, "parse");
   expect(!kdext::parse_divergence("kl", &d), "parse rejects unknown names");
+  for (const auto& e : kdext::kDivergenceNames) {
+    expect(kdext::parse_divergence(e.name, &d) && d == e.kind, "every listed name parses to its kind");
+    expect(kdext::divergence_param_name(e.kind) == e.param, "the parameter's name is the listed one");
+  }
+  expect(std::string(kdext::divergence_param_name(kdext::Divergence::JSD)) == "beta", "JSD takes beta");
+  expect(kdext::divergence_param_name(kdext::Divergence::TVD) == nullptr, "TVD takes no parameter");
   expect(kdext::resolve_divergence(kdext::Divergence::JSD, 0.0) == kdext::Divergence::ForwardKL, "JSD beta=0");
   expect(kdext::resolve_divergence(kdext::Divergence::JSD, 1.0) == kdext::Divergence::ReverseKL, "JSD beta=1");
+}
+
+void test_row_contract() {
+  using kdext::RowKind;
+  const double inf = INFINITY, nan = NAN;
+  expect(kdext::classify_row(1.0) == RowKind::Normal, "classify one lse: normal");
+  expect(kdext::classify_row(-inf) == RowKind::Empty, "classify one lse: empty");
+  expect(kdext::classify_row(nan) == RowKind::Poisoned, "classify one lse: NaN");
+  expect(kdext::classify_row(inf) == RowKind::Poisoned, "classify one lse: +inf");
+  expect(kdext::classify_row(1.0, 2.0) == RowKind::Normal, "classify normal");
+  expect(kdext::classify_row(-inf, 2.0) == RowKind::Empty, "classify empty");
+  expect(kdext::classify_row(2.0, -inf) == RowKind::Empty, "classify empty teacher");
+  expect(kdext::classify_row(nan, 2.0) == RowKind::Poisoned, "classify NaN");
+  expect(kdext::classify_row(inf, 2.0) == RowKind::Poisoned, "classify +inf");
+  expect(kdext::classify_row(-inf, nan) == RowKind::Poisoned, "poisoned wins over empty");
+  expect(kdext::classify_row(inf, -inf) == RowKind::Poisoned, "poisoned wins over empty (+inf)");
+
+  expect(kdext::constant_row_gradient<float>(RowKind::Empty) == 0.0f, "empty rows get zero gradients");
+  expect(std::isnan(kdext::constant_row_gradient<float>(RowKind::Poisoned)), "poisoned rows get NaN gradients");
+  float fill = -1.0f;
+  expect(!kdext::constant_gradient(RowKind::Normal, 0.5f, &fill), "a normal row's gradient is computed");
+  expect(!kdext::constant_gradient(RowKind::Normal, NAN, &fill), "a NaN scale is computed (and propagates)");
+  expect(kdext::constant_gradient(RowKind::Normal, 0.0f, &fill) && fill == 0.0f, "a zero scale gives zeros");
+  expect(kdext::constant_gradient(RowKind::Poisoned, 0.0f, &fill) && fill == 0.0f, "an ignored NaN row gets zeros");
+  expect(kdext::constant_gradient(RowKind::Poisoned, 2.0f, &fill) && std::isnan(fill), "a poisoned row gets NaN");
+  expect(kdext::constant_gradient(RowKind::Empty, 2.0f, &fill) && fill == 0.0f, "an empty row gets zeros");
+
+  // hi + lo holds a float64 lse to float64 precision, and (x - hi) - lo is
+  // x - lse rounded once where a float32 lse is off by up to half its ulp.
+  const double lse = 10000.123456789012;
+  const auto split = kdext::split_lse<float>(lse);
+  // lo is a float of size <= ulp(hi) / 2 = 2^-11 here: it rounds by at most 2^-35.
+  expect_near(double(split.hi) + double(split.lo), lse, std::ldexp(1.0, -35), "hi + lo is the lse");
+  const float x = 10001.0f;
+  // x - hi is exact (Sterbenz); subtracting lo rounds once at ~0.88: 2^-25.
+  expect_near(kdext::log_q(x, split), double(x) - lse, std::ldexp(1.0, -25), "(x - hi) - lo keeps the lse's precision");
+  expect(std::fabs(double(x - float(lse)) - (double(x) - lse)) > 1e-5, "a float32 lse alone would not");
+  const auto exact = kdext::split_lse<double>(lse);
+  expect(exact.hi == lse && exact.lo == 0.0, "float64 needs no split");
+  for (double v : {inf, -inf, nan}) {
+    const auto s = kdext::split_lse<float>(v);
+    expect(s.lo == 0.0f && (s.hi == float(v) || (std::isnan(s.hi) && std::isnan(v))), "a non-finite lse keeps lo = 0");
+  }
 }
 
 }  // namespace
@@ -150,6 +196,7 @@ int main() {
   test_reverse_kl_state_merge();
   test_divergence_terms_against_direct_formulas();
   test_helpers();
+  test_row_contract();
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
 }

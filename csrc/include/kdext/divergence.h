@@ -1,5 +1,5 @@
-// Per-element terms and gradients of the divergence family (DESIGN.md, "the
-// math contract"), shared by the CPU and CUDA kernels.
+// Per-element terms and gradients of the divergence family (docs/DESIGN.md,
+// "the math contract"), shared by the CPU and CUDA kernels.
 //
 // Every divergence D(q, p) here is a sum over the vocabulary of a function of
 // (q_i, p_i), with q = softmax(s/T) the student and p = softmax(t/T) the
@@ -15,8 +15,8 @@
 // lt = log p_i = t_i/T - lse_t, either of which may be -inf (a masked token).
 // An entry with zero probability contributes exactly 0 to every sum and gets a
 // zero gradient; the select() guards below keep 0 * inf from turning into NaN.
-// Rows whose log-normaliser is not finite are handled by the callers (see
-// RowKind).
+// Rows whose log-normaliser is not finite are handled by the callers, by the
+// row contract of kdext/row_contract.h.
 #pragma once
 
 #include <cstdint>
@@ -257,25 +257,12 @@ struct DivergenceMath<Divergence::TVD> {
   }
 };
 
-// How a row is treated, from its two log-normalisers (lse of s/T and t/T):
-// Normal when both are finite; Empty when either distribution has no support
-// (all -inf): value NaN, gradient 0; Poisoned when a NaN or +inf was seen:
-// value NaN and gradient NaN.
-enum class RowKind { Normal, Empty, Poisoned };
-
-template <typename T>
-KDEXT_HD RowKind classify_row(T lse_s, T lse_t) {
-  const T inf = std::numeric_limits<T>::infinity();
-  if (lse_s != lse_s || lse_t != lse_t || lse_s == inf || lse_t == inf) return RowKind::Poisoned;
-  if (lse_s == -inf || lse_t == -inf) return RowKind::Empty;
-  return RowKind::Normal;
-}
-
 // Columns of the per-row statistics tensor [rows, 4] that a forward saves and
 // a backward consumes: lse_s, lse_t, c_s, c_t.
 constexpr int kStatsColumns = 4;
 
-// Calls f(std::integral_constant<Divergence, D>{}) for the runtime kind.
+// Calls f(DivergenceTag<D>{}) for the runtime kind D, so that f is compiled
+// once per divergence with D a constant (decltype(tag)::value).
 template <Divergence D>
 struct DivergenceTag {
   static constexpr Divergence value = D;
@@ -294,15 +281,28 @@ auto dispatch_divergence(Divergence d, F&& f) {
   return f(DivergenceTag<Divergence::ReverseKL>{});
 }
 
+// The divergences by the names the ops take, with the name of each one's
+// parameter (in [0, 1]; nullptr: it takes none). This is the one list of
+// names: the checks (csrc/divergence_args.h) build their message from it, and
+// kdext/_validate.py reads it through kdext._C.build_info().
+struct DivergenceName {
+  const char* name;
+  Divergence kind;
+  const char* param;
+};
+
+inline constexpr DivergenceName kDivergenceNames[] = {
+    {"reverse_kl", Divergence::ReverseKL, nullptr},
+    {"forward_kl", Divergence::ForwardKL, nullptr},
+    {"jsd", Divergence::JSD, "beta"},
+    {"skew_forward_kl", Divergence::SkewForwardKL, "alpha"},
+    {"skew_reverse_kl", Divergence::SkewReverseKL, "alpha"},
+    {"tvd", Divergence::TVD, nullptr},
+};
+
 // Name -> kind, for the string argument of the ops; false for an unknown name.
 inline bool parse_divergence(const char* name, Divergence* out) {
-  static const struct {
-    const char* name;
-    Divergence kind;
-  } table[] = {{"reverse_kl", Divergence::ReverseKL},  {"forward_kl", Divergence::ForwardKL},
-               {"jsd", Divergence::JSD},               {"skew_forward_kl", Divergence::SkewForwardKL},
-               {"skew_reverse_kl", Divergence::SkewReverseKL}, {"tvd", Divergence::TVD}};
-  for (const auto& e : table) {
+  for (const auto& e : kDivergenceNames) {
     if (std::strcmp(e.name, name) == 0) {
       *out = e.kind;
       return true;
@@ -311,9 +311,12 @@ inline bool parse_divergence(const char* name, Divergence* out) {
   return false;
 }
 
-// Whether the divergence takes a parameter (beta or alpha) in [0, 1].
-inline bool divergence_has_param(Divergence d) {
-  return d == Divergence::JSD || d == Divergence::SkewForwardKL || d == Divergence::SkewReverseKL;
+// The name of the divergence's parameter (beta or alpha), nullptr when it takes none.
+inline const char* divergence_param_name(Divergence d) {
+  for (const auto& e : kDivergenceNames) {
+    if (e.kind == d) return e.param;
+  }
+  return nullptr;
 }
 
 // The TRL/GKD convention: JSD with beta = 0 is forward KL and beta = 1 is

@@ -2,9 +2,9 @@
 //
 // Every per-element formula in kdext is written once, as a template over a
 // "lane" type V, and reaches its arithmetic through MathOps<V>. This header
-// defines the scalar lanes (float, double) used by CUDA threads and by CPU
-// tails; csrc/cpu/vec_math.h specialises MathOps for at::vec::Vectorized, so
-// the CPU kernels evaluate the very same formulas eight lanes at a time.
+// defines the scalar lanes (float, double) used by CUDA threads and by scalar
+// CPU code; csrc/cpu/vec.h specialises MathOps for at::vec::Vectorized, so the
+// CPU kernels evaluate the very same formulas a whole vector of lanes at a time.
 #pragma once
 
 #include <cmath>

@@ -42,7 +42,17 @@ KDEXT_HD T log_sum_exp(SoftmaxState<T> s) {
   return s.max + MathOps<T>::log(s.sum);
 }
 
-// The single-pass reverse-KL state of DESIGN.md: the student's and teacher's
+// The same log-normaliser in float64 from a float32 (or float64) state: the
+// max is exact and only max + log(sum) is formed in float64, so the value
+// keeps the state's precision however large the logits are (a float32 lse
+// rounds at the size of the max). The lse that entropy_forward and
+// lse_float64 return, and that vocab shards exchange.
+template <typename T>
+KDEXT_HD double log_sum_exp_float64(SoftmaxState<T> s) {
+  return log_sum_exp(SoftmaxState<double>{double(s.max), double(s.sum)});
+}
+
+// The single-pass reverse-KL state of docs/DESIGN.md: the student's and teacher's
 // softmax states plus A = sum_i exp(x_i - m_s) (x_i - y_i), where x = s/T and
 // y = t/T. A is scaled by the student's max, so it merges with it.
 template <typename T>

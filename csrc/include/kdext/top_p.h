@@ -1,7 +1,7 @@
 // Sort-free top-k / top-p thresholds: the framework-free math shared by the CPU
 // kernel, the CUDA kernel and the vocab-parallel sampler.
 //
-// The distribution of a row (DESIGN.md, "Sampling contract") is
+// The distribution of a row (docs/DESIGN.md, "Sampling contract") is
 //     r_i = (1 - alpha) q_i + alpha p_i,  q = softmax(s / T),  p = softmax(t / T),
 // computed in float32 by mixture_prob() below. Top-k keeps token i iff fewer
 // than k tokens are strictly more probable than i; top-p (applied to what

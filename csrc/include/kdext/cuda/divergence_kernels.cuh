@@ -21,8 +21,6 @@
 //                       the cluster through distributed shared memory, runs the
 //                       remaining passes from shared memory and writes the
 //                       gradient once: the fused loss in 3 tensor passes.
-//   scale_kernel        x *= factor with the factor read on the device; returns
-//                       at once when it is 1 (no host sync).
 //
 // Passes over [rows, V] tensors (reads + writes):
 //   divergence_forward  reverse KL: 2 (read s, t). Others: 2 on chip, 4 when
@@ -45,6 +43,7 @@
 #include "kdext/cuda/vec_load.cuh"
 #include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cuda {
@@ -164,7 +163,7 @@ __host__ __device__ __forceinline__ bool raise_max(SoftmaxState<Acc>& st, const 
   return true;
 }
 
-// The online update of DESIGN.md for one pack of x = s/T and y = t/T: one exp
+// The online update of docs/DESIGN.md for one pack of x = s/T and y = t/T: one exp
 // per entry per distribution, plus one per pack when a max moves.
 template <typename Acc, int N, bool kWeighted>
 __host__ __device__ __forceinline__ void accumulate_pair(ReverseKLState<Acc>& st, const Acc (&xs)[N], const Acc (&xt)[N]) {
@@ -368,19 +367,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The rule of the CPU kernels (row_backward in csrc/cpu/divergence.cpp) for
-// rows whose gradient is a constant: a row that is not Normal, or whose scale
-// (upstream gradient / T) is 0, gets NaN when it is poisoned and the scale is
-// nonzero, else 0. Returns false when the row's gradient must be computed.
-template <typename Acc>
-__device__ __forceinline__ bool grad_fill(RowKind kind, Acc scale, Acc* fill) {
-  if (kind == RowKind::Normal && scale != Acc(0)) return false;
-  *fill = (kind == RowKind::Poisoned && scale != Acc(0)) ? quiet_nan<Acc>() : Acc(0);
-  return true;
-}
-
 // The gradient pass. Per row: scale = grad_values[r] / T (backward) or
-// weights[r] / T (loss; weight 0 writes zeros); constant rows as grad_fill.
+// weights[r] / T (loss; weight 0 writes zeros); constant rows as constant_gradient
+// (kdext/row_contract.h).
 template <typename S, typename T, typename Acc, Divergence D>
 __global__ void __launch_bounds__(kThreads)
     pair_grad_kernel(PairArgs<Acc> a, const Acc* __restrict__ stats, const Acc* __restrict__ grad_values,
@@ -407,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
     if (weights == nullptr || weights[r] != Acc(0)) {  // weight 0: an ignored row, zeros
       const Acc* st = stats + r * kStatsColumns;
       scale = (weights != nullptr ? weights[r] : grad_values[r]) / a.temperature;
-      do_fill = grad_fill(classify_row(st[0], st[1]), scale, &fill);
+      do_fill = constant_gradient(classify_row(st[0], st[1]), scale, &fill);
     }
     if (do_fill) {
       for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
@@ -599,7 +588,7 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
     if (loss) {  // Pass 3: the gradient, from shared memory to global memory.
       const Acc scale = o.weights[r] / a.temperature;
       Acc fill;
-      if (!grad_fill(kind, scale, &fill)) {
+      if (!constant_gradient(kind, scale, &fill)) {
         for (int64_t jj = tid; jj < cnt; jj += kThreads) {
           const int64_t st0 = L.base + (k0 + jj) * N;
           Acc xs[N], xt[N], out[N];
@@ -616,35 +605,6 @@ __global__ void __launch_bounds__(kThreads) pair_onchip_kernel(PairArgs<Acc> a, 
       }
     }
     cluster_barrier(C);
-  }
-}
-
-template <typename X, typename Acc>
-__global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int64_t n, const void* factor,
-                                                         DType factor_dtype, Acc host_factor) {
-  Acc f = host_factor;
-  if (factor != nullptr) {
-    switch (factor_dtype) {
-      case DType::Float32: f = static_cast<Acc>(*static_cast<const float*>(factor)); break;
-      case DType::Float64: f = static_cast<Acc>(*static_cast<const double*>(factor)); break;
-      case DType::Float16: f = to_acc<Acc>(*static_cast<const __half*>(factor)); break;
-      case DType::BFloat16: f = to_acc<Acc>(*static_cast<const __nv_bfloat16*>(factor)); break;
-    }
-  }
-  if (f == Acc(1)) return;
-  constexpr int N = 16 / sizeof(X);
-  RowPtrs p;
-  p.p[0] = x;
-  p.esize[0] = sizeof(X);
-  p.count = 1;
-  const PackLayout L = make_layout<N>(n, p);
-  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < L.packs; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t start = L.base + k * N;
-    Acc v[N];
-    load_pack<Acc, X, N>(x, L, start, Acc(1), Acc(0), v);
-#pragma unroll
-    for (int l = 0; l < N; ++l) v[l] = v[l] * f;
-    store_pack<X, Acc, N>(x, L, start, v);
   }
 }
 
@@ -1014,25 +974,6 @@ inline cudaError_t divergence_partial(const PairTensors& in, Divergence kind, do
           static_cast<const DivergenceSums<Acc>*>(partial), a.grid.chunks, in.rows, lse, sink);
       return cudaGetLastError();
     });
-  });
-}
-
-// x[0, n) *= factor, x contiguous. `factor` is a device pointer (read inside
-// the kernel: no host sync; nothing is written when it is 1) or null, in which
-// case `host_factor` is used.
-inline cudaError_t scale_inplace(void* x, DType dtype, int64_t n, const void* factor, DType factor_dtype,
-                                 double host_factor, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  return dispatch_dtype(dtype, [&](auto tx) {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    constexpr int N = 16 / sizeof(X);
-    const int64_t packs = n / N + 2;
-    const int64_t blocks = (packs + kThreads - 1) / kThreads;
-    const int64_t cap = int64_t(sm_count()) * 16;
-    scale_kernel<X, Acc><<<grid_size(blocks < cap ? blocks : cap), kThreads, 0, stream>>>(
-        static_cast<X*>(x), n, factor, factor_dtype, Acc(host_factor));
-    return cudaGetLastError();
   });
 }
 

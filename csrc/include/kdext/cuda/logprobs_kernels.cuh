@@ -38,12 +38,12 @@ __global__ void __launch_bounds__(kThreads)
     const Acc l = lse[r];
     const Acc scale = grad[r] * a.inv_t;
     const int64_t tok = tokens[r];
-    const RowKind kind = classify_row(l, Acc(0));
+    const RowKind kind = classify_row(l);
     for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
       const int64_t start = L.base + k * N;
       Acc v[N];
       if (kind != RowKind::Normal) {
-        const Acc fill = kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
+        const Acc fill = constant_row_gradient<Acc>(kind);
 #pragma unroll
         for (int j = 0; j < N; ++j) v[j] = fill;
       } else {

@@ -1,6 +1,6 @@
 // CUDA kernels and launchers of the softmax family (framework-free): softmax
-// and log_softmax with temperature, their backward, logsumexp, and entropy
-// (forward, vocab-shard partial, backward). Included by csrc/cuda/softmax.cu
+// and log_softmax with temperature, their backward, logsumexp, lse_float64 and
+// entropy (forward, vocab-shard partial, backward). Included by csrc/cuda/softmax.cu
 // (and, for the row-state kernel, by logprobs.cu).
 //
 // Semantics are those of csrc/cpu/softmax.cpp formula by formula; the online
@@ -27,8 +27,8 @@
 
 #include "kdext/cuda/block_reduce.cuh"
 #include "kdext/cuda/vec_load.cuh"
-#include "kdext/divergence.h"
 #include "kdext/online_softmax.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace cuda {
@@ -146,7 +146,7 @@ struct StateSink {
   Acc* lse = nullptr;      // logsumexp, logprobs_forward
   Acc* max = nullptr;      // softmax of split rows: the row max ...
   Acc* logz = nullptr;     // ... and log Z (sum relative to the max)
-  double* lse64 = nullptr;  // entropy_forward: the lse in float64 (as the CPU kernel)
+  double* lse64 = nullptr;  // entropy_forward, lse_float64: the lse in float64 (as the CPU kernels)
   Acc* entropy = nullptr;
   const int64_t* tokens = nullptr;  // logprobs_forward: the token of each row
   Acc* logprob = nullptr;
@@ -158,23 +158,17 @@ __host__ __device__ __forceinline__ Acc log_z(const SoftmaxState<Acc>& st) {
   return st.max == neg_inf<Acc>() ? st.max : MathOps<Acc>::log(st.sum);
 }
 
-// The lse in float64 from a float32 state, as csrc/cpu/softmax.cpp's row_entropy.
-template <typename Acc>
-__host__ __device__ __forceinline__ double lse_f64(const SoftmaxState<Acc>& st) {
-  return log_sum_exp(SoftmaxState<double>{double(st.max), double(st.sum)});
-}
-
 template <typename X, typename Acc, bool kEntropy>
 __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, const RowArgs<Acc>& a, int64_t r,
                                                    const EntropyState<Acc>& st) {
   if (sk.lse) sk.lse[r] = log_sum_exp(st.sm);
   if (sk.max) sk.max[r] = st.sm.max;
   if (sk.logz) sk.logz[r] = log_z(st.sm);
+  if (sk.lse64) sk.lse64[r] = log_sum_exp_float64(st.sm);
   if (kEntropy) {
-    const double lse = lse_f64(st.sm);
-    if (sk.lse64) sk.lse64[r] = lse;
+    const double lse = log_sum_exp_float64(st.sm);
     if (sk.entropy) {
-      sk.entropy[r] = classify_row(lse, 0.0) != RowKind::Normal
+      sk.entropy[r] = classify_row(lse) != RowKind::Normal
                           ? quiet_nan<Acc>()
                           : MathOps<Acc>::log(st.sm.sum) - st.centred / st.sm.sum;
     }
@@ -187,25 +181,6 @@ __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, con
     sk.logprob[r] = (tok >= 0 && tok < a.V) ? (mul_rn(to_acc<Acc>(row[tok]), a.inv_t) - st.sm.max) - log_z(st.sm)
                                             : quiet_nan<Acc>();
   }
-}
-
-// log q = x/T - lse with a float64 lse: split into hi + lo floats so that
-// (x - hi) - lo keeps full precision (csrc/cpu/softmax.cpp, SplitLse).
-template <typename Acc>
-struct SplitLse {
-  Acc hi, lo;
-};
-
-__device__ __forceinline__ SplitLse<float> split_lse(double lse, float) {
-  const float hi = static_cast<float>(lse);
-  const float lo = isfinite(lse) ? static_cast<float>(lse - double(hi)) : 0.0f;
-  return {hi, lo};
-}
-__device__ __forceinline__ SplitLse<double> split_lse(double lse, double) { return {lse, 0.0}; }
-
-template <typename Acc>
-__device__ __forceinline__ Acc log_q(Acc x, const SplitLse<Acc>& l) {
-  return (x - l.hi) - l.lo;
 }
 
 // Accumulates packs [k0, k1) of a row, `G` threads apart starting at k0 + lane.
@@ -411,8 +386,8 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
     bool normal = false;
     if (pos.active) {
       const double l64 = lse[pos.row];
-      const SplitLse<Acc> l = split_lse(l64, Acc(0));
-      normal = classify_row(l64, 0.0) == RowKind::Normal;
+      const SplitLse<Acc> l = split_lse<Acc>(l64);
+      normal = classify_row(l64) == RowKind::Normal;
       if (normal) {
         const X* row = row_ptr<X>(a.x, pos.row, a.stride);
         const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, nullptr));
@@ -469,14 +444,14 @@ __global__ void __launch_bounds__(kThreads)
     const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
     int64_t k0, k1;
     chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-    const SplitLse<Acc> l = split_lse(lse[r], Acc(0));
+    const SplitLse<Acc> l = split_lse<Acc>(lse[r]);
     const Acc h = entropy[r], scale = -grad[r] * a.inv_t;
-    const RowKind kind = classify_row(lse[r], 0.0);
+    const RowKind kind = classify_row(lse[r]);
     for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
       const int64_t start = L.base + k * N;
       Acc v[N];
       if (kind != RowKind::Normal) {
-        const Acc fill = kind == RowKind::Empty ? Acc(0) : quiet_nan<Acc>();
+        const Acc fill = constant_row_gradient<Acc>(kind);
 #pragma unroll
         for (int l2 = 0; l2 < N; ++l2) v[l2] = fill;
       } else {
@@ -600,6 +575,19 @@ inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out,
     using Acc = typename AccOf<X>::type;
     StateSink<Acc> sink;
     sink.lse = static_cast<Acc*>(out);
+    return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
+  });
+}
+
+// out: [rows] float64, the lse of the same state in float64 (as entropy_forward's).
+inline cudaError_t lse_float64(const RowTensor& in, double temperature, void* out, const Workspace& ws,
+                               cudaStream_t stream) {
+  if (in.rows == 0) return cudaSuccess;
+  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
+    using X = typename decltype(tx)::type;
+    using Acc = typename AccOf<X>::type;
+    StateSink<Acc> sink;
+    sink.lse64 = static_cast<double*>(out);
     return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
   });
 }

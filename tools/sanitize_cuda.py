@@ -4,8 +4,8 @@ Run under the sanitizer with the caching allocator off, so that every
 allocation has exact bounds and an out-of-bounds access is caught:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 9 python bench/sanitize_cuda.py
-    compute-sanitizer --tool racecheck --error-exitcode 9 python bench/sanitize_cuda.py --only onchip
+        --error-exitcode 9 python tools/sanitize_cuda.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python tools/sanitize_cuda.py --only onchip
 
 Each case forces one launcher path (row kernels, split vocabulary, on-chip
 clusters of each size, the unfused loss) through the launchers' environment
@@ -20,10 +20,12 @@ import torch
 
 import kdext  # noqa: F401
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from reference import DIVERGENCES  # noqa: E402  (the kinds and parameters the tests use)
+
 ops = torch.ops.kdext
 DEV = "cuda"
-KINDS = [("reverse_kl", 0.0), ("forward_kl", 0.0), ("jsd", 0.5), ("skew_forward_kl", 0.1), ("skew_reverse_kl", 0.2),
-         ("tvd", 0.0)]
+KINDS = list(DIVERGENCES.items())
 PATHS = {
     "rows": {"KDEXT_CUDA_ONCHIP": "0"},
     "split": {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},

@@ -5,7 +5,7 @@
 #   1. installs carried wheels from bench/wheels/*.whl (liger-kernel, flashinfer-python) if present
 #   2. builds kdext for sm_90 with all cores (pip install --no-build-isolation --no-deps .)
 #   3. runs the CUDA tests (tests/test_cuda_kernels.py: CPU-vs-CUDA agreement, poisoned outputs, opcheck)
-#   4. runs compute-sanitizer memcheck on a small case of every kernel (bench/sanitize_cuda.py)
+#   4. runs compute-sanitizer memcheck on a small case of every kernel (tools/sanitize_cuda.py)
 #   5. benchmarks every op against torch eager, torch.compile and Liger (bench/bench_gpu.py),
 #      measuring the device-to-device copy bandwidth first, and prints ONE table
 #   6. if time is left: racecheck on the on-chip (cluster) kernels, the device-parametrized
@@ -79,15 +79,17 @@ if ! (cd "$OUT" && "$PY" -c "import kdext, sys; print(kdext.__file__, kdext.BUIL
   exit 1
 fi
 
-# 3. the CUDA tests (the >2^31 indexing test is last, if time is left)
-stage tests 150 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q --maxfail=25 -m 'not slow' \
+# 3. the CUDA tests (the >2^31 indexing test is last, if time is left). --import-mode=importlib does
+# not put tests/ on sys.path, where test_cuda_kernels.py finds the shared cases (tests/reference.py).
+TESTS_PATH="$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+stage tests 150 bash -c "cd '$OUT' && PYTHONPATH='$TESTS_PATH' '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q --maxfail=25 -m 'not slow' \
   --import-mode=importlib -p no:cacheprovider --junitxml='$OUT/tests.xml'"
 
 # 4. compute-sanitizer memcheck (exact allocation bounds: caching allocator off)
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null || echo "")
 if [ -n "$SAN" ]; then
   stage memcheck 100 bash -c "cd '$OUT' && PYTORCH_NO_CUDA_MEMORY_CACHING=1 '$SAN' --tool memcheck \
-    --error-exitcode 9 --print-limit 20 '$PY' '$ROOT/bench/sanitize_cuda.py'"
+    --error-exitcode 9 --print-limit 20 '$PY' '$ROOT/tools/sanitize_cuda.py'"
 else
   log "compute-sanitizer not found: memcheck skipped"
 fi
@@ -105,12 +107,12 @@ stage bench_top_p 60 bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_top_p_sample
 # 6. extras while time is left
 if [ -n "$SAN" ]; then
   stage racecheck 45 bash -c "cd '$OUT' && '$SAN' --tool racecheck --error-exitcode 9 --print-limit 20 \
-    '$PY' '$ROOT/bench/sanitize_cuda.py' --only onchip"
+    '$PY' '$ROOT/tools/sanitize_cuda.py' --only onchip"
 fi
 # The CPU property tests parametrized over devices (tests/conftest.py `device` fixture), on CUDA only.
 stage tests_property 90 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests' -q -k cuda -p no:cacheprovider \
   --ignore='$ROOT/tests/test_cuda_kernels.py'; rc=\$?; [ \$rc -eq 5 ] && echo 'no cuda-parametrized tests' && exit 0; exit \$rc"
-stage tests_large 40 bash -c "cd '$OUT' && '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q -m slow \
+stage tests_large 40 bash -c "cd '$OUT' && PYTHONPATH='$TESTS_PATH' '$PY' -m pytest '$ROOT/tests/test_cuda_kernels.py' -q -m slow \
   --import-mode=importlib -p no:cacheprovider"
 
 echo

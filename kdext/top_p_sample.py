@@ -4,9 +4,12 @@
 
     r = (1 - alpha) * softmax(logits / T) + alpha * softmax(teacher_logits / T)
 
-after top-k and then top-p filtering of ``r`` (DESIGN.md, "Sampling contract"), over
+after top-k and then top-p filtering of ``r`` (docs/DESIGN.md, "Sampling contract"), over
 ``torch.ops.kdext.top_p_sample`` (CPU kernel: csrc/cpu/top_p_sample.cpp, CUDA kernel:
 csrc/cuda/top_p_sample.cu, shared math: csrc/include/kdext/top_p.h and philox.h).
+
+``check_args`` and ``philox_seed_offset`` are also the argument checks and the Philox stream
+of ``kdext.parallel.top_p_sample``, which must match this op's exactly.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def _default_generator(device: torch.device) -> torch.Generator:
     raise RuntimeError(f"top_p_sample has no kernel for logits on {device}")
 
 
-def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generator],
-                        seed: Optional[int]) -> Tuple[int, int]:
-    """(seed, offset) of the Philox stream for one call; see top_p_sample's docstring."""
+def philox_seed_offset(device: torch.device, generator: Optional[torch.Generator],
+                       seed: Optional[int]) -> Tuple[int, int]:
+    """(seed, offset) of the Philox stream for one call on ``device``, advancing ``generator``
+    (or the device's default generator) as the call consumes it; see top_p_sample's docstring."""
     if seed is not None:
         if generator is not None:
             raise ValueError("pass either seed or generator to top_p_sample, not both")
@@ -92,9 +96,12 @@ def _philox_seed_offset(device: torch.device, generator: Optional[torch.Generato
     return int(word), 0
 
 
-def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids=None) -> None:
-    """The C++ adapters' checks (csrc/top_p_sample_args.h), with the same words, so that fake
-    tensors under torch.compile fail the same way."""
+INT64_MAX = (1 << 63) - 1  # the op's schema takes int64
+
+
+def check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids=None) -> None:
+    """top_p_sample's argument checks: the C++ adapters' (csrc/top_p_sample_args.h), with the
+    same words, so that fake tensors under torch.compile fail the same way."""
     _validate.check_logits(logits, "logits")
     if teacher_logits is not None:
         _validate.check_logits(teacher_logits, "teacher_logits")
@@ -104,8 +111,8 @@ def _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_id
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 turns top-k off), got {top_k}")
+    if not 0 <= top_k <= INT64_MAX:
+        raise ValueError(f"top_k must be in [0, 2**63 - 1] (0 turns top-k off), got {top_k}")
     _validate.check_temperature(temperature)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
@@ -169,8 +176,8 @@ def top_p_sample(
     Nothing here is differentiable: the inputs are detached; use kdext's log-prob ops for
     gradients.
     """
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
-    seed64, offset = _philox_seed_offset(logits.device, generator, seed)
+    check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
+    seed64, offset = philox_seed_offset(logits.device, generator, seed)
     out = ops.top_p_sample(
         logits.detach(),
         None if teacher_logits is None else teacher_logits.detach(),
@@ -187,7 +194,7 @@ def top_p_sample(
 
 @torch.library.register_fake("kdext::top_p_sample")
 def _top_p_sample_fake(logits, teacher_logits, top_p, top_k, temperature, alpha, seed, offset, row_ids=None):
-    _check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
+    check_args(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids)
     shape = logits.shape[:-1]
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
