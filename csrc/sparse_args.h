@@ -1,21 +1,26 @@
 // The sparse family's adapter arguments (topk_logprobs, sparse_forward,
 // sparse_backward, sparse_loss), checked, converted and allocated once for
-// both backends (csrc/cpu/sparse.cpp, csrc/cuda/sparse.cu). kdext/sparse.py
-// runs the same checks first, with the same words, for fake tensors.
+// both backends (csrc/cpu/sparse.cpp, csrc/cuda/sparse.cu): one <Op>Args
+// struct per op over the shared validated inputs (RowsInput, SparseInput).
+// kdext/sparse.py runs the same checks first, with the same words, for fake
+// tensors.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "adapter_args.h"
 #include "checks.h"
+#include "divergence_args.h"
 #include "kdext/sparse.h"
 
 namespace kdext {
@@ -68,13 +73,14 @@ inline void check_teacher(const at::Tensor& ids, const at::Tensor& logprobs, con
 
 // ---- topk_logprobs ---------------------------------------------------------------
 
-// The logits; int32 ids, log-probs (accumulation dtype) [rows..., k]; lse [rows...].
-struct TopkArgs {
+// topk_logprobs: the logits; int32 ids and log-probs (accumulation dtype)
+// [rows..., k]; lse [rows...].
+struct TopkLogprobsArgs {
   RowsInput in;
   int64_t k;
   at::Tensor ids, logprobs, lse;
 
-  TopkArgs(const at::Tensor& logits, int64_t k_in, double temperature) : in(logits, "logits"), k(k_in) {
+  TopkLogprobsArgs(const at::Tensor& logits, int64_t k_in, double temperature) : in(logits, "logits"), k(k_in) {
     check_topk_k(k, in.V);
     check_temperature(temperature);
     check_int32_vocab(in.V, "logits");
@@ -175,5 +181,25 @@ struct SparseLossArgs {
     grad = alloc({in.student.rows, in.student.V}, s.options());
   }
 };
+
+// The family's kernels, which each backend implements and registers through
+// register_kernels (see DivergenceKernels, csrc/divergence_args.h).
+struct SparseKernels {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> (*topk_logprobs)(const at::Tensor&, int64_t, double);
+  std::tuple<at::Tensor, at::Tensor> (*sparse_forward)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                       c10::string_view, double, double, c10::string_view);
+  at::Tensor (*sparse_backward)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, c10::string_view, double, double, c10::string_view);
+  std::tuple<at::Tensor, at::Tensor> (*sparse_loss)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, c10::string_view, double, double,
+                                                    c10::string_view);
+};
+
+inline void register_kernels(torch::Library& m, const SparseKernels& k) {
+  m.impl("topk_logprobs", k.topk_logprobs);
+  m.impl("sparse_forward", k.sparse_forward);
+  m.impl("sparse_backward", k.sparse_backward);
+  m.impl("sparse_loss", k.sparse_loss);
+}
 
 }  // namespace kdext

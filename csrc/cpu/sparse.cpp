@@ -1,4 +1,5 @@
-// CPU kernels of the sparse family (stem: sparse; contract: docs/SPARSE.md):
+// CPU kernels of the sparse family (stem: sparse; contract: docs/DESIGN.md,
+// "the sparse family"):
 //
 //   topk_logprobs   per row the k most probable ids and their log-probs, and
 //                   the lse, in ONE streamed pass: each chunk feeds the online
@@ -235,7 +236,7 @@ void topk_row(const void* row, c10::ScalarType dtype, int64_t V, acc_t inv_t, in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logprobs(const at::Tensor& logits, int64_t k,
                                                              double temperature) {
-  TopkArgs a(logits, k, temperature);
+  TopkLogprobsArgs a(logits, k, temperature);
   const RowsInput& in = a.in;
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(logits), "kdext::topk_logprobs", [&] {
     using acc_t = scalar_t;
@@ -353,7 +354,8 @@ sparse::RowStats<acc_t> student_stats(const SparseRow<acc_t>& row, sparse::Tail 
 // recomputation from saved statistics).
 template <typename acc_t>
 struct RowEval {
-  sparse::RowClass cls;
+  RowKind kind;
+  bool padding;  // no valid id
   sparse::RowStats<acc_t> stats;
   sparse::TeacherNorm teacher;
   double value, c;
@@ -370,14 +372,13 @@ struct RowMath {
 
   // Value and c given the statistics.
   RowEval<acc_t> evaluate(const sparse::RowStats<acc_t>& st) const {
-    RowEval<acc_t> e{sparse::classify_student(st.max), st, {}, 0.0, 0.0};
-    if (w.slots.empty()) e.cls = sparse::RowClass::Padding;
-    if (e.cls != sparse::RowClass::Normal) return e;
+    RowEval<acc_t> e{sparse::student_kind(st.max), w.slots.empty(), st, {}, 0.0, 0.0};
+    if (e.padding || e.kind != RowKind::Normal) return e;
     double S = 0.0;
     for (const Slot& s : w.slots) S += std::exp(row.logprobs[s.j]);
     e.teacher = sparse::teacher_norm(S, tail, static_cast<int64_t>(w.slots.size()) < row.V);
     if (!e.teacher.valid) {
-      e.cls = sparse::RowClass::Empty;
+      e.kind = RowKind::Empty;
       return e;
     }
     for (size_t i = 0; i < w.slots.size(); ++i) {
@@ -394,15 +395,14 @@ struct RowMath {
   }
 
   double value(const RowEval<acc_t>& e) const {
-    return sparse::value_is_nan(e.cls) ? std::numeric_limits<double>::quiet_NaN() : e.value;
+    return sparse::row_value(e.kind, e.padding, e.value);
   }
 
   // Writes scale * dD/ds * T (scale carries 1/T and the upstream gradient).
   void write_grad(const RowEval<acc_t>& e, acc_t scale, void* grad, c10::ScalarType gdtype) {
-    if (e.cls != sparse::RowClass::Normal || scale == acc_t(0)) {
-      // A zero upstream gradient gives zeros even for a NaN row (an ignored row).
-      const bool nan = sparse::grad_is_nan(e.cls) && scale != acc_t(0);
-      fill_row(grad, gdtype, row.V, nan ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0), w.out);
+    acc_t fill;  // (a zero upstream gradient gives zeros even for a Poisoned row: an ignored row)
+    if (sparse::row_gradient_fill(e.kind, e.padding, scale, &fill)) {
+      fill_row(grad, gdtype, row.V, fill, w.out);
       return;
     }
     const bool bucket = tail == sparse::Tail::Bucket;
@@ -549,10 +549,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_loss(const at::Tensor& student, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  m.impl("topk_logprobs", &topk_logprobs);
-  m.impl("sparse_forward", &sparse_forward);
-  m.impl("sparse_backward", &sparse_backward);
-  m.impl("sparse_loss", &sparse_loss);
+  register_kernels(m, {.topk_logprobs = &topk_logprobs,
+                       .sparse_forward = &sparse_forward,
+                       .sparse_backward = &sparse_backward,
+                       .sparse_loss = &sparse_loss});
 }
 
 }  // namespace cpu

@@ -1,18 +1,19 @@
 // CUDA adapters of the sparse family: topk_logprobs, sparse_forward,
-// sparse_backward and sparse_loss. Each checks its inputs (csrc/sparse_args.h,
-// the same words as the CPU kernels), takes a device guard and the current
-// stream, and calls a launcher of csrc/include/kdext/cuda/sparse_kernels.cuh.
+// sparse_backward and sparse_loss. Each builds its argument struct
+// (csrc/sparse_args.h, the same checks and words as the CPU kernels) and runs a
+// framework-free launcher of csrc/include/kdext/cuda/sparse_kernels.cuh through
+// run_launcher (device guard, current stream, workspace).
 //
-// Two differences from csrc/cpu/sparse.cpp, by design:
-//   - an id outside [-1, V) or repeated makes the CPU raise; here that row's
-//     value and gradient are NaN (raising would need a device-to-host sync);
+// Differences from csrc/cpu/sparse.cpp, by design:
+//   - an id outside [-1, V) or repeated makes the CPU raise; here that row is
+//     Poisoned, value and gradient NaN (raising would need a device sync);
+//   - the loss kernels keep a V-bit bitmap of a row's ids in shared memory, so
+//     they take V <= kMaxVocab (2^20; ValueError beyond);
 //   - topk_logprobs with k > kSortCap (1024) selects by a stable descending
 //     sort of each row (ATen's segmented sort) instead of the radix select:
-//     the same ids and values, for k that large a sort is the better tool.
+//     the same ids and values; for k that large a sort is the better tool.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -29,7 +30,7 @@ namespace {
 using kdext::sparse_cuda::kMaxVocab;
 using kdext::sparse_cuda::kSortCap;
 
-sparse_cuda::TopkParams topk_params(const TopkArgs& a, double temperature) {
+sparse_cuda::TopkParams topk_params(const TopkLogprobsArgs& a, double temperature) {
   sparse_cuda::TopkParams p;
   p.x = a.in.x.const_data_ptr();
   p.stride = a.in.x.stride(0);
@@ -50,7 +51,7 @@ sparse_cuda::TopkParams topk_params(const TopkArgs& a, double temperature) {
 // stable descending sort (NaN sorted as -inf, so never selected; -inf entries
 // become empty slots), the log-probs as (x/T - max) - log Z in the
 // accumulation dtype, as the kernel and the CPU compute them.
-void topk_by_sort(const TopkArgs& a, double temperature, cudaStream_t stream) {
+void topk_by_sort(const TopkLogprobsArgs& a, double temperature) {
   const auto acc = acc_dtype(a.in.x);
   const at::Tensor mx = at::empty({a.in.rows}, a.in.x.options().dtype(acc));
   const at::Tensor logz = at::empty({a.in.rows}, a.in.x.options().dtype(acc));
@@ -58,7 +59,9 @@ void topk_by_sort(const TopkArgs& a, double temperature, cudaStream_t stream) {
   p.select = false;
   p.max = mx.data_ptr();
   p.logz = logz.data_ptr();
-  C10_CUDA_CHECK(sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), p, stream));
+  run_launcher(a.in.x.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), p, stream);
+  });
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor x = a.in.x.to(acc);
   const auto sorted = x.masked_fill(x.isnan(), -inf).sort(/*stable=*/true, /*dim=*/1, /*descending=*/true);
@@ -77,71 +80,45 @@ void topk_by_sort(const TopkArgs& a, double temperature, cudaStream_t stream) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logprobs(const at::Tensor& logits, int64_t k,
                                                              double temperature) {
-  TopkArgs a(logits, k, temperature);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  if (a.in.rows == 0) return {a.ids, a.logprobs, a.lse};
+  TopkLogprobsArgs a(logits, k, temperature);
   if (k > kSortCap) {
-    topk_by_sort(a, temperature, current_stream());
+    topk_by_sort(a, temperature);
   } else {
-    C10_CUDA_CHECK(sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), topk_params(a, temperature),
-                                              current_stream()));
+    run_launcher(logits.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+      return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), topk_params(a, temperature), stream);
+    });
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a.ids, a.logprobs, a.lse};
 }
 
-void check_cuda_vocab(const SparseInput& in) {
+// The validated inputs as the launchers take them; the loss kernels' vocabulary limit.
+sparse_cuda::SparseTensors sparse_tensors(const SparseInput& in) {
   TORCH_CHECK_VALUE(in.student.V <= kMaxVocab, "student_logits has a vocabulary of ", in.student.V,
                     " entries; the CUDA sparse kernels support at most ", kMaxVocab);
-}
-
-template <typename Acc>
-sparse_cuda::SparseParams<Acc> sparse_params(const SparseInput& in, double param, double temperature) {
-  sparse_cuda::SparseParams<Acc> p;
-  p.s = in.student.x.const_data_ptr();
-  p.stride = in.student.x.stride(0);
-  p.rows = in.student.rows;
-  p.V = in.student.V;
-  p.k = in.k;
-  p.temperature = temperature;
-  p.ids = in.ids.const_data_ptr<int64_t>();
-  p.logprobs = in.logprobs.const_data_ptr<double>();
-  p.tail = in.tail;
-  p.prm = DivergenceParam<double>::make(param);
-  p.grad_in = nullptr;
-  p.weights = nullptr;
-  p.stats_in = false;
-  p.stats = nullptr;
-  p.values = nullptr;
-  p.grad = nullptr;
-  return p;
+  return {in.student.x.const_data_ptr(), to_dtype(in.student.x.scalar_type()), in.student.x.stride(0),
+          in.student.rows, in.student.V, in.k, in.ids.const_data_ptr<int64_t>(),
+          in.logprobs.const_data_ptr<double>()};
 }
 
 // Runs f(Acc{}) with the student's accumulation type.
 template <typename F>
-void with_acc(const SparseInput& in, F&& f) {
-  if (in.student.x.scalar_type() == at::kDouble) {
-    f(double(0));
-  } else {
-    f(float(0));
-  }
+cudaError_t with_acc(const SparseInput& in, F&& f) {
+  if (in.student.x.scalar_type() == at::kDouble) return f(double(0));
+  return f(float(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_forward(const at::Tensor& student, const at::Tensor& teacher_ids,
                                                   const at::Tensor& teacher_logprobs, c10::string_view name,
                                                   double param, double temperature, c10::string_view tail) {
   SparseForwardArgs a(student, teacher_ids, teacher_logprobs, name, param, temperature, tail);
-  check_cuda_vocab(a.in);
-  const c10::cuda::CUDAGuard guard(student.device());
-  with_acc(a.in, [&](auto acc_zero) {
-    using Acc = decltype(acc_zero);
-    auto p = sparse_params<Acc>(a.in, param, temperature);
-    p.stats = a.stats.data_ptr<Acc>();
-    p.values = a.values.data_ptr<Acc>();
-    C10_CUDA_CHECK(sparse_cuda::launch_sparse<Acc>(to_dtype(student.scalar_type()), a.in.kind, p, nullptr,
-                                                   current_stream()));
+  const auto in = sparse_tensors(a.in);
+  run_launcher(student.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return with_acc(a.in, [&](auto acc_zero) {
+      using Acc = decltype(acc_zero);
+      return sparse_cuda::sparse_forward<Acc>(in, a.in.kind, param, temperature, a.in.tail,
+                                              a.values.data_ptr<Acc>(), a.stats.data_ptr<Acc>(), stream);
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {a.values, a.stats};
 }
 
@@ -150,19 +127,15 @@ at::Tensor sparse_backward(const at::Tensor& grad_values, const at::Tensor& stud
                            double param, double temperature, c10::string_view tail) {
   SparseBackwardArgs a(grad_values, student, teacher_ids, teacher_logprobs, stats, name, param, temperature, tail,
                        &empty_device_output);
-  check_cuda_vocab(a.in);
-  const c10::cuda::CUDAGuard guard(student.device());
-  with_acc(a.in, [&](auto acc_zero) {
-    using Acc = decltype(acc_zero);
-    auto p = sparse_params<Acc>(a.in, param, temperature);
-    p.grad_in = a.grad_values.const_data_ptr<Acc>();
-    p.stats_in = true;
-    p.stats = const_cast<Acc*>(a.stats.const_data_ptr<Acc>());  // read only (stats_in)
-    p.grad = a.grad.data_ptr();
-    C10_CUDA_CHECK(sparse_cuda::launch_sparse<Acc>(to_dtype(student.scalar_type()), a.in.kind, p, nullptr,
-                                                   current_stream()));
+  const auto in = sparse_tensors(a.in);
+  run_launcher(student.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+    return with_acc(a.in, [&](auto acc_zero) {
+      using Acc = decltype(acc_zero);
+      return sparse_cuda::sparse_backward<Acc>(in, a.in.kind, param, temperature, a.in.tail,
+                                               a.grad_values.const_data_ptr<Acc>(), a.stats.const_data_ptr<Acc>(),
+                                               a.grad.data_ptr(), stream);
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return a.grad.view(student.sizes());
 }
 
@@ -172,33 +145,26 @@ std::tuple<at::Tensor, at::Tensor> sparse_loss(const at::Tensor& student, const 
                                                c10::string_view tail) {
   SparseLossArgs a(student, teacher_ids, teacher_logprobs, row_weights, name, param, temperature, tail,
                    &empty_device_output);
-  check_cuda_vocab(a.in);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const auto opts = student.options().dtype(acc_dtype(student));
-  at::Tensor loss = at::empty({}, opts);
-  const at::Tensor values = at::empty({a.in.student.rows}, opts);
-  const at::Tensor stats = at::empty({a.in.student.rows, sparse::kStatsColumns}, opts);
-  with_acc(a.in, [&](auto acc_zero) {
-    using Acc = decltype(acc_zero);
-    auto p = sparse_params<Acc>(a.in, param, temperature);
-    p.weights = a.row_weights.const_data_ptr<Acc>();
-    p.stats = stats.data_ptr<Acc>();
-    p.values = values.data_ptr<Acc>();
-    p.grad = a.grad.data_ptr();
-    C10_CUDA_CHECK(sparse_cuda::launch_sparse<Acc>(to_dtype(student.scalar_type()), a.in.kind, p,
-                                                   loss.data_ptr<Acc>(), current_stream()));
+  const auto in = sparse_tensors(a.in);
+  at::Tensor loss = at::empty({}, student.options().dtype(acc_dtype(student)));
+  run_launcher(student.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+    return with_acc(a.in, [&](auto acc_zero) {
+      using Acc = decltype(acc_zero);
+      return sparse_cuda::sparse_loss<Acc>(in, a.in.kind, param, temperature, a.in.tail,
+                                           a.row_weights.const_data_ptr<Acc>(), loss.data_ptr<Acc>(),
+                                           a.grad.data_ptr(), ws, stream);
+    });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, a.grad.view(student.sizes())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  m.impl("topk_logprobs", &topk_logprobs);
-  m.impl("sparse_forward", &sparse_forward);
-  m.impl("sparse_backward", &sparse_backward);
-  m.impl("sparse_loss", &sparse_loss);
+  register_kernels(m, {.topk_logprobs = &topk_logprobs,
+                       .sparse_forward = &sparse_forward,
+                       .sparse_backward = &sparse_backward,
+                       .sparse_loss = &sparse_loss});
 }
 
 }  // namespace cuda_adapter

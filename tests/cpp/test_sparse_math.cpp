@@ -179,8 +179,19 @@ void test_merge_and_teacher_norm() {
   const auto empty_comp = sp::merge_student<double>(sp::neg_inf(), 0.0, 1.0, 2.0);
   CHECK(empty_comp.log_tail == sp::neg_inf() && empty_comp.logz == std::log(2.0), "no complement");
   const auto none = sp::merge_student<double>(sp::neg_inf(), 0.0, sp::neg_inf(), 0.0);
-  CHECK(sp::classify_student(none.max) == sp::RowClass::Empty, "an all -inf row is empty");
-  CHECK(sp::classify_student(sp::merge_student<double>(NAN, 1.0, 1.0, 1.0).max) == sp::RowClass::Poisoned, "NaN");
+  CHECK(sp::student_kind(none.max) == kdext::RowKind::Empty, "an all -inf row is empty");
+  CHECK(sp::student_kind(sp::merge_student<double>(NAN, 1.0, 1.0, 1.0).max) == kdext::RowKind::Poisoned, "NaN");
+  CHECK(sp::student_kind(st.max) == kdext::RowKind::Normal, "a finite row is normal");
+  // Row values and constant gradients: padding is 0 / 0 whatever the student; the rest as the row contract.
+  double fill = -1.0;
+  CHECK(sp::row_value(kdext::RowKind::Poisoned, true, 7.0) == 0.0 && sp::row_value(kdext::RowKind::Normal, false, 7.0) == 7.0,
+        "row_value");
+  CHECK(std::isnan(sp::row_value(kdext::RowKind::Empty, false, 7.0)), "an empty row's value is NaN");
+  CHECK(sp::row_gradient_fill(kdext::RowKind::Poisoned, true, 1.0, &fill) && fill == 0.0, "padding: zeros");
+  CHECK(sp::row_gradient_fill(kdext::RowKind::Poisoned, false, 1.0, &fill) && std::isnan(fill), "poisoned: NaN");
+  CHECK(sp::row_gradient_fill(kdext::RowKind::Poisoned, false, 0.0, &fill) && fill == 0.0, "scale 0: zeros");
+  CHECK(sp::row_gradient_fill(kdext::RowKind::Empty, false, 1.0, &fill) && fill == 0.0, "empty: zeros");
+  CHECK(!sp::row_gradient_fill(kdext::RowKind::Normal, false, 1.0, &fill), "normal: computed");
   // teacher_norm: the tail is 1 - S; S > 1 renormalises; no complement means no tail outcome.
   auto n = sp::teacher_norm(0.75, sp::Tail::Bucket, true);
   CHECK(n.has_tail && n.log_norm == 0.0 && std::fabs(n.log_tail - std::log(0.25)) < 1e-15, "S < 1");

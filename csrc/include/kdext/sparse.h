@@ -1,6 +1,7 @@
 // Framework-free math of the sparse family (the offline teacher), shared by
 // the CPU kernels (csrc/cpu/sparse.cpp) and the CUDA kernels
-// (csrc/include/kdext/cuda/sparse_kernels.cuh). The contract is docs/SPARSE.md.
+// (csrc/include/kdext/cuda/sparse_kernels.cuh). The contract is docs/DESIGN.md,
+// "the sparse family".
 //
 // A row holds the teacher's k stored ids i_1..i_k (-1: an empty slot) and
 // their log-probabilities l_j, and the student's logits s (x = s/T). The
@@ -35,6 +36,7 @@
 
 #include "kdext/divergence.h"
 #include "kdext/math.h"
+#include "kdext/row_contract.h"
 
 namespace kdext {
 namespace sparse {
@@ -95,7 +97,7 @@ KDEXT_HD RowStats<T> merge_student(double comp_max, double comp_sum, double ids_
   RowStats<T> r;
   const double m = nan_max(comp_max, ids_max);
   r.max = T(m);
-  if (!(m > neg_inf() && m < pos_inf())) {  // empty (-inf) or poisoned (NaN, +inf): see classify_student
+  if (!(m > neg_inf() && m < pos_inf())) {  // empty (-inf) or poisoned (NaN, +inf): see student_kind
     r.logz = r.log_tail = T(m);
     return r;
   }
@@ -128,7 +130,7 @@ struct TeacherNorm {
 // `complement` says whether some id of the vocabulary is not stored. The
 // tail mass 1 - S is as precise as the stored l_j: each carries a relative
 // rounding of u (2^-8 bf16, 2^-11 fp16, 2^-24 fp32), so S, and 1 - S, are off
-// by up to u * sum_j p_j |l_j| in absolute terms (docs/SPARSE.md).
+// by up to u * sum_j p_j |l_j| in absolute terms (docs/DESIGN.md).
 KDEXT_HD TeacherNorm teacher_norm(double S, Tail tail, bool complement) {
   TeacherNorm n;
   n.has_tail = tail == Tail::Bucket && complement;
@@ -146,24 +148,40 @@ KDEXT_HD TeacherNorm teacher_norm(double S, Tail tail, bool complement) {
 
 // ---- row classes ----------------------------------------------------------------------
 
-// Normal: a value and a gradient. Padding: no valid id; value 0, gradient 0.
-// Empty: no distribution (the student has no mass: all -inf logits, or all
-// -inf at the ids in renormalize mode; or no stored teacher mass to
-// renormalise); value NaN, gradient 0. Poisoned: a NaN or +inf student logit
-// where the row reads them; value NaN, gradient NaN. BadIds: an id outside
-// [-1, V) or repeated (the CPU raises instead; the CUDA kernels cannot without
-// a device sync); value NaN, gradient NaN.
-enum class RowClass : int32_t { Normal = 0, Padding, Empty, Poisoned, BadIds };
+// A row of the sparse loss follows the row contract (kdext/row_contract.h):
+//   Normal    a value and a gradient;
+//   Empty     no distribution: the student has no mass where the row reads it
+//             (all -inf logits; in renormalize mode -inf at every id), or no
+//             stored teacher mass to renormalise: value NaN, gradient 0;
+//   Poisoned  a NaN or +inf student logit where the row reads them, or (CUDA
+//             only: the CPU raises) an id outside [-1, V) or repeated: value
+//             NaN, gradient NaN;
+// plus padding, a row without any valid id: no outcomes, value 0, gradient 0
+// (the Python wrapper leaves it out of the mean, like an ignored row).
 
+// The student side's kind from its saved max: lse = max + log Z with Z >= 1,
+// so the max is -inf, NaN or +inf exactly when the lse is.
 template <typename T>
-KDEXT_HD RowClass classify_student(T max) {
-  if (max != max || max == T(pos_inf())) return RowClass::Poisoned;
-  if (max == T(neg_inf())) return RowClass::Empty;
-  return RowClass::Normal;
+KDEXT_HD RowKind student_kind(T max) {
+  return classify_row(max);
 }
 
-KDEXT_HD bool value_is_nan(RowClass c) { return c != RowClass::Normal && c != RowClass::Padding; }
-KDEXT_HD bool grad_is_nan(RowClass c) { return c == RowClass::Poisoned || c == RowClass::BadIds; }
+// A row's value from its kind and its sum over the outcomes.
+KDEXT_HD double row_value(RowKind kind, bool padding, double sum) {
+  if (padding) return 0.0;
+  return kind == RowKind::Normal ? sum : std::numeric_limits<double>::quiet_NaN();
+}
+
+// constant_gradient (kdext/row_contract.h) with padding: true when the row's
+// gradient is the constant *fill (padding: 0), false when it must be computed.
+template <typename T>
+KDEXT_HD bool row_gradient_fill(RowKind kind, bool padding, T scale, T* fill) {
+  if (padding) {
+    *fill = T(0);
+    return true;
+  }
+  return kdext::constant_gradient(kind, scale, fill);
+}
 
 // ---- the divergence over outcomes ---------------------------------------------------
 

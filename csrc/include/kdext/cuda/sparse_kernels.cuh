@@ -85,7 +85,9 @@ __device__ __forceinline__ void state_add(SoftmaxState<Acc>& st, const Acc (&x)[
 
 // ---- topk_logprobs --------------------------------------------------------------------
 
-// Order-preserving unsigned keys of floats (larger value, larger key).
+// Order-preserving unsigned keys of floats (larger value, larger key). -0
+// takes the key of +0, so that the two tie (and go by id) as the values
+// compare, as on the CPU.
 template <typename Acc>
 struct KeyOf;
 template <>
@@ -93,7 +95,7 @@ struct KeyOf<float> {
   using Key = uint32_t;
   static constexpr int kBits = 32;
   static __device__ __forceinline__ Key key(float x) {
-    const uint32_t b = __float_as_uint(x);
+    const uint32_t b = __float_as_uint(x == 0.0f ? 0.0f : x);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
   static __device__ __forceinline__ float value(Key k) {
@@ -105,7 +107,7 @@ struct KeyOf<double> {
   using Key = uint64_t;
   static constexpr int kBits = 64;
   static __device__ __forceinline__ Key key(double x) {
-    const uint64_t b = static_cast<uint64_t>(__double_as_longlong(x));
+    const uint64_t b = static_cast<uint64_t>(__double_as_longlong(x == 0.0 ? 0.0 : x));
     return (b >> 63) ? ~b : (b | (uint64_t(1) << 63));
   }
   static __device__ __forceinline__ double value(Key k) {
@@ -346,22 +348,33 @@ inline cudaError_t topk_logprobs(DType dtype, const TopkParams& p, cudaStream_t 
 
 // ---- the sparse loss ----------------------------------------------------------------
 
+// The inputs of a sparse op as the launchers take them.
+struct SparseTensors {
+  const void* s;  // the student's [rows, V] logits, unit stride in V
+  DType dtype;
+  int64_t stride;  // row stride of the student, in entries
+  int64_t rows, V, k;
+  const int64_t* ids;      // [rows, k]
+  const double* logprobs;  // [rows, k]
+};
+
+// The kernel's arguments: the inputs, the mode and the outputs of one launch.
 template <typename Acc>
 struct SparseParams {
   const void* s;
-  int64_t stride;  // row stride of the student, in entries
+  int64_t stride;
   int64_t rows, V, k;
   double temperature;
-  const int64_t* ids;       // [rows, k]
-  const double* logprobs;   // [rows, k]
+  const int64_t* ids;
+  const double* logprobs;
   sparse::Tail tail;
   DivergenceParam<double> prm;
-  const Acc* grad_in;  // backward: the upstream gradient per row (nullptr otherwise)
-  const Acc* weights;  // fused loss: the row weights (nullptr otherwise)
-  bool stats_in;       // backward: read `stats` instead of computing them
-  Acc* stats;          // [rows, kStatsColumns]
-  Acc* values;         // [rows]: the value (times the weight in loss mode); may be nullptr
-  void* grad;          // [rows, V] contiguous in the student's dtype, or nullptr (forward)
+  const Acc* grad_in = nullptr;  // backward: the upstream gradient per row
+  const Acc* weights = nullptr;  // fused loss: the row weights
+  bool stats_in = false;         // backward: read `stats` instead of computing them
+  Acc* stats = nullptr;          // [rows, kStatsColumns]
+  Acc* values = nullptr;         // [rows]: the value (times the weight in loss mode); may be nullptr
+  void* grad = nullptr;          // [rows, V] contiguous in the student's dtype, or nullptr (forward)
 };
 
 // What the slot pass of a row reduces: validity of its ids, their count, the
@@ -454,8 +467,9 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
       scan.ids = merge(scan.ids, SoftmaxState<double>{double(slot_logit<X, Acc>(row, id, inv_t)), 1.0});
     }
     scan = cuda::group_allreduce(scan, MergeSlotScan{}, kThreads, sh.scan);  // (its barriers publish the bitmap)
-    sparse::RowClass cls = scan.bad ? sparse::RowClass::BadIds
-                                    : (scan.n == 0 ? sparse::RowClass::Padding : sparse::RowClass::Normal);
+    // Bad ids poison the row (kdext/sparse.h, "row classes"); a row without a valid id is padding.
+    RowKind kind = scan.bad ? RowKind::Poisoned : RowKind::Normal;
+    const bool padding = !scan.bad && scan.n == 0;
     // The student's statistics.
     sparse::RowStats<Acc> st{cuda::quiet_nan<Acc>(), cuda::quiet_nan<Acc>(), cuda::quiet_nan<Acc>()};
     if (p.stats_in) {
@@ -481,15 +495,16 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
       }
       st = sparse::merge_student<Acc>(double(comp.max), double(comp.sum), scan.ids.max, scan.ids.sum);
     }
-    if (cls == sparse::RowClass::Normal) cls = sparse::classify_student(st.max);
+    if (kind == RowKind::Normal) kind = sparse::student_kind(st.max);
     sparse::TeacherNorm tn{0.0, sparse::neg_inf(), false, true};
-    if (cls == sparse::RowClass::Normal) {
+    const bool normal = !padding && kind == RowKind::Normal;
+    if (normal) {
       tn = sparse::teacher_norm(scan.S, p.tail, scan.n < p.V);
-      if (!tn.valid) cls = sparse::RowClass::Empty;
+      if (!tn.valid) kind = RowKind::Empty;
     }
     // The O(k) sums.
     sparse::Sums sums{0.0, 0.0};
-    if (cls == sparse::RowClass::Normal) {
+    if (normal && kind == RowKind::Normal) {
       for (int64_t j = threadIdx.x; j < p.k; j += kThreads) {
         if (ids[j] < 0) continue;
         const auto t = sparse::outcome_sums<D>(sparse::slot_log_q(slot_logit<X, Acc>(row, ids[j], inv_t), st),
@@ -505,8 +520,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
     }
     sums = cuda::group_allreduce(sums, AddSums{}, kThreads, sh.sums);
     if (threadIdx.x == 0) {
-      const double value = sparse::value_is_nan(cls) ? double(cuda::quiet_nan<Acc>())
-                                                     : (cls == sparse::RowClass::Padding ? 0.0 : sums.value);
+      const double value = sparse::row_value(kind, padding, sums.value);
       if (p.values) p.values[r] = Acc(p.weights ? double(p.weights[r]) * value : value);
       if (!p.stats_in) {
         p.stats[r * sparse::kStatsColumns] = st.max;
@@ -518,9 +532,9 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
       __syncthreads();  // the bitmap is reused by the next row
       continue;
     }
-    if (cls != sparse::RowClass::Normal || scale == Acc(0)) {
-      const bool nan = sparse::grad_is_nan(cls) && scale != Acc(0);
-      fill_grad_row<X, Acc, N>(grow, p.V, nan ? cuda::quiet_nan<Acc>() : Acc(0));
+    Acc fill;
+    if (sparse::row_gradient_fill(kind, padding, scale, &fill)) {
+      fill_grad_row<X, Acc, N>(grow, p.V, fill);
       __syncthreads();
       continue;
     }
@@ -560,18 +574,33 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
   }
 }
 
-// The launcher of every sparse op: forward (grad null), backward (grad_in,
-// stats_in) and fused loss (weights; `loss` then receives the ordered sum of
-// the weighted values, which go to `values`, a [rows] workspace).
+namespace detail {
+
 template <typename Acc>
-cudaError_t launch_sparse(DType dtype, Divergence kind, const SparseParams<Acc>& p, Acc* loss, cudaStream_t stream) {
-  if (p.rows == 0) {
-    if (loss) return cudaMemsetAsync(loss, 0, sizeof(Acc), stream);
-    return cudaSuccess;
-  }
+SparseParams<Acc> sparse_params(const SparseTensors& in, Divergence, double param, double temperature,
+                                sparse::Tail tail) {
+  SparseParams<Acc> p;
+  p.s = in.s;
+  p.stride = in.stride;
+  p.rows = in.rows;
+  p.V = in.V;
+  p.k = in.k;
+  p.temperature = temperature;
+  p.ids = in.ids;
+  p.logprobs = in.logprobs;
+  p.tail = tail;
+  p.prm = DivergenceParam<double>::make(param);
+  return p;
+}
+
+// Launches sparse_kernel for the student's dtype X (whose accumulation type
+// must be Acc) and the divergence.
+template <typename Acc>
+cudaError_t launch_sparse_kernel(DType dtype, Divergence kind, const SparseParams<Acc>& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
   if (p.V > kMaxVocab) return cudaErrorInvalidValue;
   const size_t smem = size_t((p.V + 31) / 32) * sizeof(uint32_t);
-  cudaError_t err = cuda::dispatch_dtype(dtype, [&](auto tx) -> cudaError_t {
+  return cuda::dispatch_dtype(dtype, [&](auto tx) -> cudaError_t {
     using X = typename decltype(tx)::type;
     if constexpr (!std::is_same<typename cuda::AccOf<X>::type, Acc>::value) {
       return cudaErrorInvalidValue;  // unreachable: the adapter picks Acc from the dtype
@@ -589,8 +618,50 @@ cudaError_t launch_sparse(DType dtype, Divergence kind, const SparseParams<Acc>&
       });
     }
   });
-  if (err != cudaSuccess || loss == nullptr) return err;
-  return cuda::launch_ordered_sum<Acc>(p.values, p.rows, loss, stream);
+}
+
+}  // namespace detail
+
+// sparse_forward: values [rows] and stats [rows, kStatsColumns], accumulation dtype.
+template <typename Acc>
+cudaError_t sparse_forward(const SparseTensors& in, Divergence kind, double param, double temperature,
+                           sparse::Tail tail, Acc* values, Acc* stats, cudaStream_t stream) {
+  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
+  p.values = values;
+  p.stats = stats;
+  return detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
+}
+
+// sparse_backward: the [rows, V] student gradient (student's dtype, contiguous)
+// from the upstream gradient and the forward's stats.
+template <typename Acc>
+cudaError_t sparse_backward(const SparseTensors& in, Divergence kind, double param, double temperature,
+                            sparse::Tail tail, const Acc* grad_values, const Acc* stats, void* grad,
+                            cudaStream_t stream) {
+  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
+  p.grad_in = grad_values;
+  p.stats_in = true;
+  p.stats = const_cast<Acc*>(stats);  // read only (stats_in)
+  p.grad = grad;
+  return detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
+}
+
+// sparse_loss: *loss = the ordered sum of w_r value_r, and the [rows, V]
+// student gradient w_r dvalue_r/ds_r; the per-row values and stats live in
+// workspace.
+template <typename Acc>
+cudaError_t sparse_loss(const SparseTensors& in, Divergence kind, double param, double temperature,
+                        sparse::Tail tail, const Acc* weights, Acc* loss, void* grad, const cuda::Workspace& ws,
+                        cudaStream_t stream) {
+  if (in.rows == 0) return cudaMemsetAsync(loss, 0, sizeof(Acc), stream);
+  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
+  p.weights = weights;
+  p.values = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
+  p.stats = static_cast<Acc*>(ws.get(size_t(in.rows) * sparse::kStatsColumns * sizeof(Acc)));
+  p.grad = grad;
+  const cudaError_t err = detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
+  if (err != cudaSuccess) return err;
+  return cuda::launch_ordered_sum<Acc>(p.values, in.rows, loss, stream);
 }
 
 }  // namespace sparse_cuda
