@@ -4,7 +4,7 @@ The ops live under ``torch.ops.kdext``; this package registers their fake
 kernels and autograd formulas and exposes the Python API.
 
 Each op family's module is named by its stem (divergence, softmax, logprobs,
-top_p_sample). Where an op has its module's name (``softmax``, ``logprobs``,
+top_p_sample, sparse). Where an op has its module's name (``softmax``, ``logprobs``,
 ``top_p_sample``), the package attribute is the function: ``kdext.top_p_sample(...)``
 samples, while ``from kdext.top_p_sample import SampleResult`` and
 ``importlib.import_module("kdext.top_p_sample")`` reach the module (the import system

@@ -7,8 +7,8 @@
 log-probabilities under the full softmax. ``sparse_distill_loss`` takes the divergence between the
 student and that sparse teacher over k + 1 outcomes (``tail="bucket"``: the stored ids and one
 "everything else" outcome) or over the k ids renormalised (``tail="renormalize"``). The contract
-is docs/SPARSE.md; the kernels are csrc/cpu/sparse.cpp and csrc/cuda/sparse.cu over the shared
-math of csrc/include/kdext/sparse.h.
+is docs/DESIGN.md, "the sparse family"; the kernels are csrc/cpu/sparse.cpp and csrc/cuda/sparse.cu
+over the shared math of csrc/include/kdext/sparse.h.
 """
 
 import math
@@ -18,7 +18,8 @@ import torch
 
 from . import _validate
 from ._ops import ops
-from .divergence import REDUCTIONS, _check_weights, _tracing, divergence_param, reduce_rows, row_mask
+from .divergence import (REDUCTIONS, check_weights, divergence_param, fused_loss_grad, fused_loss_setup_context,
+                         reduce_rows, row_mask)
 
 __all__ = ["TAILS", "sparse_distill_loss", "topk_logprobs"]
 
@@ -191,33 +192,15 @@ def _forward_backward(ctx, grad_values, _grad_stats):
 torch.library.register_autograd("kdext::sparse_forward", _forward_backward, setup_context=_forward_setup_context)
 
 
-def _loss_setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)  # no zero-filled [rows, V] gradient for the gradient output
-    ctx.consumed = False
-
-
 def _loss_backward(ctx, grad_loss, _grad_grad):
-    # The kernel already wrote d(loss)/d(student); the chain rule scales it in place.
+    # The kernel already wrote d(loss)/d(student); the chain rule scales it (kdext/divergence.py).
     none = (None,) * 7
     if grad_loss is None:
         return (None,) + none
-    (grad,) = ctx.saved_tensors
-    if ctx.consumed:
-        raise RuntimeError(
-            "sparse_distill_loss: backward was called twice through the fused loss, whose gradient buffer is "
-            "scaled in place; use fused=False if you need retain_graph=True"
-        )
-    ctx.consumed = True
-    if _tracing(grad):  # the buffer is also a graph output there: scale out of place
-        return (grad * grad_loss.to(grad.dtype),) + none
-    ops.scale_(grad, grad_loss.to(grad.dtype))
-    return (grad,) + none
+    return (fused_loss_grad(ctx, grad_loss, "sparse_distill_loss"),) + none
 
 
-torch.library.register_autograd("kdext::sparse_loss", _loss_backward, setup_context=_loss_setup_context)
+torch.library.register_autograd("kdext::sparse_loss", _loss_backward, setup_context=fused_loss_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -235,6 +218,10 @@ def topk_logprobs(logits, k, temperature=1.0):
     id -1 and log-prob -inf; a row with a NaN or +inf logit has NaN log-probs (and its lse is
     NaN or +inf). Differentiable in ``logits`` through ``logprobs`` and ``logsumexp``.
     """
+    # The schema's int and float would take a bool (True as 1); the Python API refuses it.
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got bool")
+    _validate.check_temperature(temperature)
     return ops.topk_logprobs(logits, k, temperature)
 
 
@@ -264,7 +251,7 @@ def check_sparse_loss_args(student_logits, teacher_ids, teacher_logprobs, kind, 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if weights is not None:
-        _check_weights(weights, student_logits)
+        check_weights(weights, student_logits)
     check_num_items(num_items, reduction)
     keep = row_mask(student_logits, labels, ignore_index, mask)
     stored = (teacher_ids >= 0).any(-1)  # a row without any valid id is padding
@@ -288,7 +275,8 @@ def sparse_distill_loss(
     alpha=0.1,
     fused=True,
 ):
-    """Distillation loss against a sparse (top-k) teacher, reduced over rows (docs/SPARSE.md).
+    """Distillation loss against a sparse (top-k) teacher, reduced over rows (docs/DESIGN.md, "the
+    sparse family").
 
     Args:
         student_logits: ``[..., V]`` logits (fp32/fp16/bf16/fp64).
