@@ -3,7 +3,8 @@
   topk   kdext.topk_logprobs(x, k, T) against what users run without it:
            torch_topk_lse   torch.topk(x / T, k) plus torch.logsumexp(x / T) (log-probs = values - lse)
            torch_lsm_topk   torch.log_softmax(x / T).topk(k)
-         over k and dtypes; kdext_speedup = the faster torch provider's time / kdext's.
+         over k and dtypes; kdext_speedup = the provider's time / kdext's (1 for kdext itself; the
+         issue's target is >= 4 against the faster of the two torch providers).
   loss   kdext.sparse_distill_loss (tail="bucket" and "renormalize", k stored ids per row) against
          the dense kdext.distill_loss on the full teacher logits: forward+backward time, the
          teacher's bytes each needs, and the peak memory of one step (fresh process).
@@ -68,13 +69,11 @@ def bench_topk(args, rows_out):
         for k in (int(v) for v in args.ks.split(",")):
             fns = {n: (lambda f=f: f(x)) for n, f in topk_providers(k).items()}
             times = round_robin(fns, args.device, args.reps, args.warmup)
-            best_torch = min(statistics.median(times[n]) for n in times if n != "kdext")
+            kdext_median = statistics.median(times["kdext"])
             for n, ts in times.items():
-                r = {"bench": "topk", "provider": n, "dtype": dname, "k": k, **stats(ts),
-                     "GBps": x.numel() * x.element_size() / statistics.median(ts) / 1e9}
-                if n == "kdext":
-                    r["kdext_speedup"] = best_torch / r["median_s"]
-                rows_out.append(r)
+                rows_out.append({"bench": "topk", "provider": n, "dtype": dname, "k": k, **stats(ts),
+                                 "GBps": x.numel() * x.element_size() / statistics.median(ts) / 1e9,
+                                 "kdext_speedup": statistics.median(ts) / kdext_median})
         del x
 
 
@@ -165,7 +164,7 @@ def main():
     columns = ["bench", "provider", "dtype", "k", "median_s", "min_s", "max_s", "GBps", "teacher_MB",
                "peak_mem_x_grad_buffer", "kdext_speedup"]
     title = (f"sparse [{args.rows}, {args.vocab}], {args.reps} rounds, on {common.machine_description(args.device)} "
-             "(topk: kdext_speedup = the faster torch provider / kdext; loss: dense / provider, fwd+bwd)")
+             "(topk: kdext_speedup = provider / kdext; loss: dense / provider, fwd+bwd)")
     common.print_table(title, rows, columns)
     if args.csv:
         common.write_csv(args.csv, rows, columns, common.command_line(), args.device)
