@@ -393,6 +393,19 @@ def test_topk_logprobs_masked_and_poisoned_rows():
     assert torch.isnan(lp[3]).all() and ids[3, 0] == 9
     assert (ids[4] % 2 == 1).all()
     check_topk(x[[0, 1, 4]], 20, 1.0)
+    # A NaN does not hide the entries that share its SIMD lane and block (the CPU skips blocks by
+    # their lane-wise maxima): the ids stay the best entries that are not NaN.
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        y = torch.randn(2, 3000) * 0.1
+        y[:, 1027] = math.nan
+        y[0, 1043] = 100.0  # the same lane of the next vector: 16 float / 8 double lanes apart
+        y[1, 1035] = 100.0
+        y[1, 2050] = math.nan
+        y[1, 2051] = 50.0
+        got_ids, got_lp, _ = kdext.topk_logprobs(y.to(dtype), 2)
+        want = torch.sort(torch.nan_to_num(y.to(dtype).float(), nan=-math.inf), dim=-1, descending=True, stable=True)
+        assert torch.equal(got_ids.long(), want.indices[:, :2]), (dtype, got_ids)
+        assert torch.isnan(got_lp).all()
     # Stored as is, the loss treats the empty slots as padding.
     assert torch.isfinite(kdext.sparse_distill_loss(torch.randn(5, 300)[[0, 4]], ids[[0, 4]], lp[[0, 4]]))
 

@@ -131,12 +131,14 @@ class TopKSelector {
 
   // Entries x[0, padded) with ids base + i (padding lanes are -inf), in
   // blocks of kBlockVecs vectors whose lane-wise maxima are block_max: a
-  // block none of whose lanes beats the threshold is skipped whole.
+  // block whose every lane max is <= the threshold is skipped whole. A NaN
+  // lane max (the maxima propagate NaN) does not skip its block: the lane's
+  // other entries may beat the threshold.
   void offer(const acc_t* x, int64_t padded, int64_t base, const Vec<acc_t>* block_max) {
     constexpr int L = Vec<acc_t>::size();
     constexpr uint32_t all = (1u << L) - 1u;
     for (int64_t b = 0, i0 = 0; i0 < padded; ++b, i0 += kBlockVecs * L) {
-      if ((block_max[b] > Vec<acc_t>(threshold_)).zero_mask() == int(all)) continue;
+      if ((block_max[b] <= Vec<acc_t>(threshold_)).zero_mask() == 0) continue;
       const int64_t end = std::min<int64_t>(padded, i0 + kBlockVecs * L);
       for (int64_t i = i0; i < end; i += L) {
         // Lanes that pass are all-ones bits (non-zero); zero_mask flags the others.
