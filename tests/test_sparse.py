@@ -320,6 +320,21 @@ def test_no_counted_rows_and_backward_twice():
         loss.backward()
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_zero_rows(fused):
+    """No row at all: mean NaN (as distill_loss and F.cross_entropy), sum 0, none empty; empty gradients."""
+    s = torch.randn(0, 7, requires_grad=True)
+    ids, lp = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    assert torch.isnan(kdext.sparse_distill_loss(s, ids, lp, fused=fused))
+    loss = kdext.sparse_distill_loss(s, ids, lp, reduction="sum", fused=fused)
+    assert loss == 0
+    loss.backward()
+    assert s.grad.shape == (0, 7)
+    assert kdext.sparse_distill_loss(s, ids, lp, reduction="none", fused=fused).shape == (0,)
+    out = kdext.topk_logprobs(torch.randn(0, 5), 2)
+    assert [tuple(o.shape) for o in out] == [(0, 2), (0, 2), (0,)]
+
+
 # ---------------------------------------------------------------------------
 # topk_logprobs
 # ---------------------------------------------------------------------------
