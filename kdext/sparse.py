@@ -149,8 +149,11 @@ def _topk_setup_context(ctx, inputs, output):
 
 
 def _topk_backward(ctx, _grad_ids, grad_logprobs, grad_lse):
-    # d logprob_j / dx = (onehot(id_j) - q) / T and d lse / dx = q / T, q = softmax(x / T);
-    # empty slots (id -1) carry nothing, rows without a distribution get zeros.
+    # d logprob_j / dx = (onehot(id_j) - q) / T and d lse / dx = q / T, q = softmax(x / T), with
+    # log q = (x/T - hi) - lo from the row's float64 lse split into two floats (lse_float64;
+    # docs/DESIGN.md §2.3 SplitLse), so q keeps full precision however large the logits. Empty slots
+    # (id -1) carry nothing. The row contract: an Empty row (lse -inf) gets zeros, a Poisoned one NaN,
+    # and a row whose upstream gradients are all 0 gets zeros.
     if grad_logprobs is None and grad_lse is None:
         return None, None, None
     logits, ids, lse = ctx.saved_tensors
@@ -161,11 +164,14 @@ def _topk_backward(ctx, _grad_ids, grad_logprobs, grad_lse):
     coef = -g_lp.sum(-1)
     if grad_lse is not None:
         coef = coef + grad_lse.to(acc)
-    empty = (lse == -math.inf).unsqueeze(-1)
-    q = torch.exp(torch.where(empty, 0.0, logits.to(acc) / T - lse.unsqueeze(-1)))
-    grad = (q * coef.unsqueeze(-1)).scatter_add(-1, ids.clamp_min(0).long(), g_lp)
-    grad = torch.where(empty, 0.0, grad / T)
-    return grad.to(logits.dtype), None, None
+    lse64 = ops.lse_float64(logits, T)
+    hi = lse64.to(acc)
+    lo = torch.where(torch.isfinite(lse64), lse64 - hi.double(), 0.0).to(acc)
+    log_q = (logits.to(acc) * (1.0 / T) - hi.unsqueeze(-1)) - lo.unsqueeze(-1)
+    q = torch.exp(torch.where((lse64 == -math.inf).unsqueeze(-1), -math.inf, log_q))
+    grad = (q * coef.unsqueeze(-1)).scatter_add(-1, ids.clamp_min(0).long(), g_lp) / T
+    no_upstream = (coef == 0) & (g_lp == 0).all(-1)
+    return torch.where(no_upstream.unsqueeze(-1), 0.0, grad).to(logits.dtype), None, None
 
 
 torch.library.register_autograd("kdext::topk_logprobs", _topk_backward, setup_context=_topk_setup_context)

@@ -425,6 +425,35 @@ def test_topk_logprobs_masked_and_poisoned_rows():
     assert torch.isfinite(kdext.sparse_distill_loss(torch.randn(5, 300)[[0, 4]], ids[[0, 4]], lp[[0, 4]]))
 
 
+def test_topk_logprobs_gradient_large_logits():
+    """log q comes from the float64 lse split into two floats: the gradient keeps float32 precision at
+    |logits| ~ 1e4, where a float32 lse alone (ulp 1e-3) would be off by ~1e-3 relative."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 700, generator=gen) * 3 + 1e4).requires_grad_()
+    ids, lp, lse = kdext.topk_logprobs(x, 8)
+    g1, g2 = torch.randn(lp.shape, generator=gen), torch.randn(lse.shape, generator=gen)
+    ((lp * g1).sum() + (lse * g2).sum()).backward()
+    xr = x.detach().double().requires_grad_()
+    lpr = torch.log_softmax(xr, -1).gather(-1, ids.long())
+    ((lpr * g1.double()).sum() + (torch.logsumexp(xr, -1) * g2.double()).sum()).backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6 * xr.grad.abs().max().item(), rtol=1e-5)
+
+
+def test_topk_logprobs_gradient_row_contract():
+    """Empty rows get zeros, Poisoned rows NaN, and a zero upstream gradient zeros even for a Poisoned row."""
+    x = torch.randn(3, 40)
+    x[1] = -math.inf
+    x[2, 3] = math.nan
+    x.requires_grad_()
+    ids, lp, lse = kdext.topk_logprobs(x, 4)
+    (torch.where(ids >= 0, lp, 0.0).sum() + lse[:2].sum() + 0.0 * lse[2]).backward()
+    assert torch.isfinite(x.grad[0]).all() and (x.grad[1] == 0).all() and torch.isnan(x.grad[2]).all()
+    x.grad = None
+    ids, lp, lse = kdext.topk_logprobs(x, 4)
+    (lp[2] * 0.0).sum().backward()
+    assert (x.grad == 0).all()
+
+
 def test_topk_logprobs_gradient():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 4, 50, generator=gen, dtype=torch.float64)
