@@ -8,8 +8,10 @@ allocation has exact bounds and an out-of-bounds access is caught:
     compute-sanitizer --tool racecheck --error-exitcode 9 python tools/sanitize_cuda.py --only onchip
 
 Each case forces one launcher path (row kernels, split vocabulary, on-chip
-clusters of each size, the unfused loss) through the launchers' environment
-knobs, on odd sizes and misaligned rows. Prints one line per case.
+clusters of each size, the unfused loss) through the launchers' tuning knobs
+(docs/CUDA.md; set in process with kdext._C._set_cuda_tuning, since the
+environment is read once), on odd sizes and misaligned rows. Prints one line
+per case.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import sys
 
 import torch
 
-import kdext  # noqa: F401
+import kdext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from reference import DIVERGENCES  # noqa: E402  (the kinds and parameters the tests use)
@@ -27,19 +29,16 @@ ops = torch.ops.kdext
 DEV = "cuda"
 KINDS = list(DIVERGENCES.items())
 PATHS = {
-    "rows": {"KDEXT_CUDA_ONCHIP": "0"},
-    "split": {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},
-    "onchip1": {"KDEXT_CUDA_CLUSTER": "1"},
-    "onchip2": {"KDEXT_CUDA_CLUSTER": "2"},
-    "onchip4": {"KDEXT_CUDA_CLUSTER": "4"},
+    "rows": {"onchip": False},
+    "split": {"onchip": False, "chunks": 3},
+    "onchip1": {"cluster": 1},
+    "onchip2": {"cluster": 2},
+    "onchip4": {"cluster": 4},
 }
-KNOBS = ("KDEXT_CUDA_ONCHIP", "KDEXT_CUDA_CHUNKS", "KDEXT_CUDA_CLUSTER")
 
 
 def set_path(name):
-    for k in KNOBS:
-        os.environ.pop(k, None)
-    os.environ.update(PATHS.get(name, {}))
+    kdext._C._set_cuda_tuning(**{"onchip": True, "cluster": 0, "chunks": 0, **PATHS.get(name, {})})
 
 
 def misaligned(x):
@@ -97,6 +96,7 @@ def other_cases():
                     y = ops.log_softmax(xm, 0.8) if log else ops.softmax(xm, 0.8)
                     ops.softmax_backward(misaligned(torch.randn_like(y)), y, 0.8, log)
                 ops.logsumexp(xm, 1.0)
+                ops.lse_float64(xm, 1.0)
                 h, lse = ops.entropy_forward(xm, 1.0, None)
                 ops.entropy_forward(xm[:, V // 2 :], 1.0, lse)
                 ops.entropy_backward(torch.ones_like(h), xm, h, lse, 1.0)
