@@ -1,8 +1,8 @@
 // CUDA adapters of the sparse family: topk_logprobs, sparse_forward,
 // sparse_backward and sparse_loss. Each builds its argument struct
 // (csrc/sparse_args.h, the same checks and words as the CPU kernels) and runs a
-// framework-free launcher of csrc/include/kdext/cuda/sparse_kernels.cuh through
-// run_launcher (device guard, current stream, workspace).
+// framework-free launcher of csrc/include/kdext/cuda/sparse_launchers.cuh through
+// run_launcher (csrc/cuda/adapter_utils.h: device guard, the Queue, errors).
 //
 // Differences from csrc/cpu/sparse.cpp, by design:
 //   - an id outside [-1, V) or repeated makes the CPU raise; here that row is
@@ -20,7 +20,7 @@
 
 #include "checks.h"
 #include "cuda/adapter_utils.h"
-#include "kdext/cuda/sparse_kernels.cuh"
+#include "kdext/cuda/sparse_launchers.cuh"
 #include "sparse_args.h"
 
 namespace kdext {
@@ -59,8 +59,8 @@ void topk_by_sort(const TopkLogprobsArgs& a, double temperature) {
   p.select = false;
   p.max = mx.data_ptr();
   p.logz = logz.data_ptr();
-  run_launcher(a.in.x.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
-    return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), p, stream);
+  run_launcher(a.in.x.device(), [&](const kdext::cuda::Queue& q) {
+    return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), p, q);
   });
   const double inf = std::numeric_limits<double>::infinity();
   const at::Tensor x = a.in.x.to(acc);
@@ -84,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_logprobs(const at::Tensor& l
   if (k > kSortCap) {
     topk_by_sort(a, temperature);
   } else {
-    run_launcher(logits.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
-      return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), topk_params(a, temperature), stream);
+    run_launcher(logits.device(), [&](const kdext::cuda::Queue& q) {
+      return sparse_cuda::topk_logprobs(to_dtype(a.in.x.scalar_type()), topk_params(a, temperature), q);
     });
   }
   return {a.ids, a.logprobs, a.lse};
@@ -112,11 +112,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_forward(const at::Tensor& student, con
                                                   double param, double temperature, c10::string_view tail) {
   SparseForwardArgs a(student, teacher_ids, teacher_logprobs, name, param, temperature, tail);
   const auto in = sparse_tensors(a.in);
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+  run_launcher(student.device(), [&](const kdext::cuda::Queue& q) {
     return with_acc(a.in, [&](auto acc_zero) {
       using Acc = decltype(acc_zero);
       return sparse_cuda::sparse_forward<Acc>(in, a.in.kind, param, temperature, a.in.tail,
-                                              a.values.data_ptr<Acc>(), a.stats.data_ptr<Acc>(), stream);
+                                              a.values.data_ptr<Acc>(), a.stats.data_ptr<Acc>(), q);
     });
   });
   return {a.values, a.stats};
@@ -128,12 +128,12 @@ at::Tensor sparse_backward(const at::Tensor& grad_values, const at::Tensor& stud
   SparseBackwardArgs a(grad_values, student, teacher_ids, teacher_logprobs, stats, name, param, temperature, tail,
                        &empty_device_output);
   const auto in = sparse_tensors(a.in);
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
+  run_launcher(student.device(), [&](const kdext::cuda::Queue& q) {
     return with_acc(a.in, [&](auto acc_zero) {
       using Acc = decltype(acc_zero);
       return sparse_cuda::sparse_backward<Acc>(in, a.in.kind, param, temperature, a.in.tail,
                                                a.grad_values.const_data_ptr<Acc>(), a.stats.const_data_ptr<Acc>(),
-                                               a.grad.data_ptr(), stream);
+                                               a.grad.data_ptr(), q);
     });
   });
   return a.grad.view(student.sizes());
@@ -147,12 +147,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_loss(const at::Tensor& student, const 
                    &empty_device_output);
   const auto in = sparse_tensors(a.in);
   at::Tensor loss = at::empty({}, student.options().dtype(acc_dtype(student)));
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
+  run_launcher(student.device(), [&](const kdext::cuda::Queue& q) {
     return with_acc(a.in, [&](auto acc_zero) {
       using Acc = decltype(acc_zero);
       return sparse_cuda::sparse_loss<Acc>(in, a.in.kind, param, temperature, a.in.tail,
                                            a.row_weights.const_data_ptr<Acc>(), loss.data_ptr<Acc>(),
-                                           a.grad.data_ptr(), ws, stream);
+                                           a.grad.data_ptr(), q);
     });
   });
   return {loss, a.grad.view(student.sizes())};

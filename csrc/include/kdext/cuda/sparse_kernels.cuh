@@ -1,5 +1,5 @@
-// CUDA kernels and launchers of the sparse family (framework-free: raw
-// pointers, DType tags, cudaError_t). Included by csrc/cuda/sparse.cu only.
+// CUDA kernels of the sparse family (device code; framework-free). Their host
+// launchers: sparse_launchers.cuh, included by csrc/cuda/sparse.cu.
 // Semantics are those of csrc/cpu/sparse.cpp; the O(k) math is
 // kdext/sparse.h's, the online softmax state kdext/online_softmax.h's.
 //
@@ -334,29 +334,7 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(TopkParams p) {
   }
 }
 
-// Launches topk_kernel (p.select and k <= kSortCap, or p.select false).
-inline cudaError_t topk_logprobs(DType dtype, const TopkParams& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  if (p.select && p.k > kSortCap) return cudaErrorInvalidValue;
-  return cuda::dispatch_dtype(dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename cuda::AccOf<X>::type;
-    topk_kernel<X, Acc><<<cuda::grid_size(p.rows), kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
-  });
-}
-
 // ---- the sparse loss ----------------------------------------------------------------
-
-// The inputs of a sparse op as the launchers take them.
-struct SparseTensors {
-  const void* s;  // the student's [rows, V] logits, unit stride in V
-  DType dtype;
-  int64_t stride;  // row stride of the student, in entries
-  int64_t rows, V, k;
-  const int64_t* ids;      // [rows, k]
-  const double* logprobs;  // [rows, k]
-};
 
 // The kernel's arguments: the inputs, the mode and the outputs of one launch.
 template <typename Acc>
@@ -572,96 +550,6 @@ __global__ void __launch_bounds__(kThreads) sparse_kernel(SparseParams<Acc> p) {
     }
     __syncthreads();
   }
-}
-
-namespace detail {
-
-template <typename Acc>
-SparseParams<Acc> sparse_params(const SparseTensors& in, Divergence, double param, double temperature,
-                                sparse::Tail tail) {
-  SparseParams<Acc> p;
-  p.s = in.s;
-  p.stride = in.stride;
-  p.rows = in.rows;
-  p.V = in.V;
-  p.k = in.k;
-  p.temperature = temperature;
-  p.ids = in.ids;
-  p.logprobs = in.logprobs;
-  p.tail = tail;
-  p.prm = DivergenceParam<double>::make(param);
-  return p;
-}
-
-// Launches sparse_kernel for the student's dtype X (whose accumulation type
-// must be Acc) and the divergence.
-template <typename Acc>
-cudaError_t launch_sparse_kernel(DType dtype, Divergence kind, const SparseParams<Acc>& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  if (p.V > kMaxVocab) return cudaErrorInvalidValue;
-  const size_t smem = size_t((p.V + 31) / 32) * sizeof(uint32_t);
-  return cuda::dispatch_dtype(dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    if constexpr (!std::is_same<typename cuda::AccOf<X>::type, Acc>::value) {
-      return cudaErrorInvalidValue;  // unreachable: the adapter picks Acc from the dtype
-    } else {
-      return dispatch_divergence(kind, [&](auto tag) -> cudaError_t {
-        constexpr Divergence D = decltype(tag)::value;
-        auto kernel = sparse_kernel<X, Acc, D>;
-        if (smem > 48 * 1024) {
-          const cudaError_t e =
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-          if (e != cudaSuccess) return e;
-        }
-        kernel<<<cuda::grid_size(p.rows), kThreads, smem, stream>>>(p);
-        return cudaGetLastError();
-      });
-    }
-  });
-}
-
-}  // namespace detail
-
-// sparse_forward: values [rows] and stats [rows, kStatsColumns], accumulation dtype.
-template <typename Acc>
-cudaError_t sparse_forward(const SparseTensors& in, Divergence kind, double param, double temperature,
-                           sparse::Tail tail, Acc* values, Acc* stats, cudaStream_t stream) {
-  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
-  p.values = values;
-  p.stats = stats;
-  return detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
-}
-
-// sparse_backward: the [rows, V] student gradient (student's dtype, contiguous)
-// from the upstream gradient and the forward's stats.
-template <typename Acc>
-cudaError_t sparse_backward(const SparseTensors& in, Divergence kind, double param, double temperature,
-                            sparse::Tail tail, const Acc* grad_values, const Acc* stats, void* grad,
-                            cudaStream_t stream) {
-  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
-  p.grad_in = grad_values;
-  p.stats_in = true;
-  p.stats = const_cast<Acc*>(stats);  // read only (stats_in)
-  p.grad = grad;
-  return detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
-}
-
-// sparse_loss: *loss = the ordered sum of w_r value_r, and the [rows, V]
-// student gradient w_r dvalue_r/ds_r; the per-row values and stats live in
-// workspace.
-template <typename Acc>
-cudaError_t sparse_loss(const SparseTensors& in, Divergence kind, double param, double temperature,
-                        sparse::Tail tail, const Acc* weights, Acc* loss, void* grad, const cuda::Workspace& ws,
-                        cudaStream_t stream) {
-  if (in.rows == 0) return cudaMemsetAsync(loss, 0, sizeof(Acc), stream);
-  auto p = detail::sparse_params<Acc>(in, kind, param, temperature, tail);
-  p.weights = weights;
-  p.values = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
-  p.stats = static_cast<Acc*>(ws.get(size_t(in.rows) * sparse::kStatsColumns * sizeof(Acc)));
-  p.grad = grad;
-  const cudaError_t err = detail::launch_sparse_kernel<Acc>(in.dtype, kind, p, stream);
-  if (err != cudaSuccess) return err;
-  return cuda::launch_ordered_sum<Acc>(p.values, in.rows, loss, stream);
 }
 
 }  // namespace sparse_cuda
