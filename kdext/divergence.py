@@ -61,6 +61,17 @@ def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergenc
     return student_logits.new_empty((), dtype=acc), student_logits.new_empty(student_logits.shape)
 
 
+@torch.library.register_fake("kdext::divergence_loss_out")
+def _divergence_loss_out_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature,
+                              grad_student):
+    _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature)
+    _validate.check_same_device(grad_student, "grad_student", student_logits, "student_logits")
+    if grad_student.shape != student_logits.shape:
+        raise ValueError(f"grad_student must have the shape of student_logits {list(student_logits.shape)}, "
+                         f"got {list(grad_student.shape)}")
+    return student_logits.new_empty((), dtype=_validate.acc_dtype(student_logits))
+
+
 @torch.library.register_fake("kdext::divergence_partial")
 def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teacher_lse, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
