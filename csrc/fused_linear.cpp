@@ -204,8 +204,12 @@ class Projector {
   }
 
   // The chain rule and backward GEMMs of the chunk project(a, c, z) produced:
-  // g ([c, V] view, accumulation dtype) holds dL/dz; z is overwritten.
-  void backward(int64_t a, int64_t c, const at::Tensor& z, const at::Tensor& g, HeadGrads& grads) {
+  // g ([c, V] view, accumulation dtype) holds dL/dz; z is overwritten. With
+  // `live` ([c] bool), the rows where it is false (ignored rows, whose g is 0)
+  // enter grad_W as zeros, so that a NaN in their hidden states cannot leak
+  // into it through 0 * NaN.
+  void backward(int64_t a, int64_t c, const at::Tensor& z, const at::Tensor& g, HeadGrads& grads,
+                const at::Tensor& live = at::Tensor()) {
     chain_rule(z, g);
     at::Tensor gm = g;  // the GEMMs' left operand
     if (mode_ == Mode::Half) {
@@ -223,15 +227,17 @@ class Projector {
       }
     }
     if (grads.want.weight) {
+      const at::Tensor h = live.defined() ? at::where(live.unsqueeze(1), chunk_, at::zeros({}, chunk_.options()))
+                                          : chunk_;
       if (mode_ == Mode::Half) {
         // grad_W (fp32) += g^T h with fp16/bf16 operands and fp32 accumulation:
         // baddbmm.dtype_out accumulates into `out` (beta = 1) in every torch
         // version that has it (addmm.dtype_out first required self in the
         // inputs' dtype).
         at::Tensor acc3 = grads.weight.unsqueeze(0);
-        at::baddbmm_out(acc3, acc3, gm.t().unsqueeze(0), chunk_.unsqueeze(0), at::kFloat, 1.0, 1.0);
+        at::baddbmm_out(acc3, acc3, gm.t().unsqueeze(0), h.unsqueeze(0), at::kFloat, 1.0, 1.0);
       } else {
-        grads.weight.addmm_(gm.t(), chunk_);
+        grads.weight.addmm_(gm.t(), h);
       }
     }
     if (grads.want.bias) grads.bias.add_(g.sum(0));
@@ -304,8 +310,9 @@ struct PairDriver {
   }
 
   // The student's backward of a chunk whose dL/dz_s is g ([c, V]).
-  void backward(int64_t a, int64_t c, const at::Tensor& s, const at::Tensor& g, HeadGrads& grads) {
-    ps.backward(a, c, s.narrow(1, 0, p.s.V), g.narrow(1, 0, p.s.V), grads);
+  void backward(int64_t a, int64_t c, const at::Tensor& s, const at::Tensor& g, HeadGrads& grads,
+                const at::Tensor& live) {
+    ps.backward(a, c, s.narrow(1, 0, p.s.V), g.narrow(1, 0, p.s.V), grads, live);
   }
 };
 
@@ -330,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_divergen
     if (with_grad) {
       at::Tensor gc = g.narrow(0, 0, c);
       loss.add_(divergence_loss_out(s, t, wc, name, param, temperature, gc));
-      d.backward(a, c, s, gc, grads);
+      d.backward(a, c, s, gc, grads, wc != 0);
     } else {
       // The loss alone: rows of weight 0 are dropped (their value may be NaN), as the fused kernel drops them.
       const at::Tensor v = std::get<0>(divergence_forward(s, t, name, param, temperature));
@@ -384,9 +391,9 @@ Grads3 fused_linear_divergence_backward(const at::Tensor& grad_values, const at:
     PairDriver d(args, 1);
     for_each_chunk(args.rows(), d.chunk, [&](int64_t a, int64_t c) {
       auto [s, t] = d.project(a, c);
-      const at::Tensor g = std::get<0>(divergence_backward(gv.narrow(0, a, c), s, t, st.narrow(0, a, c), name,
-                                                           param, temperature));
-      d.backward(a, c, s, g, grads);
+      const at::Tensor gvc = gv.narrow(0, a, c);
+      const at::Tensor g = std::get<0>(divergence_backward(gvc, s, t, st.narrow(0, a, c), name, param, temperature));
+      d.backward(a, c, s, g, grads, gvc != 0);
     });
   }
   return grads.outputs(args.s);
