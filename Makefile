@@ -74,7 +74,12 @@ test-cpp: cmake
 demo: install
 	$(VENV)/bin/kdext demo --out $(DEMO_OUT)
 
-bench: install
+# The benchmarks' extra providers (TRL) first: bench/requirements.txt.
+$(VENV)/.bench-stamp: $(VENV)/.deps-stamp bench/requirements.txt
+	$(call pip_install,-r bench/requirements.txt)
+	@touch $@
+
+bench: install $(VENV)/.bench-stamp
 	$(PY) bench/run_all.py --out bench/results
 
 clean:

@@ -93,11 +93,12 @@ def peak_memory_bytes(fn, device):
     return (_rss_kib("VmHWM") - base) * 1024
 
 
-def run_isolated(module, args):
-    """Runs `python -m module args` in a fresh interpreter and returns its stdout's last line."""
+def run_isolated(module, args, env=None):
+    """Runs `python -m module args` in a fresh interpreter (with `env`, default this one's) and
+    returns its stdout's last line."""
     out = subprocess.run(
         [sys.executable, "-m", module] + args, capture_output=True, text=True, check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
     )
     return out.stdout.strip().splitlines()[-1]
 

@@ -144,6 +144,27 @@ struct DivergenceLossArgs {
     row_weights = per_row_vector(row_weights_in, acc_dtype(student));
     grad = alloc({in.rows, in.V}, student.options());
   }
+
+  // divergence_loss_out: the gradient goes to the caller's buffer (the fused
+  // LM-head losses reuse one per chunk of rows), which must be a contiguous
+  // tensor of the student's shape and dtype that shares no storage with an input.
+  DivergenceLossArgs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights_in,
+                     c10::string_view name, double param, double temperature, const at::Tensor& grad_out)
+      : in(student, teacher, name, param, temperature) {
+    check_per_row(row_weights_in, "row_weights", in.rows, student, "student_logits");
+    check_same_device(grad_out, "grad_student", student, "student_logits");
+    TORCH_CHECK_VALUE(grad_out.sizes() == student.sizes(), "grad_student must have the shape of student_logits ",
+                      student.sizes(), ", got ", grad_out.sizes());
+    TORCH_CHECK_TYPE(grad_out.scalar_type() == student.scalar_type(), "grad_student must have the dtype of "
+                     "student_logits (", student.scalar_type(), "), got ", grad_out.scalar_type());
+    TORCH_CHECK_VALUE(grad_out.is_contiguous(), "grad_student must be contiguous");
+    for (const at::Tensor* x : {&student, &teacher, &row_weights_in}) {
+      TORCH_CHECK(!grad_out.is_alias_of(*x), "grad_student must not share memory (a storage) with the inputs of "
+                  "divergence_loss_out");
+    }
+    row_weights = per_row_vector(row_weights_in, acc_dtype(student));
+    grad = grad_out.view({in.rows, in.V});
+  }
 };
 
 // divergence_partial: both full-vocabulary log-normalisers as flat
@@ -178,6 +199,8 @@ struct DivergenceKernels {
                                                             bool, bool);
   std::tuple<at::Tensor, at::Tensor> (*divergence_loss)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                         c10::string_view, double, double);
+  at::Tensor (*divergence_loss_out)(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                                    double, at::Tensor&);
   at::Tensor (*divergence_partial)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    c10::string_view, double, double);
 };
@@ -186,6 +209,7 @@ inline void register_kernels(torch::Library& m, const DivergenceKernels& k) {
   m.impl("divergence_forward", k.divergence_forward);
   m.impl("divergence_backward", k.divergence_backward);
   m.impl("divergence_loss", k.divergence_loss);
+  m.impl("divergence_loss_out", k.divergence_loss_out);
   m.impl("divergence_partial", k.divergence_partial);
 }
 

@@ -5,8 +5,10 @@
 // Python (kdext/<stem>.py).
 //
 // Stems: divergence (divergence_* and the public divergence ops), softmax
-// (softmax, log_softmax, logsumexp, lse_float64, entropy), logprobs, common
-// (scale_), top_p_sample, sparse (topk_logprobs, sparse_*).
+// (softmax, log_softmax, logsumexp, lse_float64, entropy), logprobs,
+// fused_linear (fused_linear_*: one driver for both backends,
+// csrc/fused_linear.cpp), common (scale_), top_p_sample, sparse
+// (topk_logprobs, sparse_*).
 #include <torch/library.h>
 
 namespace kdext {
@@ -28,6 +30,12 @@ TORCH_LIBRARY(kdext, m) {
   m.def(
       "divergence_loss(Tensor student_logits, Tensor teacher_logits, Tensor row_weights, str divergence, "
       "float param, float temperature) -> (Tensor loss, Tensor grad_student)");
+  // The same, writing the gradient into grad_student (the student's shape and
+  // dtype, contiguous, no memory shared with an input): the fused LM-head
+  // losses reuse one buffer per chunk of rows.
+  m.def(
+      "divergence_loss_out(Tensor student_logits, Tensor teacher_logits, Tensor row_weights, str divergence, "
+      "float param, float temperature, Tensor(a!) grad_student) -> Tensor loss");
   // A vocab shard's contribution to (value, c_s, c_t) given the global
   // log-normalisers: [rows, 3]. The building block of kdext.parallel.
   m.def(
@@ -68,6 +76,41 @@ TORCH_LIBRARY(kdext, m) {
   // Tokens outside [0, V) contribute no one-hot term (used by vocab shards).
   m.def("logprobs_backward(Tensor grad, Tensor logits, Tensor tokens, Tensor lse, float temperature) -> Tensor");
   m.def("logprobs(Tensor logits, Tensor tokens, float temperature=1.0) -> Tensor");
+
+  // ---- fused LM-head losses (stem: fused_linear) ----------------------------
+  // Each head is (hidden [..., H], weight [V, H], bias [V]?, logit_scale,
+  // softcap?); its logits z = logit_scale (h W^T + b), softcap tanh(z / softcap)
+  // when a softcap is given, are formed in fp32 chunk by chunk of rows and never
+  // exist for all rows at once (csrc/fused_linear.cpp, docs/DESIGN.md §2.11).
+  // The teacher is a constant. The student's side of each op:
+  //   _loss      sum_r w_r D_r and its gradients (the backward is a scale);
+  //   _forward   per-row values and stats (divergence_forward's), for
+  //   _backward  the gradients of sum_r grad_values_r D_r, recomputing the logits.
+  // A gradient not asked for (or of a missing bias) is a 0-element tensor.
+#define KDEXT_HEAD_PAIR                                                                                      \
+  "Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_hidden, "                \
+  "Tensor teacher_weight, Tensor? teacher_bias, str divergence, float param, float temperature, "             \
+  "float student_logit_scale, float teacher_logit_scale, float? student_softcap, float? teacher_softcap, " \
+  "int chunk_size"
+  m.def("fused_linear_divergence_loss(" KDEXT_HEAD_PAIR
+        ", Tensor row_weights, bool hidden_grad, bool weight_grad, bool bias_grad) "
+        "-> (Tensor loss, Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  m.def("fused_linear_divergence_forward(" KDEXT_HEAD_PAIR ") -> (Tensor values, Tensor stats)");
+  m.def("fused_linear_divergence_backward(Tensor grad_values, Tensor stats, " KDEXT_HEAD_PAIR
+        ", bool hidden_grad, bool weight_grad, bool bias_grad) "
+        "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+#undef KDEXT_HEAD_PAIR
+  // Per-row log q(token) at T, the entropy of q (a 0-element tensor unless
+  // asked for) and the float64 lse; the backward recomputes the logits.
+  m.def(
+      "fused_linear_logprobs_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float temperature, "
+      "float logit_scale, float? softcap, int chunk_size, bool entropy) "
+      "-> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(
+      "fused_linear_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor entropy, Tensor lse, "
+      "Tensor hidden, Tensor weight, Tensor? bias, Tensor tokens, float temperature, float logit_scale, "
+      "float? softcap, int chunk_size, bool hidden_grad, bool weight_grad, bool bias_grad) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 
   // ---- generic ops (stem: common) ------------------------------------------
   // self *= factor (one element), skipped on the device when factor == 1, so a

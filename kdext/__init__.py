@@ -4,7 +4,7 @@ The ops live under ``torch.ops.kdext``; this package registers their fake
 kernels and autograd formulas and exposes the Python API.
 
 Each op family's module is named by its stem (divergence, softmax, logprobs,
-top_p_sample, sparse). Where an op has its module's name (``softmax``, ``logprobs``,
+fused_linear, top_p_sample, sparse). Where an op has its module's name (``softmax``, ``logprobs``,
 ``top_p_sample``), the package attribute is the function: ``kdext.top_p_sample(...)``
 samples, while ``from kdext.top_p_sample import SampleResult`` and
 ``importlib.import_module("kdext.top_p_sample")`` reach the module (the import system
@@ -13,6 +13,7 @@ finds it in ``sys.modules``; ``import kdext.top_p_sample as m`` binds the functi
 
 from ._ops import BUILD_INFO, ops
 from .divergence import distill_loss, forward_kl, jsd, reverse_kl, skew_forward_kl, skew_reverse_kl, tvd
+from .fused_linear import fused_linear_distill_loss, fused_linear_logprobs
 from .logprobs import logprobs
 from .top_p_sample import SampleResult, top_p_sample
 from .softmax import entropy, log_softmax, logsumexp, softmax
@@ -27,6 +28,8 @@ __all__ = [
     "distill_loss",
     "entropy",
     "forward_kl",
+    "fused_linear_distill_loss",
+    "fused_linear_logprobs",
     "jsd",
     "log_softmax",
     "logprobs",

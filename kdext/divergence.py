@@ -61,6 +61,17 @@ def _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergenc
     return student_logits.new_empty((), dtype=acc), student_logits.new_empty(student_logits.shape)
 
 
+@torch.library.register_fake("kdext::divergence_loss_out")
+def _divergence_loss_out_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature,
+                              grad_student):
+    _divergence_loss_fake(student_logits, teacher_logits, row_weights, divergence, param, temperature)
+    _validate.check_same_device(grad_student, "grad_student", student_logits, "student_logits")
+    if grad_student.shape != student_logits.shape:
+        raise ValueError(f"grad_student must have the shape of student_logits {list(student_logits.shape)}, "
+                         f"got {list(grad_student.shape)}")
+    return student_logits.new_empty((), dtype=_validate.acc_dtype(student_logits))
+
+
 @torch.library.register_fake("kdext::divergence_partial")
 def _divergence_partial_fake(student_logits, teacher_logits, student_lse, teacher_lse, divergence, param, temperature):
     _validate.check_logit_pair(student_logits, teacher_logits)
@@ -205,8 +216,16 @@ def divergence_param(kind, beta, alpha):
     return 0.0
 
 
-def row_mask(student_logits, labels, ignore_index, mask):
-    """Boolean [rows...] mask of the rows that count, from labels and/or an explicit mask."""
+def _leading(name):
+    """How the messages name the leading dims of ``name``'s tensor."""
+    return "the logits' leading dims" if name.endswith("logits") else f"the leading dims of {name}"
+
+
+def row_mask(student_logits, labels, ignore_index, mask, name="student_logits"):
+    """Boolean [rows...] mask of the rows that count, from labels and/or an explicit mask.
+
+    ``student_logits`` may be any ``[rows..., X]`` tensor whose leading dims are the rows (the
+    fused LM-head losses pass the student's hidden states); ``name`` is its name in errors."""
     rows = _validate.rows_shape(student_logits)
     keep = None
     if labels is not None:
@@ -216,15 +235,15 @@ def row_mask(student_logits, labels, ignore_index, mask):
             raise TypeError(f"labels must be an integer tensor (token ids, ignore_index where a row is ignored), "
                             f"got {labels.dtype}")
         if tuple(labels.shape) != rows:
-            raise ValueError(f"labels must have shape {list(rows)} (the logits' leading dims), got {list(labels.shape)}")
-        _validate.check_same_device(labels, "labels", student_logits, "student_logits")
+            raise ValueError(f"labels must have shape {list(rows)} ({_leading(name)}), got {list(labels.shape)}")
+        _validate.check_same_device(labels, "labels", student_logits, name)
         keep = labels != ignore_index
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a boolean torch.Tensor (True = the row counts)")
         if tuple(mask.shape) != rows:
-            raise ValueError(f"mask must have shape {list(rows)} (the logits' leading dims), got {list(mask.shape)}")
-        _validate.check_same_device(mask, "mask", student_logits, "student_logits")
+            raise ValueError(f"mask must have shape {list(rows)} ({_leading(name)}), got {list(mask.shape)}")
+        _validate.check_same_device(mask, "mask", student_logits, name)
         keep = mask if keep is None else keep & mask
     return keep
 
@@ -317,16 +336,17 @@ def check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, 
     return param, row_mask(student_logits, labels, ignore_index, mask)
 
 
-def check_weights(weights, student_logits):
-    """distill_loss's checks of ``weights``: a floating tensor of the logits' leading shape, on their device."""
+def check_weights(weights, student_logits, name="student_logits"):
+    """distill_loss's checks of ``weights``: a floating tensor of the logits' leading shape, on their
+    device (see row_mask for ``student_logits`` and ``name``)."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
     if not weights.is_floating_point():
         raise TypeError(f"weights must be a floating-point tensor, got {weights.dtype}")
     rows = _validate.rows_shape(student_logits)
     if tuple(weights.shape) != rows:
-        raise ValueError(f"weights must have shape {list(rows)} (the logits' leading dims), got {list(weights.shape)}")
-    _validate.check_same_device(weights, "weights", student_logits, "student_logits")
+        raise ValueError(f"weights must have shape {list(rows)} ({_leading(name)}), got {list(weights.shape)}")
+    _validate.check_same_device(weights, "weights", student_logits, name)
 
 
 def reduce_rows(values, keep, reduction, weights=None):

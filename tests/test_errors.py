@@ -269,7 +269,66 @@ def sparse_cases():
     return cases
 
 
-PUBLIC_CASES = pair_cases() + distill_loss_cases() + single_cases() + sparse_cases()
+def fused_linear_cases():
+    """kdext.fused_linear_distill_loss (heads h [2, 3, 8] -> V 20, teacher h [2, 3, 6]) and
+    kdext.fused_linear_logprobs."""
+    f, lp = kdext.fused_linear_distill_loss, kdext.fused_linear_logprobs
+    h, w, th, tw = lambda: L(2, 3, 8), lambda: L(20, 8), lambda: L(2, 3, 6), lambda: L(20, 6)
+    tok = lambda: I(2, 3, high=20)  # noqa: E731
+    d = "fused_linear_distill_loss"
+    cases = [
+        (d, "width", lambda: f(h(), L(20, 7), th(), tw()), ValueError, ("width mismatch", "student_hidden",
+                                                                         "student_weight")),
+        (d, "teacher_width", lambda: f(h(), w(), th(), L(20, 5)), ValueError, ("teacher_hidden", "teacher_weight")),
+        (d, "rows", lambda: f(h(), w(), L(2, 4, 6), tw()), ValueError, ("row shape mismatch", "teacher_hidden")),
+        (d, "weight_1d", lambda: f(h(), L(8), th(), tw()), ValueError, "student_weight"),
+        (d, "weight_empty", lambda: f(h(), L(0, 8), th(), tw()), ValueError, "student_weight"),
+        (d, "hidden_int", lambda: f(I(2, 3, 8), w(), th(), tw()), TypeError, "student_hidden"),
+        (d, "hidden_zero_dim", lambda: f(L(), w(), th(), tw()), ValueError, "student_hidden"),
+        (d, "hidden_not_tensor", lambda: f([1.0], w(), th(), tw()), TypeError, "student_hidden"),
+        (d, "float64_mixed", lambda: f(h().double(), w(), th(), tw()), TypeError, ("student_hidden", "float64")),
+        (d, "float64_pair", lambda: f(h().double(), w().double(), th(), tw()), TypeError, "teacher_hidden"),
+        (d, "bias_length", lambda: f(h(), w(), th(), tw(), student_bias=L(19)), ValueError, "student_bias"),
+        (d, "teacher_bias_2d", lambda: f(h(), w(), th(), tw(), teacher_bias=L(1, 20)), ValueError, "teacher_bias"),
+        (d, "bias_device", lambda: f(h(), w(), th(), tw(), student_bias=L(20, device="meta")), RuntimeError,
+         "student_bias"),
+        (d, "softcap_zero", lambda: f(h(), w(), th(), tw(), student_softcap=0.0), ValueError, "student_softcap"),
+        (d, "softcap_negative", lambda: f(h(), w(), th(), tw(), teacher_softcap=-3.0), ValueError, "teacher_softcap"),
+        (d, "softcap_nan", lambda: f(h(), w(), th(), tw(), student_softcap=math.nan), ValueError, "student_softcap"),
+        (d, "softcap_str", lambda: f(h(), w(), th(), tw(), student_softcap="30"), TypeError, "student_softcap"),
+        (d, "scale_inf", lambda: f(h(), w(), th(), tw(), teacher_logit_scale=math.inf), ValueError,
+         "teacher_logit_scale"),
+        (d, "scale_bool", lambda: f(h(), w(), th(), tw(), student_logit_scale=True), TypeError, "student_logit_scale"),
+        (d, "chunk_zero", lambda: f(h(), w(), th(), tw(), chunk_size=0), ValueError, "chunk_size"),
+        (d, "chunk_float", lambda: f(h(), w(), th(), tw(), chunk_size=2.0), TypeError, "chunk_size"),
+        (d, "labels_shape", lambda: f(h(), w(), th(), tw(), labels=I(2, 4)), ValueError, ("labels", "student_hidden")),
+        (d, "mask_shape", lambda: f(h(), w(), th(), tw(), mask=B(3, 2)), ValueError, "mask"),
+        (d, "weights_shape", lambda: f(h(), w(), th(), tw(), weights=L(6)), ValueError, "weights"),
+        (d, "kind", lambda: f(h(), w(), th(), tw(), kind="kl"), ValueError, "kind"),
+        (d, "beta", lambda: f(h(), w(), th(), tw(), kind="jsd", beta=2.0), ValueError, "beta"),
+        (d, "temperature", lambda: f(h(), w(), th(), tw(), temperature=0.0), ValueError, "temperature"),
+        (d, "reduction", lambda: f(h(), w(), th(), tw(), reduction="avg"), ValueError, "reduction"),
+        (d, "num_items_sum", lambda: f(h(), w(), th(), tw(), reduction="sum", num_items=4), ValueError, "num_items"),
+        (d, "num_items_zero", lambda: f(h(), w(), th(), tw(), num_items=0), ValueError, "num_items"),
+        (d, "num_items_shape", lambda: f(h(), w(), th(), tw(), num_items=L(2)), ValueError, "num_items"),
+        (d, "teacher_device", lambda: f(h(), w(), L(2, 3, 6, device="meta"), L(20, 6, device="meta")), RuntimeError,
+         ("teacher_hidden", "student_hidden")),
+        (d, "weight_device", lambda: f(h(), L(20, 8, device="meta"), th(), tw()), RuntimeError, "student_weight"),
+        ("fused_linear_logprobs", "width", lambda: lp(h(), L(20, 3), tok()), ValueError, ("hidden", "weight")),
+        ("fused_linear_logprobs", "tokens_shape", lambda: lp(h(), w(), I(3)), ValueError, "tokens"),
+        ("fused_linear_logprobs", "tokens_float", lambda: lp(h(), w(), L(2, 3)), TypeError, "tokens"),
+        ("fused_linear_logprobs", "tokens_device", lambda: lp(h(), w(), I(2, 3, device="meta")), RuntimeError,
+         "tokens"),
+        ("fused_linear_logprobs", "bias", lambda: lp(h(), w(), tok(), bias=L(21)), ValueError, "bias"),
+        ("fused_linear_logprobs", "softcap", lambda: lp(h(), w(), tok(), softcap=-1.0), ValueError, "softcap"),
+        ("fused_linear_logprobs", "temperature", lambda: lp(h(), w(), tok(), temperature=math.inf), ValueError,
+         "temperature"),
+        ("fused_linear_logprobs", "chunk", lambda: lp(h(), w(), tok(), chunk_size=-2), ValueError, "chunk_size"),
+    ]
+    return [Case(f"{fn}-{cid}", fn_, exc, words) for fn, cid, fn_, exc, words in cases]
+
+
+PUBLIC_CASES = pair_cases() + distill_loss_cases() + single_cases() + sparse_cases() + fused_linear_cases()
 
 
 @pytest.mark.parametrize("case", PUBLIC_CASES, ids=lambda c: c.id)
@@ -318,6 +377,10 @@ FAKE_IDS = [
     "sparse_distill_loss-logprobs_shape", "sparse_distill_loss-ids_empty", "sparse_distill_loss-tail",
     "sparse_distill_loss-ids_device", "sparse_distill_loss-student_int", "topk_logprobs-k0", "topk_logprobs-k_big",
     "topk_logprobs-empty_vocab", "topk_logprobs-temperature=0.0",
+    "fused_linear_distill_loss-width", "fused_linear_distill_loss-rows", "fused_linear_distill_loss-bias_length",
+    "fused_linear_distill_loss-softcap_zero", "fused_linear_distill_loss-float64_mixed",
+    "fused_linear_distill_loss-labels_shape", "fused_linear_distill_loss-teacher_device",
+    "fused_linear_logprobs-tokens_shape", "fused_linear_logprobs-width",
 ]
 _BY_ID = {c.id: c for c in PUBLIC_CASES}
 
@@ -504,6 +567,21 @@ def raw_cases():
         Case("logprobs_backward-lse_device", lambda: lb(L(3), L(3, 5), I(3), L(3, device="meta"), 1.0), RuntimeError,
              "lse"),
     ]
+    lo = ops.divergence_loss_out
+    c += [
+        Case("divergence_loss_out-grad_shape", lambda: lo(L(3, 5), L(3, 5), L(3), "tvd", 0.0, 1.0, L(3, 4)),
+             ValueError, "grad_student"),
+        Case("divergence_loss_out-grad_dtype",
+             lambda: lo(L(3, 5), L(3, 5), L(3), "tvd", 0.0, 1.0, L(3, 5, dtype=torch.float64)), TypeError,
+             "grad_student"),
+        Case("divergence_loss_out-grad_device", lambda: lo(L(3, 5), L(3, 5), L(3), "tvd", 0.0, 1.0,
+                                                          L(3, 5, device="meta")), RuntimeError, "grad_student"),
+        Case("divergence_loss_out-alias", lambda: (lambda s: lo(s, L(3, 5), L(3), "tvd", 0.0, 1.0, s))(L(3, 5)),
+             RuntimeError, ("grad_student", "share memory")),
+        Case("divergence_loss_out-vocab", lambda: lo(L(3, 5), L(3, 4), L(3), "tvd", 0.0, 1.0, L(3, 5)), ValueError,
+             "student_logits"),
+    ]
+    c += fused_linear_raw_cases()
     return c
 
 
@@ -550,6 +628,54 @@ def sparse_raw_cases():
     ]
 
 
+def fused_linear_raw_cases():
+    """The fused_linear ops' C++ checks (and their fake kernels'): h [3, 8] -> V 20, teacher [3, 6]."""
+    def pair(sh=None, sw=None, sb=None, th=None, tw=None, s_cap=None, chunk=0):
+        return (L(3, 8) if sh is None else sh, L(20, 8) if sw is None else sw, sb, L(3, 6) if th is None else th,
+                L(20, 6) if tw is None else tw, None, "jsd", 0.5, 1.0, 1.0, 1.0, s_cap, None, chunk)
+
+    loss, fwd, bwd = ops.fused_linear_divergence_loss, ops.fused_linear_divergence_forward, \
+        ops.fused_linear_divergence_backward
+    lpf, lpb = ops.fused_linear_logprobs_forward, ops.fused_linear_logprobs_backward
+    flags = (True, True, True)
+    return [
+        Case("fused_linear_divergence_loss-width", lambda: loss(*pair(sw=L(20, 7)), L(3), *flags), ValueError,
+             ("width mismatch", "student_hidden", "student_weight")),
+        Case("fused_linear_divergence_loss-bias", lambda: loss(*pair(sb=L(4)), L(3), *flags), ValueError,
+             "student_bias"),
+        Case("fused_linear_divergence_loss-rows", lambda: loss(*pair(th=L(4, 6)), L(3), *flags), ValueError,
+             ("row shape mismatch", "teacher_hidden")),
+        Case("fused_linear_divergence_loss-row_weights_device",
+             lambda: loss(*pair(), L(3, device="meta"), *flags), RuntimeError, "row_weights"),
+        Case("fused_linear_divergence_loss-softcap", lambda: loss(*pair(s_cap=0.0), L(3), *flags), ValueError,
+             "student_softcap"),
+        Case("fused_linear_divergence_forward-chunk", lambda: fwd(*pair(chunk=-1)), ValueError, "chunk_size"),
+        Case("fused_linear_divergence_forward-weight_2d", lambda: fwd(*pair(sw=L(20))), ValueError,
+             "student_weight"),
+        Case("fused_linear_divergence_forward-device", lambda: fwd(*pair(th=L(3, 6, device="meta"))), RuntimeError,
+             "teacher_hidden"),
+        Case("fused_linear_divergence_backward-grad_device",
+             lambda: bwd(L(3, device="meta"), L(3, 4), *pair(), *flags), RuntimeError, "grad_values"),
+        Case("fused_linear_divergence_backward-width", lambda: bwd(L(3), L(3, 4), *pair(tw=L(20, 2)), *flags),
+             ValueError, "teacher_weight"),
+        Case("fused_linear_logprobs_forward-tokens", lambda: lpf(L(3, 8), L(20, 8), None, I(4), 1.0, 1.0, None, 0,
+                                                                 False), ValueError, "tokens"),
+        Case("fused_linear_logprobs_forward-softcap", lambda: lpf(L(3, 8), L(20, 8), None, I(3), 1.0, 1.0, -1.0, 0,
+                                                                  False), ValueError, "softcap"),
+        Case("fused_linear_logprobs_forward-width", lambda: lpf(L(3, 8), L(20, 9), None, I(3), 1.0, 1.0, None, 0,
+                                                                False), ValueError, ("hidden", "weight")),
+        Case("fused_linear_logprobs_forward-token_range",  # on the CPU, before any work
+             lambda: lpf(L(3, 8), L(20, 8), None, torch.tensor([0, 20, 1]), 1.0, 1.0, None, 0, False), IndexError,
+             ("tokens[1] = 20", "[0, 20)")),
+        Case("fused_linear_logprobs_backward-lse_device",
+             lambda: lpb(L(3), None, L(0), L(3, device="meta"), L(3, 8), L(20, 8), None, I(3), 1.0, 1.0, None, 0,
+                         *flags), RuntimeError, "lse"),
+        Case("fused_linear_logprobs_backward-bias",
+             lambda: lpb(L(3), None, L(0), L(3), L(3, 8), L(20, 8), L(2), I(3), 1.0, 1.0, None, 0, *flags),
+             ValueError, "bias"),
+    ]
+
+
 RAW_CASES = raw_cases() + sparse_raw_cases()
 
 
@@ -564,7 +690,9 @@ RAW_FAKE_IDS = ["lse_float64-int", "lse_float64-empty_vocab", "lse_float64-tempe
                 "scale_-factor_device", "sparse_forward-tail", "sparse_forward-divergence", "sparse_forward-ids_shape",
                 "sparse_forward-logprobs_shape", "sparse_forward-temperature", "sparse_backward-tail",
                 "sparse_loss-alpha", "sparse_loss-ids_dtype", "topk_logprobs-raw_k", "topk_logprobs-raw_k_big",
-                "topk_logprobs-raw_temperature"]
+                "topk_logprobs-raw_temperature",
+                "divergence_loss_out-grad_shape", "divergence_loss_out-grad_device"] \
+    + [c.id for c in fused_linear_raw_cases() if c.exc is not IndexError]
 _RAW_BY_ID = {c.id: c for c in RAW_CASES}
 
 

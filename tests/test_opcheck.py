@@ -89,6 +89,12 @@ def case_args(name, device, dtype):
         return ops.topk_logprobs, (s(True), k, T)
     if name.startswith("sparse_"):
         return sparse_case(name, device, dtype, s)
+    if name.startswith("divergence_loss_out:"):
+        kind, param = name.split(":")[1], float(name.split(":")[2])
+        return ops.divergence_loss_out, (s(), t(), row_vector(device).abs() / 6, kind, param, T,
+                                         torch.empty(ROWS + (V,), device=device, dtype=dtype))
+    if name.startswith("fused_linear_"):
+        return fused_linear_case(name, device, dtype)
     raise KeyError(name)
 
 
@@ -120,6 +126,36 @@ def sparse_case(name, device, dtype, s):
     raise KeyError(name)
 
 
+def fused_linear_case(name, device, dtype):
+    """Heads [2, 3, H] -> V = 37: the student with a bias, a scale and a softcap, the teacher
+    narrower (V = 31) and wider in H; uneven chunks of 4 rows."""
+    gen = torch.Generator().manual_seed(5)
+    make = lambda *shape, grad=False: (torch.randn(shape, generator=gen) * 0.5).to(device=device, dtype=dtype) \
+        .requires_grad_(grad)  # noqa: E731
+    sh, sw, sb = make(*ROWS, 6, grad=True), make(V, 6, grad=True), make(V, grad=True)
+    th, tw = make(*ROWS, 9), make(31, 9)
+    pair = (sh, sw, sb, th, tw, None, "jsd", 0.3, T, 0.8, 1.0, 4.0, None, 4)
+    kind = name.split(":")[0]
+    if kind == "fused_linear_divergence_loss":
+        return ops.fused_linear_divergence_loss, pair + (row_vector(device).abs() / 6, True, True, True)
+    if kind == "fused_linear_divergence_forward":
+        return ops.fused_linear_divergence_forward, pair
+    if kind == "fused_linear_divergence_backward":
+        plain = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in pair)
+        _, stats = ops.fused_linear_divergence_forward(*plain)
+        return ops.fused_linear_divergence_backward, (row_vector(device), stats) + plain + (True, True, True)
+    tok = tokens(device)
+    entropy = name.endswith("entropy")
+    if kind == "fused_linear_logprobs_forward":
+        return ops.fused_linear_logprobs_forward, (sh, sw, sb, tok, T, 0.8, 4.0, 4, entropy)
+    if kind == "fused_linear_logprobs_backward":
+        plain = (sh.detach(), sw.detach(), sb.detach(), tok, T, 0.8, 4.0, 4)
+        _, ent, lse = ops.fused_linear_logprobs_forward(*plain, True)
+        return ops.fused_linear_logprobs_backward, (row_vector(device), row_vector(device, 3), ent, lse) + plain \
+            + (True, True, True)
+    raise KeyError(name)
+
+
 CASES = (
     [f"divergence_forward:{k}:{p}" for k, p in DIVERGENCE_CASES + JSD_ENDPOINTS]
     + ["divergence_backward:both", "divergence_backward:student", "divergence_backward:teacher"]
@@ -133,6 +169,9 @@ CASES = (
     + ["sparse_forward:bucket:jsd:0.3", "sparse_forward:bucket:forward_kl:0.0",
        "sparse_forward:renormalize:reverse_kl:0.0", "sparse_backward:bucket", "sparse_backward:renormalize",
        "sparse_loss:bucket:forward_kl", "sparse_loss:renormalize:tvd"]
+    + ["divergence_loss_out:reverse_kl:0.0", "divergence_loss_out:jsd:0.5"]
+    + ["fused_linear_divergence_loss", "fused_linear_divergence_forward", "fused_linear_divergence_backward",
+       "fused_linear_logprobs_forward:plain", "fused_linear_logprobs_forward:entropy", "fused_linear_logprobs_backward"]
 )
 
 # opcheck's AOT-dispatch check sums every output into an accumulator that starts as the first

@@ -1,6 +1,6 @@
 // CPU kernels of the divergence family: divergence_forward, divergence_backward,
-// divergence_loss (the fused loss + student gradient) and divergence_partial
-// (a vocab shard's sums).
+// divergence_loss and divergence_loss_out (the fused loss + student gradient,
+// into a new or the caller's buffer) and divergence_partial (a vocab shard's sums).
 //
 // Rows are split across threads; each row is streamed in chunks (cpu/vec.h)
 // and reduced with SIMD lanes. Reverse KL takes one pass per row (the online
@@ -307,10 +307,10 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
   return a.outputs(student, teacher);
 }
 
-std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const at::Tensor& row_weights, c10::string_view name,
-                                                   double param, double temperature) {
-  DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_output);
+// The fused loss on prepared arguments: writes the gradient into a.grad and
+// returns the loss.
+at::Tensor run_divergence_loss(const DivergenceLossArgs& a, const at::Tensor& student, double param,
+                               double temperature) {
   const PairInput& in = a.in;
   const at::Tensor& grad = a.grad;
   const auto acc = acc_dtype(student);
@@ -350,8 +350,21 @@ std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, co
     });
   });
   // Summed in row order in double, so the loss does not depend on the thread count.
-  at::Tensor loss = row_loss.to(at::kDouble).sum().to(acc);
-  return {loss, grad.view(student.sizes())};
+  return row_loss.to(at::kDouble).sum().to(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const at::Tensor& row_weights, c10::string_view name,
+                                                   double param, double temperature) {
+  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_output);
+  at::Tensor loss = run_divergence_loss(a, student, param, temperature);
+  return {loss, a.grad.view(student.sizes())};
+}
+
+at::Tensor divergence_loss_out(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights,
+                               c10::string_view name, double param, double temperature, at::Tensor& grad_student) {
+  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, grad_student);
+  return run_divergence_loss(a, student, param, temperature);
 }
 
 at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse,
@@ -392,6 +405,7 @@ TORCH_LIBRARY_IMPL(kdext, CPU, m) {
   register_kernels(m, {.divergence_forward = &divergence_forward,
                        .divergence_backward = &divergence_backward,
                        .divergence_loss = &divergence_loss,
+                       .divergence_loss_out = &divergence_loss_out,
                        .divergence_partial = &divergence_partial});
 }
 

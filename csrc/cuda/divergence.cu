@@ -1,5 +1,6 @@
 // CUDA adapters of the divergence family: divergence_forward,
-// divergence_backward, divergence_loss and divergence_partial.
+// divergence_backward, divergence_loss, divergence_loss_out and
+// divergence_partial.
 //
 // Each adapter checks its inputs (csrc/divergence_args.h, the same words as the
 // CPU kernels) and runs a framework-free launcher of
@@ -48,14 +49,28 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
   return a.outputs(student, teacher);
 }
 
-std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const at::Tensor& row_weights, c10::string_view name,
-                                                   double param, double temperature) {
-  DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_device_output);
+// The fused loss on prepared arguments: writes the gradient into a.grad and
+// returns the loss (a device scalar; no host synchronisation).
+at::Tensor run_divergence_loss(const DivergenceLossArgs& a, const at::Tensor& student, double param,
+                               double temperature) {
   at::Tensor loss = at::empty({}, student.options().dtype(acc_dtype(student)));
   run_launcher(student.device(), kdext::cuda::divergence_loss, pair_tensors(a.in), a.in.kind, param, temperature,
                a.row_weights.const_data_ptr(), loss.data_ptr(), a.grad.data_ptr());
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const at::Tensor& row_weights, c10::string_view name,
+                                                   double param, double temperature) {
+  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_device_output);
+  at::Tensor loss = run_divergence_loss(a, student, param, temperature);
   return {loss, a.grad.view(student.sizes())};
+}
+
+at::Tensor divergence_loss_out(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights,
+                               c10::string_view name, double param, double temperature, at::Tensor& grad_student) {
+  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, grad_student);
+  return run_divergence_loss(a, student, param, temperature);
 }
 
 at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse,
@@ -73,6 +88,7 @@ TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
   register_kernels(m, {.divergence_forward = &divergence_forward,
                        .divergence_backward = &divergence_backward,
                        .divergence_loss = &divergence_loss,
+                       .divergence_loss_out = &divergence_loss_out,
                        .divergence_partial = &divergence_partial});
 }
 
