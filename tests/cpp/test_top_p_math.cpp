@@ -18,8 +18,8 @@
 #include <random>
 #include <vector>
 
-#include "kdext/philox.h"
 #include "check.h"
+#include "kdext/philox.h"
 #include "kdext/top_p.h"
 
 namespace {
