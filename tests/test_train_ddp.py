@@ -62,12 +62,7 @@ def two_process_runs(tiny, tmp_path_factory):
     """Every case on 2 Gloo processes (batch 2 each), in one torchrun launch."""
     root = tmp_path_factory.mktemp("ddp")
     runs = [args(tiny, root / case, case, 2) for case in CASES]
-    spec = root / "runs.json"
-    spec.write_text(json.dumps(runs))
-    driver = os.path.join(os.path.dirname(__file__), "train_fixtures", "ddp_runs.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, str(spec)]
-    r = subprocess.run(cmd, env=fixtures.subprocess_env(), capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    fixtures.launch_runs(root, runs)
     return root
 
 

@@ -54,12 +54,7 @@ def two_process_runs(tiny, tmp_path_factory):
     runs = [args(tiny, root / case, case, "--batch-size", "4", "--fsdp") for case in CASES]
     runs.append(args(tiny, root / "kd-resumed", "kd", "--batch-size", "4", "--fsdp", "--stop-after", "2"))
     runs.append(args(tiny, root / "kd-resumed", "kd", "--batch-size", "4", "--fsdp", "--resume"))
-    spec = root / "runs.json"
-    spec.write_text(json.dumps(runs))
-    driver = os.path.join(os.path.dirname(__file__), "train_fixtures", "ddp_runs.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, str(spec)]
-    r = subprocess.run(cmd, env=fixtures.subprocess_env(), capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
+    fixtures.launch_runs(root, runs)
     return root
 
 

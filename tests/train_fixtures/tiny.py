@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +90,17 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = repo_root() + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def launch_runs(root, runs) -> None:
+    """Trains each ``kdext distill`` argument list of ``runs`` on 2 Gloo processes, one after
+    another in one torchrun launch (train_fixtures/ddp_runs.py); the spec is kept in ``root``."""
+    spec = root / "runs.json"
+    spec.write_text(json.dumps(runs))
+    driver = os.path.join(os.path.dirname(__file__), "ddp_runs.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, str(spec)]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def one_thread():
