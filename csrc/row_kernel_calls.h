@@ -1,0 +1,85 @@
+// kdext's own row kernels, called through the dispatcher (so that each
+// backend runs its own kernel, and torch.compile traces them as kdext ops):
+// the calls that the C++ autograd (autograd.cpp) and the fused LM-head driver
+// (fused_linear.cpp) build on. The schemas are in csrc/ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+
+namespace kdext::row_kernels {
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+inline TensorPair divergence_forward(const at::Tensor& s, const at::Tensor& t, c10::string_view name, double param,
+                                     double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::divergence_forward", "")
+                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
+  return op.call(s, t, name, param, temperature);
+}
+
+inline TensorPair divergence_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
+                                      const at::Tensor& stats, c10::string_view name, double param,
+                                      double temperature, bool student_grad, bool teacher_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kdext::divergence_backward", "")
+          .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            c10::string_view, double, double, bool, bool)>();
+  return op.call(grad, s, t, stats, name, param, temperature, student_grad, teacher_grad);
+}
+
+inline at::Tensor divergence_loss_out(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w,
+                                      c10::string_view name, double param, double temperature, at::Tensor& grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::divergence_loss_out", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               c10::string_view, double, double, at::Tensor&)>();
+  return op.call(s, t, w, name, param, temperature, grad);
+}
+
+inline TensorPair entropy_forward(const at::Tensor& logits, double temperature) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("kdext::entropy_forward", "")
+          .typed<TensorPair(const at::Tensor&, double, const std::optional<at::Tensor>&)>();
+  return op.call(logits, temperature, std::nullopt);
+}
+
+inline at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
+                                   const at::Tensor& lse, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::entropy_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, double)>();
+  return op.call(grad, logits, entropy, lse, temperature);
+}
+
+inline TensorPair logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::logprobs_forward", "")
+                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(logits, tokens, temperature);
+}
+
+inline at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
+                                    const at::Tensor& lse, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::logprobs_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, double)>();
+  return op.call(grad, logits, tokens, lse, temperature);
+}
+
+inline at::Tensor lse_float64(const at::Tensor& logits, double temperature) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("kdext::lse_float64", "")
+                             .typed<at::Tensor(const at::Tensor&, double)>();
+  return op.call(logits, temperature);
+}
+
+}  // namespace kdext::row_kernels
