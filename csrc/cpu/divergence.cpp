@@ -24,9 +24,6 @@ namespace cpu {
 namespace {
 
 template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-template <typename acc_t>
 struct Buffers {
   alignas(64) acc_t s[kChunk];
   alignas(64) acc_t t[kChunk];

@@ -20,9 +20,6 @@ namespace kdext {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
 template <typename F>
 void for_each_chunk(int64_t V, F&& f) {
   for (int64_t b = 0; b < V; b += kChunk) f(b, std::min<int64_t>(kChunk, V - b));
