@@ -103,6 +103,16 @@ def launch_runs(root, runs) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def assert_reports_lost_peer(proc, err: str) -> None:
+    """The surviving process of a run whose peer died or hung: the CLI's error exit and one line
+    that says so, no traceback."""
+    from kdext.train import cli
+
+    assert proc.returncode == cli.EXIT_ERROR, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "another process of the run died or did not answer within --collective-timeout" in err
+
+
 def one_thread():
     """A fixture body: these models are tiny, so intra-op threads only add synchronisation
     (and, on a busy machine, spinning); run the trainer tests single-threaded, then restore."""
