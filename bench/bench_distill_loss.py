@@ -10,6 +10,7 @@ Providers, side by side in one run:
     python bench/bench_distill_loss.py --rows 2048 --vocab 32000 --csv bench/results/distill_loss_cpu.csv
 """
 
+import argparse
 import json
 import os
 import sys
@@ -109,7 +110,7 @@ def main():
         p.add_argument("--vocab", type=int, default=32000)
         p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
         p.add_argument("--kind", default="reverse_kl", choices=["reverse_kl", "forward_kl"])
-        p.add_argument("--memory-only", default=None, help=argparse_hidden())
+        p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)
 
     args = common.parse_args(__doc__.splitlines()[0], extra)
     if args.memory_only:
@@ -133,15 +134,7 @@ def main():
                "kdext_speedup"]
     title = (f"distill_loss {args.kind} [{args.rows}, {args.vocab}] {args.dtype} on {common.machine_description(args.device)}"
              " (kdext_speedup = provider time / kdext time, fwd+bwd)")
-    common.print_table(title, rows, columns)
-    if args.csv:
-        common.write_csv(args.csv, rows, columns, common.command_line(), args.device)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    common.report(title, rows, columns, args)
 
 
 if __name__ == "__main__":

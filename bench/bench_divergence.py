@@ -74,11 +74,9 @@ def main():
             r["kdext_speedup"] = r["fwd_bwd_s"] / results["kdext"]["fwd_bwd_s"]
             rows.append(r)
     columns = ["kind", "provider", "forward_s", "backward_s", "fwd_bwd_s", "forward_GBps", "kdext_speedup"]
-    common.print_table(
+    common.report(
         f"per-row divergences [{args.rows}, {args.vocab}] fp32, gradients for both inputs, on "
-        f"{common.machine_description(args.device)} (kdext_speedup = provider / kdext, fwd+bwd)", rows, columns)
-    if args.csv:
-        common.write_csv(args.csv, rows, columns, common.command_line(), args.device)
+        f"{common.machine_description(args.device)} (kdext_speedup = provider / kdext, fwd+bwd)", rows, columns, args)
 
 
 if __name__ == "__main__":

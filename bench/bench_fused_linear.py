@@ -28,6 +28,7 @@ difference from kdext_fused's.
         --teacher-hidden 4096 --vocab 128256 --memory-rows 8192
 """
 
+import argparse
 import json
 import math
 import os
@@ -225,8 +226,8 @@ def main():
         p.add_argument("--chunk-size", type=int, default=None, help="kdext_fused's chunk_size (default: budget)")
         p.add_argument("--no-trl", action="store_true")
         p.add_argument("--no-eager", action="store_true", help="skip eager and compile")
-        p.add_argument("--memory-only", default=None, help=argparse_hidden())
-        p.add_argument("--memory-only-rows", type=int, default=None, help=argparse_hidden())
+        p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--memory-only-rows", type=int, default=None, help=argparse.SUPPRESS)
 
     args = common.parse_args(__doc__.splitlines()[0], extra)
     if args.memory_only:
@@ -272,15 +273,7 @@ def main():
              f"V = {args.vocab}, {args.dtype}, on {common.machine_description(args.device)}; medians of {args.reps} "
              "(min_s: the fastest); time_vs_* = the provider's time / kdext_fused's (or the four GEMMs'); "
              "peak_MB: beyond the inputs and gradients")
-    common.print_table(title, table, columns)
-    if args.csv:
-        common.write_csv(args.csv, table, columns, common.command_line(), args.device)
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
+    common.report(title, table, columns, args)
 
 
 if __name__ == "__main__":

@@ -116,36 +116,31 @@ def _gather_full(x, sizes, group=None):
     return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1), padded.numel() * padded.element_size()
 
 
-def _run_kdext(op, s, t, tokens, labels):
-    import kdext.parallel as P
-
+def _run(module, op, s, t, tokens, labels):
+    """One call of ``op`` from ``module``: kdext.parallel (on the shards) or kdext (on the full rows)."""
     if op == "distill_loss":
-        return P.distill_loss(s, t, kind="reverse_kl", labels=labels)
+        return module.distill_loss(s, t, kind="reverse_kl", labels=labels)
     if op == "jsd":
-        return P.jsd(s, t, beta=0.5)
+        return module.jsd(s, t, beta=0.5)
     if op in PAIR_OPS:
-        return getattr(P, op)(s, t)
+        return getattr(module, op)(s, t)
     if op == "logprobs":
-        return P.logprobs(s, tokens)
+        return module.logprobs(s, tokens)
     if op == "top_p_sample":
-        return P.top_p_sample(s, **SAMPLE_ARGS).tokens
-    return getattr(P, op)(s)
+        return module.top_p_sample(s, **SAMPLE_ARGS).tokens
+    return getattr(module, op)(s)
+
+
+def _run_kdext(op, s, t, tokens, labels):
+    import kdext.parallel
+
+    return _run(kdext.parallel, op, s, t, tokens, labels)
 
 
 def _run_single(op, s, t, tokens, labels):
     import kdext
 
-    if op == "distill_loss":
-        return kdext.distill_loss(s, t, kind="reverse_kl", labels=labels)
-    if op == "jsd":
-        return kdext.jsd(s, t, beta=0.5)
-    if op in PAIR_OPS:
-        return getattr(kdext, op)(s, t)
-    if op == "logprobs":
-        return kdext.logprobs(s, tokens)
-    if op == "top_p_sample":
-        return kdext.top_p_sample(s, **SAMPLE_ARGS).tokens
-    return getattr(kdext, op)(s)
+    return _run(kdext, op, s, t, tokens, labels)
 
 
 def _worker(rank, world, init_file, args, out_path):

@@ -54,10 +54,8 @@ def main(default_ops="softmax,log_softmax,entropy", doc=__doc__):
             r["kdext_speedup"] = r["fwd_bwd_s"] / results["kdext"]["fwd_bwd_s"]
             rows.append(r)
     columns = ["op", "provider", "forward_s", "backward_s", "fwd_bwd_s", "kdext_speedup"]
-    common.print_table(f"{args.ops} [{args.rows}, {args.vocab}] fp32, T={T}, on "
-                       f"{common.machine_description(args.device)}", rows, columns)
-    if args.csv:
-        common.write_csv(args.csv, rows, columns, common.command_line(), args.device)
+    common.report(f"{args.ops} [{args.rows}, {args.vocab}] fp32, T={T}, on "
+                       f"{common.machine_description(args.device)}", rows, columns, args)
 
 
 if __name__ == "__main__":

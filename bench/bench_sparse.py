@@ -165,9 +165,7 @@ def main():
                "peak_mem_x_grad_buffer", "kdext_speedup"]
     title = (f"sparse [{args.rows}, {args.vocab}], {args.reps} rounds, on {common.machine_description(args.device)} "
              "(topk: kdext_speedup = provider / kdext; loss: dense / provider, fwd+bwd)")
-    common.print_table(title, rows, columns)
-    if args.csv:
-        common.write_csv(args.csv, rows, columns, common.command_line(), args.device)
+    common.report(title, rows, columns, args)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,13 @@ def write_csv(path, rows, columns, command, device):
             w.writerow({c: fmt(r.get(c)) for c in columns})
 
 
+def report(title, rows, columns, args, device=None):
+    """The benchmark's table on stdout, and as CSV where ``--csv`` asks for it."""
+    print_table(title, rows, columns)
+    if args.csv:
+        write_csv(args.csv, rows, columns, command_line(), device or args.device)
+
+
 def command_line():
     return "python " + " ".join(sys.argv)
 

@@ -20,7 +20,6 @@
 // their fake kernels (kdext/<stem>.py).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -28,73 +27,15 @@
 #include <string>
 #include <tuple>
 
+#include "row_kernel_calls.h"
+
 namespace kdext {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-// The kernels, through the dispatcher.
-
-TensorPair divergence_forward(const at::Tensor& s, const at::Tensor& t, const std::string& name, double param,
-                              double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::divergence_forward", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
-  return op.call(s, t, name, param, temperature);
-}
-
-TensorPair divergence_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
-                               const at::Tensor& stats, const std::string& name, double param, double temperature,
-                               bool student_grad, bool teacher_grad) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kdext::divergence_backward", "")
-          .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            c10::string_view, double, double, bool, bool)>();
-  return op.call(grad, s, t, stats, name, param, temperature, student_grad, teacher_grad);
-}
-
-TensorPair entropy_forward(const at::Tensor& logits, double temperature) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kdext::entropy_forward", "")
-          .typed<TensorPair(const at::Tensor&, double, const std::optional<at::Tensor>&)>();
-  return op.call(logits, temperature, std::nullopt);
-}
-
-at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
-                            const at::Tensor& lse, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::entropy_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, double)>();
-  return op.call(grad, logits, entropy, lse, temperature);
-}
-
-TensorPair logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::logprobs_forward", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(logits, tokens, temperature);
-}
-
-at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
-                             const at::Tensor& lse, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::logprobs_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, double)>();
-  return op.call(grad, logits, tokens, lse, temperature);
-}
-
-at::Tensor lse_float64_kernel(const at::Tensor& logits, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::lse_float64", "")
-                             .typed<at::Tensor(const at::Tensor&, double)>();
-  return op.call(logits, temperature);
-}
+using namespace row_kernels;  // the kernels, through the dispatcher
 
 // The autograd Functions. Their forward runs with grad mode off; each saves
 // what its backward kernel takes.
@@ -208,7 +149,7 @@ at::Tensor logprobs_autograd(const at::Tensor& logits, const at::Tensor& tokens,
 
 at::Tensor lse_float64_without_grad(const at::Tensor& logits, double temperature) {
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return lse_float64_kernel(logits, temperature);
+  return lse_float64(logits, temperature);
 }
 
 }  // namespace

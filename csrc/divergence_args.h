@@ -188,6 +188,26 @@ struct DivergencePartialArgs {
   }
 };
 
+// divergence_loss (the gradient in a new tensor, from the backend's allocator) and
+// divergence_loss_out (into the caller's) of a backend, around its Run: the fused loss
+// on prepared arguments, which writes the gradient into a.grad and returns the loss.
+template <at::Tensor (*Run)(const DivergenceLossArgs&, const at::Tensor&, double, double), OutputAllocator Alloc>
+struct DivergenceLossAdapters {
+  static std::tuple<at::Tensor, at::Tensor> loss(const at::Tensor& student, const at::Tensor& teacher,
+                                                 const at::Tensor& row_weights, c10::string_view name, double param,
+                                                 double temperature) {
+    const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, Alloc);
+    at::Tensor loss = Run(a, student, param, temperature);
+    return {loss, a.grad.view(student.sizes())};
+  }
+
+  static at::Tensor loss_out(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights,
+                             c10::string_view name, double param, double temperature, at::Tensor& grad_student) {
+    const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, grad_student);
+    return Run(a, student, param, temperature);
+  }
+};
+
 // The family's kernels, which each backend implements and registers through
 // register_kernels: both register the same ops, under the schema names of
 // csrc/ops.cpp, with the same signatures.
@@ -214,3 +234,12 @@ inline void register_kernels(torch::Library& m, const DivergenceKernels& k) {
 }
 
 }  // namespace kdext
+
+// The divergence kernels of the backend file that expands it: both backends' adapters
+// (csrc/cpu/divergence.cpp, csrc/cuda/divergence.cu) carry the ops' names, so one list serves both.
+#define KDEXT_DIVERGENCE_KERNELS                                                             \
+  ::kdext::DivergenceKernels {                                                               \
+    .divergence_forward = &divergence_forward, .divergence_backward = &divergence_backward,  \
+    .divergence_loss = &divergence_loss, .divergence_loss_out = &divergence_loss_out,        \
+    .divergence_partial = &divergence_partial                                                \
+  }

@@ -18,7 +18,6 @@
 // scalar). See docs/DESIGN.md §2.11 for the contract.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -29,73 +28,13 @@
 
 #include "cpu/buffer_pool.h"
 #include "fused_linear_args.h"
+#include "row_kernel_calls.h"
 
 namespace kdext {
 namespace {
 
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-// ---- kdext's row kernels, through the dispatcher -----------------------------
-
-at::Tensor divergence_loss_out(const at::Tensor& s, const at::Tensor& t, const at::Tensor& w, c10::string_view name,
-                               double param, double temperature, at::Tensor& grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::divergence_loss_out", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               c10::string_view, double, double, at::Tensor&)>();
-  return op.call(s, t, w, name, param, temperature, grad);
-}
-
-TensorPair divergence_forward(const at::Tensor& s, const at::Tensor& t, c10::string_view name, double param,
-                              double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::divergence_forward", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, c10::string_view, double, double)>();
-  return op.call(s, t, name, param, temperature);
-}
-
-TensorPair divergence_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& t,
-                               const at::Tensor& stats, c10::string_view name, double param, double temperature) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kdext::divergence_backward", "")
-          .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            c10::string_view, double, double, bool, bool)>();
-  return op.call(grad, s, t, stats, name, param, temperature, true, false);
-}
-
-TensorPair logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::logprobs_forward", "")
-                             .typed<TensorPair(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(logits, tokens, temperature);
-}
-
-at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
-                             const at::Tensor& lse, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::logprobs_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, double)>();
-  return op.call(grad, logits, tokens, lse, temperature);
-}
-
-TensorPair entropy_forward(const at::Tensor& logits, double temperature) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("kdext::entropy_forward", "")
-          .typed<TensorPair(const at::Tensor&, double, const std::optional<at::Tensor>&)>();
-  return op.call(logits, temperature, std::nullopt);
-}
-
-at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
-                            const at::Tensor& lse, double temperature) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("kdext::entropy_backward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, double)>();
-  return op.call(grad, logits, entropy, lse, temperature);
-}
+using namespace row_kernels;  // kdext's row kernels, through the dispatcher
 
 // ---- buffers -------------------------------------------------------------------
 
@@ -392,7 +331,8 @@ Grads3 fused_linear_divergence_backward(const at::Tensor& grad_values, const at:
     for_each_chunk(args.rows(), d.chunk, [&](int64_t a, int64_t c) {
       auto [s, t] = d.project(a, c);
       const at::Tensor gvc = gv.narrow(0, a, c);
-      const at::Tensor g = std::get<0>(divergence_backward(gvc, s, t, st.narrow(0, a, c), name, param, temperature));
+      const at::Tensor g = std::get<0>(divergence_backward(gvc, s, t, st.narrow(0, a, c), name, param, temperature,
+                                                            /*student_grad=*/true, /*teacher_grad=*/false));
       d.backward(a, c, s, g, grads, gvc != 0);
     });
   }

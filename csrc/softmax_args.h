@@ -136,3 +136,13 @@ inline void register_kernels(torch::Library& m, const SoftmaxKernels& k) {
 }
 
 }  // namespace kdext
+
+// The softmax kernels of the backend file that expands it: both backends' adapters
+// (csrc/cpu/softmax.cpp, csrc/cuda/softmax.cu) carry the ops' names, so one list serves both.
+#define KDEXT_SOFTMAX_KERNELS                                          \
+  ::kdext::SoftmaxKernels {                                            \
+    .softmax = &softmax, .log_softmax = &log_softmax,                  \
+    .softmax_backward = &softmax_backward, .logsumexp = &logsumexp,    \
+    .lse_float64 = &lse_float64, .entropy_forward = &entropy_forward,  \
+    .entropy_backward = &entropy_backward                              \
+  }

@@ -203,3 +203,11 @@ inline void register_kernels(torch::Library& m, const SparseKernels& k) {
 }
 
 }  // namespace kdext
+
+// The sparse kernels of the backend file that expands it: both backends' adapters
+// (csrc/cpu/sparse.cpp, csrc/cuda/sparse.cu) carry the ops' names, so one list serves both.
+#define KDEXT_SPARSE_KERNELS                                             \
+  ::kdext::SparseKernels {                                               \
+    .topk_logprobs = &topk_logprobs, .sparse_forward = &sparse_forward,  \
+    .sparse_backward = &sparse_backward, .sparse_loss = &sparse_loss     \
+  }

@@ -245,6 +245,22 @@ def assert_within(got, want, bound, what=""):
         )
 
 
+def logit_draws(vocabs, min_dims=0, scales=(0.1, 1.0, 4.0, 30.0)):
+    """The hypothesis draws of the per-row property tests, for ``@given(**logit_draws(...))``:
+    a seed, a leading shape of ``min_dims``-3 dims of 1-4 rows, a vocabulary, a temperature,
+    a logit scale and the fraction of -inf entries (the arguments of :func:`random_logits`)."""
+    from hypothesis import strategies as st  # only the tests draw: bench/ and tools/ import this module too
+
+    return dict(
+        seed=st.integers(0, 2**31 - 1),
+        rows=st.lists(st.integers(1, 4), min_size=min_dims, max_size=3),
+        vocab=st.sampled_from(vocabs),
+        temperature=st.sampled_from([0.5, 1.0, 2.3]),
+        scale=st.sampled_from(scales),
+        mask_frac=st.sampled_from([0.0, 0.3]),
+    )
+
+
 def random_logits(gen, shape, dtype, scale=1.0, mask_frac=0.0, device="cpu"):
     """Normal logits times `scale` in `dtype`; a fraction `mask_frac` set to -inf,
     keeping entry 0 of every row finite (every row has a distribution)."""

@@ -111,15 +111,7 @@ def check_against_reference(name, x, temperature, seed=0):
 
 
 @pytest.mark.parametrize("name", OPS)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    rows=st.lists(st.integers(1, 4), min_size=0, max_size=3),
-    vocab=st.sampled_from(VOCABS),
-    dtype=st.sampled_from(DTYPES),
-    temperature=st.sampled_from([0.5, 1.0, 2.3]),
-    scale=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
-    mask_frac=st.sampled_from([0.0, 0.3]),
-)
+@given(**R.logit_draws(VOCABS), dtype=st.sampled_from(DTYPES))
 def test_matches_float64_reference(name, seed, rows, vocab, dtype, temperature, scale, mask_frac):
     gen = torch.Generator().manual_seed(seed)
     x = R.random_logits(gen, tuple(rows) + (vocab,), dtype, scale, mask_frac)
@@ -386,15 +378,7 @@ def test_plus_inf_logit_poisons_only_its_row(name):
 ops = torch.ops.kdext
 
 
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    rows=st.lists(st.integers(1, 4), min_size=0, max_size=3),
-    vocab=st.sampled_from(VOCABS),
-    dtype=st.sampled_from(DTYPES),
-    temperature=st.sampled_from([0.5, 1.0, 2.3]),
-    scale=st.sampled_from([0.1, 1.0, 4.0, 30.0]),
-    mask_frac=st.sampled_from([0.0, 0.3]),
-)
+@given(**R.logit_draws(VOCABS), dtype=st.sampled_from(DTYPES))
 def test_lse_float64_matches_float64_reference(seed, rows, vocab, dtype, temperature, scale, mask_frac):
     """The lse of the same rounded inputs, within the float32 accumulation error
     (float64 for float64 logits): log_domain_atol, as for logsumexp."""

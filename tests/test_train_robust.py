@@ -32,6 +32,7 @@ from kdext.train.resume import check_resume
 
 from train_fixtures import tiny as fixtures
 from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
+from train_fixtures.wrapped_file import WrappedFile
 
 
 def distill(tiny, out, method="kd", *extra, teacher="gpt2_teacher", student="llama_student", data=None):
@@ -342,25 +343,13 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tiny, tmp_path, refere
     same_as(reference, tmp_path)
 
 
-class _HalfWrite:
+class _HalfWrite(WrappedFile):
     """A file whose next write stores half its bytes, then fails with ENOSPC."""
-
-    def __init__(self, f):
-        self.f = f
 
     def write(self, b):
         self.f.write(b[: len(b) // 2])
         self.f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def test_full_disk_writing_metrics_leaves_whole_lines(tiny, tmp_path, monkeypatch, capsys):

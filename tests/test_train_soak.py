@@ -25,6 +25,7 @@ from kdext.train.data import write_jsonl
 
 from train_fixtures import tiny as fixtures
 from train_fixtures.tiny import tiny  # noqa: F401  (a fixture)
+from train_fixtures.wrapped_file import WrappedFile
 
 STEPS = 200
 KILLS = 10
@@ -48,22 +49,10 @@ def _child(args, slow_writes):
 
         real = storage.open_for_write
 
-        class Slow:
-            def __init__(self, f):
-                self.f = f
-
+        class Slow(WrappedFile):
             def write(self, b):
                 time.sleep(0.002)
                 return self.f.write(b)
-
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
 
         def slow(path, mode="wb"):
             f = real(path, mode)

@@ -17,16 +17,6 @@ namespace kdext {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-template <typename acc_t>
-acc_t load_one(const void* row, c10::ScalarType dtype, int64_t i) {
-  alignas(64) acc_t v[Vec<acc_t>::size()];  // load_chunk pads to a whole vector
-  load_chunk(row, dtype, i, 1, acc_t(1), v);
-  return v[0];
-}
-
 std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens,
                                                     double temperature) {
   LogprobsForwardArgs a(logits, tokens, temperature);
@@ -49,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, co
         l[r] = log_sum_exp(st);
         // (x/T - max) - log Z: exact in the difference, unlike x/T - lse for large logits.
         const acc_t logz = st.max == -std::numeric_limits<acc_t>::infinity() ? st.max : MathOps<acc_t>::log(st.sum);
-        o[r] = (load_one<acc_t>(row, x.scalar_type(), tp[r]) * inv_t - st.max) - logz;
+        o[r] = (load_value<acc_t>(row, x.scalar_type(), tp[r]) * inv_t - st.max) - logz;
       }
     });
   });

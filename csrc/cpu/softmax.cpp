@@ -20,9 +20,6 @@ namespace kdext {
 namespace cpu {
 namespace {
 
-template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
 template <typename F>
 void for_each_chunk(int64_t V, F&& f) {
   for (int64_t b = 0; b < V; b += kChunk) f(b, std::min<int64_t>(kChunk, V - b));
@@ -264,13 +261,7 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  register_kernels(m, {.softmax = &softmax,
-                       .log_softmax = &log_softmax,
-                       .softmax_backward = &softmax_backward,
-                       .logsumexp = &logsumexp,
-                       .lse_float64 = &lse_float64,
-                       .entropy_forward = &entropy_forward,
-                       .entropy_backward = &entropy_backward});
+  register_kernels(m, KDEXT_SOFTMAX_KERNELS);
 }
 
 }  // namespace cpu

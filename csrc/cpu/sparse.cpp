@@ -41,21 +41,6 @@ namespace cpu {
 namespace {
 
 template <typename acc_t>
-using Vec = at::vec::Vectorized<acc_t>;
-
-// Entry i of a row, as acc_t, unscaled (the conversion of load_chunk).
-template <typename acc_t>
-acc_t load_value(const void* row, c10::ScalarType dtype, int64_t i) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return static_cast<acc_t>(static_cast<const float*>(row)[i]);
-    case c10::ScalarType::Double: return static_cast<acc_t>(static_cast<const double*>(row)[i]);
-    case c10::ScalarType::BFloat16: return static_cast<acc_t>(static_cast<const c10::BFloat16*>(row)[i]);
-    case c10::ScalarType::Half: return static_cast<acc_t>(static_cast<const c10::Half*>(row)[i]);
-    default: return acc_t(0);  // unreachable: dtypes are checked by the adapters
-  }
-}
-
-template <typename acc_t>
 void fill_row(void* row, c10::ScalarType dtype, int64_t V, acc_t value, acc_t* buf) {
   std::fill(buf, buf + kChunk, value);
   for (int64_t b = 0; b < V; b += kChunk) store_chunk(buf, std::min<int64_t>(kChunk, V - b), dtype, row, b);
@@ -551,10 +536,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_loss(const at::Tensor& student, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CPU, m) {
-  register_kernels(m, {.topk_logprobs = &topk_logprobs,
-                       .sparse_forward = &sparse_forward,
-                       .sparse_backward = &sparse_backward,
-                       .sparse_loss = &sparse_loss});
+  register_kernels(m, KDEXT_SPARSE_KERNELS);
 }
 
 }  // namespace cpu

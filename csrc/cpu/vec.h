@@ -127,6 +127,22 @@ namespace cpu {
 
 constexpr int64_t kChunk = 512;
 
+// The SIMD lanes of the accumulation type.
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// Entry i of a row, as acc_t, unscaled (the conversion of load_chunk).
+template <typename acc_t>
+acc_t load_value(const void* row, c10::ScalarType dtype, int64_t i) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return static_cast<acc_t>(static_cast<const float*>(row)[i]);
+    case c10::ScalarType::Double: return static_cast<acc_t>(static_cast<const double*>(row)[i]);
+    case c10::ScalarType::BFloat16: return static_cast<acc_t>(static_cast<const c10::BFloat16*>(row)[i]);
+    case c10::ScalarType::Half: return static_cast<acc_t>(static_cast<const c10::Half*>(row)[i]);
+    default: return acc_t(0);  // unreachable: dtypes are checked by the adapters
+  }
+}
+
 template <typename acc_t, typename src_t>
 inline void convert_scaled(const src_t* p, int64_t n, acc_t scale, acc_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(p[i]) * scale;

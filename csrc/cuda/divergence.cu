@@ -59,19 +59,9 @@ at::Tensor run_divergence_loss(const DivergenceLossArgs& a, const at::Tensor& st
   return loss;
 }
 
-std::tuple<at::Tensor, at::Tensor> divergence_loss(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const at::Tensor& row_weights, c10::string_view name,
-                                                   double param, double temperature) {
-  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, &empty_device_output);
-  at::Tensor loss = run_divergence_loss(a, student, param, temperature);
-  return {loss, a.grad.view(student.sizes())};
-}
-
-at::Tensor divergence_loss_out(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weights,
-                               c10::string_view name, double param, double temperature, at::Tensor& grad_student) {
-  const DivergenceLossArgs a(student, teacher, row_weights, name, param, temperature, grad_student);
-  return run_divergence_loss(a, student, param, temperature);
-}
+using LossAdapters = DivergenceLossAdapters<&run_divergence_loss, &empty_device_output>;
+constexpr auto& divergence_loss = LossAdapters::loss;
+constexpr auto& divergence_loss_out = LossAdapters::loss_out;
 
 at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_lse,
                               const at::Tensor& teacher_lse, c10::string_view name, double param,
@@ -85,11 +75,7 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  register_kernels(m, {.divergence_forward = &divergence_forward,
-                       .divergence_backward = &divergence_backward,
-                       .divergence_loss = &divergence_loss,
-                       .divergence_loss_out = &divergence_loss_out,
-                       .divergence_partial = &divergence_partial});
+  register_kernels(m, KDEXT_DIVERGENCE_KERNELS);
 }
 
 }  // namespace cuda_adapter

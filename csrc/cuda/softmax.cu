@@ -74,13 +74,7 @@ at::Tensor entropy_backward(const at::Tensor& grad, const at::Tensor& logits, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  register_kernels(m, {.softmax = &softmax,
-                       .log_softmax = &log_softmax,
-                       .softmax_backward = &softmax_backward,
-                       .logsumexp = &logsumexp,
-                       .lse_float64 = &lse_float64,
-                       .entropy_forward = &entropy_forward,
-                       .entropy_backward = &entropy_backward});
+  register_kernels(m, KDEXT_SOFTMAX_KERNELS);
 }
 
 }  // namespace cuda_adapter

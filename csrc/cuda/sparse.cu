@@ -161,10 +161,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_loss(const at::Tensor& student, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdext, CUDA, m) {
-  register_kernels(m, {.topk_logprobs = &topk_logprobs,
-                       .sparse_forward = &sparse_forward,
-                       .sparse_backward = &sparse_backward,
-                       .sparse_loss = &sparse_loss});
+  register_kernels(m, KDEXT_SPARSE_KERNELS);
 }
 
 }  // namespace cuda_adapter

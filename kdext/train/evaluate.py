@@ -53,6 +53,12 @@ def expected_calibration_error(conf: torch.Tensor, correct: torch.Tensor, n_bins
     return ece
 
 
+def _eval_setup(model, tokenizer):
+    """Puts the model in eval mode; its device, and the VocabAligner of its head to the tokenizer."""
+    model.eval()
+    return next(model.parameters()).device, VocabAligner(len(tokenizer), head_width(model))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -71,9 +77,7 @@ def generate(
 ) -> list[str]:
     """Sampled (or greedy: top-k = 1) responses, decoded without special tokens. ``sync``: see
     generation.sample (an FSDP-sharded model: every process generates, in lockstep)."""
-    model.eval()
-    device = next(model.parameters()).device
-    aligner = VocabAligner(len(tokenizer), head_width(model))
+    device, aligner = _eval_setup(model, tokenizer)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -107,9 +111,7 @@ def calibration(
     autocast=contextlib.nullcontext, n_bins: int = 10
 ) -> float:
     """Token-level ECE of next-token predictions along the first reference of each example."""
-    model.eval()
-    device = next(model.parameters()).device
-    aligner = VocabAligner(len(tokenizer), head_width(model))
+    device, aligner = _eval_setup(model, tokenizer)
     confs, hits = [], []
     for start in range(0, len(examples), batch_size):
         enc = [encode(tokenizer, e, max_prompt_len, max_response_len) for e in examples[start : start + batch_size]]

@@ -93,6 +93,20 @@ def _remove(path: str) -> None:
             os.remove(path)
 
 
+@contextlib.contextmanager
+def _removed_on_failure(tmp: str, path: str):
+    """On any failure inside: ``tmp`` is removed, and a failed write of the disk is raised as the
+    StorageError that names ``path``."""
+    try:
+        yield
+    except BaseException as e:
+        _remove(tmp)
+        os_err = _os_error(e)
+        if os_err is not None and not isinstance(e, StorageError):
+            raise write_error(path, os_err) from None
+        raise
+
+
 def atomic_write(path: str, write: Callable) -> None:
     """``write(f)`` into a temporary file, then rename it to ``path`` (see the module docstring).
 
@@ -100,19 +114,13 @@ def atomic_write(path: str, write: Callable) -> None:
     write of the disk raises StorageError.
     """
     tmp = temp_path(path)
-    try:
+    with _removed_on_failure(tmp, path):
         with open_for_write(tmp) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException as e:
-        _remove(tmp)
-        os_err = _os_error(e)
-        if os_err is not None and not isinstance(e, StorageError):
-            raise write_error(path, os_err) from None
-        raise
 
 
 def atomic_dir(path: str, write: Callable[[str], None]) -> None:
@@ -124,21 +132,15 @@ def atomic_dir(path: str, write: Callable[[str], None]) -> None:
     """
     tmp = temp_path(path)
     _remove(tmp)
-    try:
+    with _removed_on_failure(tmp, path):
         write(tmp)
-    except BaseException as e:
-        _remove(tmp)
-        os_err = _os_error(e)
-        if os_err is not None and not isinstance(e, StorageError):
-            raise write_error(path, os_err) from None
-        raise
     publish_dir(tmp, path)
 
 
 def publish_dir(tmp: str, path: str) -> None:
     """The complete folder ``tmp`` (its files fsynced here) replaces the folder ``path``, as
     :func:`atomic_dir` does; on failure ``tmp`` is removed and the old ``path`` is kept."""
-    try:
+    with _removed_on_failure(tmp, path):
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
                 with open(os.path.join(tmp, name), "rb") as f:
@@ -152,12 +154,6 @@ def publish_dir(tmp: str, path: str) -> None:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
         if old:
             _remove(old)
-    except BaseException as e:
-        _remove(tmp)
-        os_err = _os_error(e)
-        if os_err is not None and not isinstance(e, StorageError):
-            raise write_error(path, os_err) from None
-        raise
 
 
 def remove_path(path: str) -> None:

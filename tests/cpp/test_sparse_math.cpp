@@ -9,21 +9,10 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "kdext/sparse.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      ++failures;                                                 \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                                   \
-      std::printf("\n");                                          \
-    }                                                             \
-  } while (0)
 
 using kdext::Divergence;
 using kdext::DivergenceParam;
@@ -211,10 +200,5 @@ int main() {
   test_outcome_gradients();
   test_student_gradient();
   test_merge_and_teacher_norm();
-  if (failures) {
-    std::printf("%d failure(s)\n", failures);
-    return 1;
-  }
-  std::printf("sparse math: all checks passed\n");
-  return 0;
+  return kdext_check::report("sparse math");
 }

@@ -18,22 +18,11 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "kdext/philox.h"
 #include "kdext/top_p.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::printf(__VA_ARGS__);                            \
-      std::printf("\n");                                   \
-    }                                                      \
-  } while (0)
 
 using kdext::top_p::PivotSums;
 using kdext::top_p::RowTotals;
@@ -292,10 +281,5 @@ void test_search() {
 int main() {
   test_philox();
   test_search();
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return kdext_check::report("top-p math");
 }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +90,27 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = repo_root() + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def launch_runs(root, runs) -> None:
+    """Trains each ``kdext distill`` argument list of ``runs`` on 2 Gloo processes, one after
+    another in one torchrun launch (train_fixtures/ddp_runs.py); the spec is kept in ``root``."""
+    spec = root / "runs.json"
+    spec.write_text(json.dumps(runs))
+    driver = os.path.join(os.path.dirname(__file__), "ddp_runs.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, str(spec)]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def assert_reports_lost_peer(proc, err: str) -> None:
+    """The surviving process of a run whose peer died or hung: the CLI's error exit and one line
+    that says so, no traceback."""
+    from kdext.train import cli
+
+    assert proc.returncode == cli.EXIT_ERROR, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "another process of the run died or did not answer within --collective-timeout" in err
 
 
 def one_thread():
