@@ -33,7 +33,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 

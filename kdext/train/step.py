@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
 from .generation import NonFiniteLogits
+from .heads import check_head
 from .hidden import build_projection
 from .lmdata import LMStream
 from .models import (VocabAligner, check_context, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer,
@@ -133,9 +134,13 @@ def build(cfg: TrainConfig) -> Setup:
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     projection = build_projection(mcfg, unwrap(student), teacher, cfg.seed, device)
+    if cfg.fused_linear:  # the fused losses must see the logits each model computes itself
+        for arg, model in (("--teacher", teacher), ("--student", student)):
+            if model is not None:
+                check_head(model, len(tok), device, arg)
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast, dd=dd,
                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                    hidden=projection)
+                    hidden=projection, fused_linear=cfg.fused_linear)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
     s = Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
               eval_set=eval_set, inputs=inputs, projection=projection)
