@@ -118,17 +118,18 @@ def test_a_rows_sample_depends_on_its_seed_and_id_only(env):
         run(env, row_ids=torch.arange(4))
 
 
+class Broken(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, cache=None, **kw):
+        out = self.inner(cache=cache, **kw)
+        out.logits = out.logits * float("nan")
+        return out
+
+
 def test_nan_logits_raise(env):
-    class Broken(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, cache=None, **kw):
-            out = self.inner(cache=cache, **kw)
-            out.logits = out.logits * float("nan")
-            return out
-
     with pytest.raises(generation.NonFiniteLogits, match="NaN/inf logits"):
         generation.sample(Broken(env["student"]), env["p_ids"], env["p_mask"], aligner=env["aligner"],
                           eos_id=1, pad_id=0, max_new_tokens=2, seed=0, row_ids=torch.arange(5))
@@ -137,3 +138,64 @@ def test_nan_logits_raise(env):
 def test_mix_seed_spreads():
     seeds = {generation.mix_seed(0, 3, step, row) for step in range(20) for row in range(20)}
     assert len(seeds) == 400 and all(0 <= s < 2**62 for s in seeds)
+
+
+class _Counting(torch.nn.Module):
+    """A model that counts its forward calls."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, cache=None, **kw):
+        self.calls += 1
+        return self.inner(cache=cache, **kw)
+
+
+def test_lockstep_keeps_stepping_until_every_process_is_done(env):
+    """With ``sync`` (--fsdp: every forward all-gathers, so every process must make as many), a
+    process whose rows have all ended keeps stepping while another process still samples, and
+    its result is what it would have sampled alone."""
+    rows = [1]
+    free, _, _ = run(env, rows=rows, max_new_tokens=8)
+    eos = int(free.response_ids[0, 2])  # make the row end at (or before) its third token
+    alone, _, _ = run(env, rows=rows, max_new_tokens=8, eos_id=eos)
+    n = alone.response_ids.shape[1]
+    assert n <= 3 and alone.response_ids[0, n - 1] == eos
+    seen = []
+
+    def others_run_to_the_limit(running, failed):
+        seen.append((running, failed))
+        return True, False
+
+    counted = _Counting(env["student"])
+    p_ids, p_mask = env["p_ids"][rows], env["p_mask"][rows]
+    keep = p_mask.any(0)
+    synced = generation.sample(counted, p_ids[:, keep], p_mask[:, keep], aligner=env["aligner"], eos_id=eos,
+                               pad_id=env["tok"].pad_token_id, max_new_tokens=8, seed=1000,
+                               row_ids=torch.tensor(rows), sync=others_run_to_the_limit)
+    assert counted.calls == 8 and len(seen) == 8  # one forward and one sync per position, to the limit
+    assert seen[n - 1:] == [(False, False)] * (8 - n + 1)  # this process was done after n tokens
+    for name in ("response_ids", "response_mask", "student_logprob", "sample_logprob", "threshold"):
+        assert torch.equal(getattr(synced, name), getattr(alone, name)), name
+
+
+def test_lockstep_stops_every_process_when_one_cannot_sample(env):
+    def another_failed(running, failed):
+        return running, True
+
+    with pytest.raises(generation.NonFiniteLogits, match="another process had NaN/inf logits at generated position 0"):
+        generation.sample(env["student"], env["p_ids"], env["p_mask"], aligner=env["aligner"], eos_id=1, pad_id=0,
+                          max_new_tokens=3, seed=0, row_ids=torch.arange(5), sync=another_failed)
+
+    # the process that cannot sample tells the others (through sync) before it raises
+    told = []
+
+    def sync(running, failed):
+        told.append(failed)
+        return running, failed
+
+    with pytest.raises(generation.NonFiniteLogits, match="rows .* have NaN/inf logits at generated position 0"):
+        generation.sample(Broken(env["student"]), env["p_ids"], env["p_mask"], aligner=env["aligner"], eos_id=1,
+                          pad_id=0, max_new_tokens=3, seed=0, row_ids=torch.arange(5), sync=sync)
+    assert told == [True]

@@ -1,4 +1,6 @@
-"""Checkpoints: ``OUT/checkpoints/step-<step, 8 digits>.pt`` (e.g. ``step-00000400.pt``).
+"""Checkpoints: ``OUT/checkpoints/step-<step, 8 digits>.pt`` (e.g. ``step-00000400.pt``); under
+``--fsdp`` sharded folders ``step-<step>/`` instead (sharded_checkpoint.py, which uses this
+module's state format, checksums and checks).
 
 A checkpoint holds the student, optimizer, scheduler, the RNG states of every process, the step,
 the data position, every setting of the run and a fingerprint of its inputs (resume.py), under
@@ -17,9 +19,9 @@ stops with an error naming each and what is wrong with it.
 
 from __future__ import annotations
 
-import glob
 import os
 import random
+import re
 import zlib
 from collections.abc import Mapping
 from typing import Callable, Optional
@@ -58,10 +60,32 @@ def checkpoint_dir(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
+_NAME = re.compile(r"^step-\d{8}(\.pt)?$")  # a file step-XXXXXXXX.pt or a sharded folder step-XXXXXXXX
+
+
 def list_checkpoints(out: str) -> list[str]:
-    """Checkpoint files, oldest first (temporary files of an interrupted write and checkpoints
-    renamed .damaged are not checkpoints)."""
-    return sorted(glob.glob(os.path.join(checkpoint_dir(out), "step-*.pt")))
+    """Checkpoints (files, and the folders of sharded ones), oldest first (temporaries of an
+    interrupted write and checkpoints renamed .damaged are not checkpoints)."""
+    try:
+        names = os.listdir(checkpoint_dir(out))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(checkpoint_dir(out), n) for n in sorted(names, key=lambda n: n[:13]) if _NAME.match(n)]
+
+
+def is_sharded(path: str) -> bool:
+    """Whether the checkpoint ``path`` is a sharded folder (an --fsdp run's)."""
+    return os.path.isdir(path)
+
+
+def check_kind(paths: list[str], sharded: bool) -> None:
+    """Refuse (ConfigError naming --fsdp) checkpoints of the other kind than this run writes."""
+    other = [p for p in paths if is_sharded(p) != sharded]
+    if other:
+        kind = "a sharded folder of an --fsdp run" if sharded is False else "a single file of a run without --fsdp"
+        raise ConfigError(
+            f"--fsdp: the checkpoint {other[-1]} is {kind}; resume with the run's own --fsdp setting"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +251,7 @@ def load_checkpoint(cfg, dd: Dist, student, opt, sched, check: Callable[[str, di
     ``extras``: the objects saved beside the model (see save_checkpoint), restored by load_state_dict."""
     if not list_checkpoints(cfg.out):
         return 0, None
+    check_kind(list_checkpoints(cfg.out), sharded=False)
     keep: dict = {}
     path = dd.on_main(lambda: _choose(cfg.out, warn, keep), "choosing the checkpoint to resume from")
     state = keep.get("state")
@@ -236,21 +261,34 @@ def load_checkpoint(cfg, dd: Dist, student, opt, sched, check: Callable[[str, di
         except CheckpointError as e:
             raise CheckpointError(f"--resume: {path}: {e}") from None
     check(path, state)
+    check_compatible(path, state, dd, set(extras or {}))
+    saved_extras = state.get("extras", {})
+    unwrap(student).load_state_dict(state["model"])
+    for k, obj in (extras or {}).items():
+        obj.load_state_dict(saved_extras[k])
+    opt.load_state_dict(state["optimizer"])
+    restore_run_state(state, dd, sched)
+    return int(state["step"]), path
+
+
+def check_compatible(path: str, state: dict, dd: Dist, extras: set) -> None:
+    """The checkpoint's number of processes and the state it keeps beside the model (``extras``:
+    their names; a sharded checkpoint lists those in its shards under ``sharded_extras``) must be
+    this run's (ConfigError)."""
     if state["world_size"] != dd.world:
         raise ConfigError(
             f"--resume: the checkpoint {path} was written by {state['world_size']} processes, this run has {dd.world}; "
             "keep the number of processes (the global batch and RNG streams depend on it)"
         )
-    saved_extras = state.get("extras", {})
-    if set(saved_extras) != set(extras or {}):
+    saved = set(state.get("extras", {})) | set(state.get("sharded_extras", ()))
+    if saved != extras:
         raise ConfigError(
-            f"--resume: the checkpoint {path} holds state for {sorted(saved_extras) or 'nothing'} beside the "
-            f"model, this run needs {sorted(extras or {}) or 'nothing'} (--hidden-coef or the method's schedule changed)"
+            f"--resume: the checkpoint {path} holds state for {sorted(saved) or 'nothing'} beside the "
+            f"model, this run needs {sorted(extras) or 'nothing'} (--hidden-coef or the method's schedule changed)"
         )
-    unwrap(student).load_state_dict(state["model"])
-    for k, obj in (extras or {}).items():
-        obj.load_state_dict(saved_extras[k])
-    opt.load_state_dict(state["optimizer"])
+
+
+def restore_run_state(state: dict, dd: Dist, sched) -> None:
+    """The scheduler and this process's RNG states."""
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][dd.rank])
-    return int(state["step"]), path

@@ -1,7 +1,8 @@
 """The ``kdext`` command line: ``kdext distill``, ``kdext eval``, ``kdext demo``.
 
 Run ``kdext distill --help`` for every option. Under ``torchrun`` the distill command runs data
-parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``.
+parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``; with ``--fsdp``
+it shards the models over the processes instead (FSDP2, sharding.py).
 
 The options are generated from the dataclasses in config.py. Exit codes:
 
@@ -104,7 +105,16 @@ def _user_errors() -> tuple:
     return (DataError, ModelError, CheckpointError, PeerFailed, OSError, torch.cuda.OutOfMemoryError)
 
 
+# Set when a collective failed (a process of the run died or hung): the process group is then
+# broken, and tearing it down can abort the process (a Gloo transport thread, seen once in many
+# runs: "terminate called without an active exception") or wait on the dead peer. entry() then
+# leaves without any teardown, so the exit code stays the one the message goes with.
+_group_broken = False
+
+
 def main(argv=None) -> int:
+    global _group_broken
+    _group_broken = False
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
@@ -136,6 +146,7 @@ def main(argv=None) -> int:
 
         why = collective_failure(e)
         if why is not None:
+            _group_broken = True
             return fail(EXIT_ERROR, "error: another process of the run died or did not answer within "
                                     f"--collective-timeout ({why})")
         return fail(EXIT_ERROR, f"internal error: {type(e).__name__}: {e}",
@@ -143,10 +154,20 @@ def main(argv=None) -> int:
     finally:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and not _group_broken:
             dist.destroy_process_group()
     return 0
 
 
+def entry() -> None:
+    """The ``kdext`` command (and ``python -m kdext.train.cli``): main(), then exit with its code."""
+    code = main()
+    if _group_broken:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -66,9 +66,16 @@ def _max_steps_on_resume(step: int, old: int, new: int, cfg: "TrainConfig") -> O
     return None
 
 
+def _fsdp_on_resume(step: int, old: bool, new: bool, cfg: "TrainConfig") -> Optional[str]:
+    """may not change (an --fsdp run's checkpoints are sharded folders, the others' single files)"""
+    return ("the checkpoints of an --fsdp run are sharded folders written by every process, those of other runs "
+            "single files")
+
+
 # Argument groups of ``kdext distill --help``.
 WHAT, OPTIM, METHOD, RUN = "what to train", "optimisation", "method options", "run control"
 MINILLM, DISTILLM, HIDDEN = "minillm options", "distillm options", "feature (hidden-state) distillation"
+SHARDING = "sharding (FSDP2, under torchrun)"
 
 
 @dataclass
@@ -244,6 +251,14 @@ class TrainConfig:
     collective_timeout: float = option(1800.0, range=POSITIVE, group=RUN, resume=APPLY,
                                        help="data parallel: seconds a process waits for the others in a collective "
                                             "before the run stops (a dead or hung process)")
+    fsdp: bool = option(False, group=SHARDING, resume=_fsdp_on_resume,
+                        help="shard the student, its gradients and optimizer state, the teacher and the hidden-state "
+                             "projection over the processes (FSDP2, one unit per decoder layer; bf16 parameters with "
+                             "fp32 gradient reduction on CUDA); checkpoints become sharded folders "
+                             "(torch.distributed.checkpoint)")
+    fsdp_offload_teacher: bool = option(False, group=SHARDING, resume=APPLY,
+                                        help="with --fsdp: keep the teacher's shards in CPU memory, copied to the "
+                                             "GPU layer by layer in each forward (less GPU memory, slower)")
 
     def validate(self) -> None:
         """Every check of the run's settings, before anything is loaded: each field's type and
@@ -259,6 +274,8 @@ class TrainConfig:
             from .hidden import parse_layer_pairs
 
             parse_layer_pairs(self.method_cfg.hidden_layers)
+        if self.fsdp_offload_teacher and not self.fsdp:
+            raise ConfigError("--fsdp-offload-teacher needs --fsdp (it offloads the teacher's FSDP shards)")
         if self.lm_data and not cls.has_lm_term:
             raise ConfigError(f"--lm-data: --method {self.method} has no LM term")
         cls.check_config(self)  # the method's own rules

@@ -1,4 +1,5 @@
-"""Data-parallel plumbing: joining torchrun's process group, and the collectives the trainer uses.
+"""Data-parallel plumbing: joining torchrun's process group, the device mesh FSDP shards over, and
+the collectives the trainer uses.
 
 A process that dies or hangs must not leave the others waiting forever: the process group is
 created with ``--collective-timeout`` (every collective of a run, and joining it, gives up after
@@ -12,7 +13,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,10 +45,19 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # --fsdp: the DeviceMesh the models are sharded over (None: not sharded). One dimension, "dp",
+    # over every process today; a tensor-parallel dimension ("dp", "tp") is added here, and FSDP
+    # then shards over mesh["dp"] (sharding.py takes the mesh it is given).
+    mesh: Optional[object] = None
 
     @property
     def enabled(self) -> bool:
         return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the models are FSDP-sharded (--fsdp): every process then runs every forward."""
+        return self.mesh is not None
 
     @property
     def main(self) -> bool:
@@ -74,6 +84,14 @@ class Dist:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def any_of(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """Each flag OR-ed over the processes (one small collective)."""
+        if not self.enabled:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.cpu().tolist()]
 
     def all_sum_tensors_(self, tensors: list) -> None:
         """Sum each tensor over the processes, in place (one flat collective)."""
@@ -111,6 +129,26 @@ class Dist:
         return payload
 
 
+    def on_every(self, fn: Callable[[], T], what: str) -> list[T]:
+        """``fn()`` on every process; every process gets the list of results in rank order, or
+        raises when any failed: that process its own exception, the others PeerFailed. (A failure
+        on one process then never leaves the others waiting in the next collective.)"""
+        if not self.enabled:
+            return [fn()]
+        err = None
+        try:
+            mine = ("ok", fn())
+        except BaseException as e:  # every process must hear of it, whatever it is
+            err, mine = e, ("failed", f"{e}")
+        parts = self.gather_objects(mine)
+        if err is not None:
+            raise err
+        for rank, (status, payload) in enumerate(parts):
+            if status != "ok":
+                raise PeerFailed(f"process {rank} failed {what}: {payload}")
+        return [payload for _, payload in parts]
+
+
 def use_cuda(device_arg: str) -> bool:
     """Whether ``--device`` (auto, cpu or cuda) means CUDA here; cuda without one is refused."""
     if device_arg == "cuda" and not torch.cuda.is_available():
@@ -118,17 +156,29 @@ def use_cuda(device_arg: str) -> bool:
     return device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
 
 
-def setup_distributed(device_arg: str, timeout_s: float = 1800.0) -> tuple[Dist, torch.device]:
+def setup_distributed(device_arg: str, timeout_s: float = 1800.0, fsdp: bool = False) -> tuple[Dist, torch.device]:
     """Join the torchrun process group if there is one (collectives time out after
-    ``timeout_s`` seconds); pick the device."""
+    ``timeout_s`` seconds); pick the device. With ``fsdp``, build the device mesh; a single
+    process then gets a group of its own (an in-memory store), so one code path serves 1 to N
+    processes."""
     cuda = use_cuda(device_arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not fsdp:
         return Dist(), torch.device("cuda" if cuda else "cpu")
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
-        return Dist(rank, world, local), torch.device("cuda", local)
-    return Dist(rank, world, local), torch.device("cpu")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        backend = "nccl" if cuda else "gloo"
+        if world == 1:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
+    mesh = None
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    return Dist(rank, world, local, mesh), device

@@ -67,8 +67,10 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     autocast=contextlib.nullcontext,
+    sync=None,
 ) -> list[str]:
-    """Sampled (or greedy: top-k = 1) responses, decoded without special tokens."""
+    """Sampled (or greedy: top-k = 1) responses, decoded without special tokens. ``sync``: see
+    generation.sample (an FSDP-sharded model: every process generates, in lockstep)."""
     model.eval()
     device = next(model.parameters()).device
     aligner = VocabAligner(len(tokenizer), head_width(model))
@@ -91,6 +93,7 @@ def generate(
                 top_p=top_p,
                 top_k=1 if greedy else 0,
                 temperature=temperature,
+                sync=sync,
             )
         for row, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu()):
             toks = [t for t in row[m].tolist() if t != tokenizer.eos_token_id]
@@ -134,6 +137,7 @@ def evaluate_model(
     batch_size: int = 64,
     autocast=contextlib.nullcontext,
     keep_samples: int = 20,
+    sync=None,
 ) -> dict:
     from rouge_score import rouge_scorer
 
@@ -149,6 +153,7 @@ def evaluate_model(
         top_p=top_p,
         greedy=greedy,
         autocast=autocast,
+        sync=sync,
     )
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [rouge_l(p, e.references, scorer) for p, e in zip(preds, examples)]

@@ -11,13 +11,19 @@ id). The trainer derives ``seed`` from the run seed and the step (seeds.py), and
 in the *global* batch as its id. A row's sample therefore does not depend on which process,
 micro-batch or batch row it lands in, which is what makes 2 DDP processes reproduce 1 process
 exactly and a resumed run reproduce an uninterrupted one.
+
+Under ``--fsdp`` every forward all-gathers parameters, so every process must run as many as the
+others: ``sync`` makes the loop run in lockstep (one tiny all-reduce per position: does any
+process still have a live row, did any fail to sample), and a process whose rows have all ended
+keeps stepping with padding until every process's have. Its result is cut back to its own last
+live column, so it equals what the process alone would have sampled.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -62,6 +68,11 @@ def _step(model, ids, mask, cache):
     return out.logits[:, -1, :], getattr(out, name)
 
 
+def _no_distribution(tok: torch.Tensor, t: int) -> str:
+    bad = (tok < 0).nonzero()[:, 0].tolist()
+    return f"rows {bad} have NaN/inf logits at generated position {t}; cannot sample"
+
+
 @torch.no_grad()
 def sample(
     policy,
@@ -79,12 +90,15 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     temperature: float = 1.0,
+    sync: Optional[Callable[[bool, bool], tuple[bool, bool]]] = None,
 ) -> Rollout:
     """Sample up to ``max_new_tokens`` per row from ``policy`` (mixed with ``teacher`` by ``alpha``).
 
     A row stops after it emits EOS; the loop stops when every row has (or at the limit).
     ``teacher`` may be given with ``alpha == 0`` to get log p(y_t) without mixing. ``row_ids``
     ([B] integers) name the rows' random streams: a row's sample depends on (seed, its id) only.
+    ``sync(running, failed) -> (any process running, any process failed)`` runs the loop in
+    lockstep with the other processes (see the module docstring).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -118,9 +132,9 @@ def sample(
             row_ids=row_ids,
         )
         tok = out.tokens
-        if bool((tok < 0).any()):  # the op marks a row without a distribution with -1
-            bad = (tok < 0).nonzero()[:, 0].tolist()
-            raise NonFiniteLogits(f"rows {bad} have NaN/inf logits at generated position {t}; cannot sample")
+        failed = bool((tok < 0).any())  # the op marks a row without a distribution with -1
+        if failed and sync is None:
+            raise NonFiniteLogits(_no_distribution(tok, t))
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         cols["tok"].append(tok)
         cols["live"].append(alive.clone())
@@ -133,9 +147,18 @@ def sample(
         # The next forward sees the new column; finished rows get a masked pad there.
         ids = tok[:, None]
         mask = torch.cat([mask, cols["live"][-1][:, None]], dim=1)
-        if not bool(alive.any()):
+        running = bool(alive.any()) and not failed
+        if sync is not None:
+            running, any_failed = sync(running, failed)
+            if any_failed:
+                raise NonFiniteLogits(_no_distribution(tok, t) if failed else
+                                      f"another process had NaN/inf logits at generated position {t}; cannot sample")
+        if not running:
             break
 
+    if sync is not None:  # back to this process's own last live column
+        width = max(i for i, c in enumerate(cols["live"]) if bool(c.any())) + 1
+        cols = {k: v[:width] for k, v in cols.items()}
     live = torch.stack(cols["live"], dim=1)
 
     def block(name):

@@ -105,11 +105,13 @@ class HiddenProjection(torch.nn.Module):
             "teacher_width": str(self.teacher_width),
         }
 
-    def to_bytes(self) -> bytes:
-        """The projection as a safetensors file's bytes (what :meth:`save` writes)."""
+    def to_bytes(self, state: Optional[dict] = None) -> bytes:
+        """The projection as a safetensors file's bytes (what :meth:`save` writes); ``state``: its
+        whole state dict when the module itself holds shards (--fsdp)."""
         from safetensors.torch import save
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = self.state_dict() if state is None else state
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         return save(tensors, metadata=self.metadata())
 
     def save(self, path: str) -> None:

@@ -89,6 +89,8 @@ class Context:
     lm: Optional[Callable[[int, int], Batch]] = None  # (step, micro) -> its --lm-data micro-batch
     hidden: Optional[torch.nn.Module] = None  # hidden.HiddenProjection when --hidden-coef > 0
     fused_linear: bool = True  # losses from hidden states and LM heads (heads.py); False: --no-fused-linear
+    # --fsdp on several processes: generation.sample's ``sync`` (sampling loops in lockstep)
+    lockstep: Optional[Callable[[bool, bool], tuple[bool, bool]]] = None
 
     @property
     def global_batch(self) -> int:
@@ -134,6 +136,7 @@ def sample_batch(ctx: Context, batch: Batch, policy, step: int, stream: Stream, 
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             temperature=cfg.temperature,
+            sync=ctx.lockstep,
         )
     new = Batch(batch.prompt_ids, batch.prompt_mask, ro.response_ids, ro.response_mask, batch.index)
     return new, ro

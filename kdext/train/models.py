@@ -105,14 +105,14 @@ def check_weight_files(path: str, arg: str) -> None:
                              f"{size}; copy or save the model again")
 
 
-def load_model(path: str, arg: str, device: torch.device, trainable: bool):
-    """AutoModelForCausalLM in float32 on ``device``. Frozen models are put in eval mode."""
+def load_model(path: str, arg: str, device: torch.device, trainable: bool, dtype: torch.dtype = torch.float32):
+    """AutoModelForCausalLM in ``dtype`` (float32) on ``device``. Frozen models are put in eval mode."""
     from transformers import AutoModelForCausalLM
 
     _check_dir(path, arg)
     check_weight_files(path, arg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except _load_errors() as e:
         raise ModelError(f"{arg}: cannot load a causal LM from {path!r}: {_one_line(e)}") from None
     model.to(device)
@@ -249,6 +249,9 @@ def response_logits(model, batch: Batch, hidden_states: bool = False):
     kwargs = dict(input_ids=input_ids, attention_mask=attn.long(), position_ids=position_ids(attn), use_cache=False)
     if hidden_states:
         kwargs["output_hidden_states"] = True
+    # Where the trainer gets the LM head: inside the model's forward, through logits_to_keep. A
+    # fused LM-head loss would take the hidden states instead and the head's weight from the model;
+    # under --fsdp that weight is a shard until its unit is gathered: sharding.head_unit says how.
     if _bool_keep_supported():
         out = model(**kwargs, logits_to_keep=keep)
         logits = out.logits
@@ -302,5 +305,6 @@ def response_labels(batch: Batch) -> torch.Tensor:
 
 
 def unwrap(model):
-    """The underlying model of a DDP wrapper (generation and saving bypass DDP)."""
+    """The underlying model of a DDP wrapper (generation and saving bypass DDP). An FSDP-sharded
+    model is its own module (FSDP2 shards in place) and is returned as it is."""
     return model.module if hasattr(model, "module") else model

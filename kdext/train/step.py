@@ -5,15 +5,18 @@ One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows on each
 
 1. every micro-batch is *prepared* (rollouts sampled, if the method needs them);
 2. the token counts of every loss term are summed over micro-batches and processes;
-3. each micro-batch's loss is back-propagated (times world_size, since DDP averages gradients
-   over processes); DDP syncs on the last one only. With ``--token-mean global`` it is
+3. each micro-batch's loss is back-propagated (times world_size, since DDP and FSDP average
+   gradients over processes); DDP syncs on the last one only, FSDP (``--fsdp``, sharding.py)
+   reduce-scatters after every one into the sharded gradients. With ``--token-mean global`` it is
    sum_k weight_k * term_k / global_count_k; with ``micro_batch`` it is
    sum_k weight_k * term_k / count_k(micro-batch) / (grad_accum * world_size), the mean over
    micro-batches and processes of per-micro-batch token means;
 4. the hidden-state projection's gradients (``--hidden-coef``; it is not inside DDP) are summed
-   over processes and divided by their number, as DDP does for the student's; gradients are
-   clipped (student and projection together); a non-finite loss or gradient norm stops the run
-   before the optimizer touches the weights (the last checkpoint stays the last good one);
+   over processes and divided by their number, as DDP does for the student's (under FSDP it is
+   sharded, and FSDP averages them); gradients are clipped (student and projection together; the
+   norm of sharded gradients is the global one, the same on every process); a non-finite loss
+   or gradient norm stops the run before the optimizer touches the weights (the last checkpoint
+   stays the last good one);
 5. AdamW and the LR schedule step; the method's ``after_step`` runs (DistiLLM's validation).
 """
 
@@ -29,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import methods as M
+from . import sharding
 from .config import TrainConfig
 from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
@@ -54,7 +58,7 @@ class Setup:
     dd: Dist
     device: torch.device
     tokenizer: object
-    student: torch.nn.Module  # DDP-wrapped when world > 1
+    student: torch.nn.Module  # DDP-wrapped when world > 1 (FSDP-sharded in place with --fsdp)
     teacher: Optional[torch.nn.Module]
     method: M.Method
     ctx: M.Context
@@ -105,9 +109,13 @@ def build(cfg: TrainConfig) -> Setup:
     models = [("--teacher", cfg.teacher)] if needs_teacher else []
     check_context(models + [("--student", cfg.student)], sequence_needs(cfg, method.samples))
     inputs = input_fingerprints(cfg, needs_teacher)
-    dd, device = setup_distributed(cfg.device, cfg.collective_timeout)
+    dd, device = setup_distributed(cfg.device, cfg.collective_timeout, fsdp=cfg.fsdp)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    # --fsdp: models are read on the CPU and each FSDP unit moves its shards to the device as it is
+    # made, so no process ever holds a whole model on the GPU.
+    load_on = torch.device("cpu") if dd.sharded else device
 
     tok = load_tokenizer(cfg.student, "--student")
     teacher = None
@@ -116,31 +124,41 @@ def build(cfg: TrainConfig) -> Setup:
         # A teacher folder without tokenizer files is taken to use the student's tokenizer.
         if has_tokenizer(cfg.teacher):
             check_vocab(tok, load_tokenizer(cfg.teacher, "--teacher"))
-        teacher = load_model(cfg.teacher, "--teacher", device, trainable=False)
+        t_dtype = torch.bfloat16 if dd.sharded and use_bf16 else torch.float32
+        teacher = load_model(cfg.teacher, "--teacher", load_on, trainable=False, dtype=t_dtype)
         widths.append(head_width(teacher))
         names.append("--teacher")
-    student = load_model(cfg.student, "--student", device, trainable=True)
+    student = load_model(cfg.student, "--student", load_on, trainable=True)
     widths.append(head_width(student))
     names.append("--student")
     aligner = VocabAligner(len(tok), *widths, names=tuple(names))
+    if cfg.fused_linear:  # the fused losses must see the logits each model computes itself
+        for arg, model in (("--teacher", teacher), ("--student", student)):
+            if model is not None:
+                check_head(model, len(tok), load_on, arg)
 
-    if dd.enabled:
+    if dd.sharded:
+        if teacher is not None:
+            sharding.shard_teacher(teacher, dd.mesh, use_bf16, cfg.fsdp_offload_teacher)
+        sharding.shard_student(student, dd.mesh, use_bf16)
+    elif dd.enabled:
         student = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
-    use_bf16 = cfg.bf16 and device.type == "cuda"
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
     projection = build_projection(mcfg, unwrap(student), teacher, cfg.seed, device)
-    if cfg.fused_linear:  # the fused losses must see the logits each model computes itself
-        for arg, model in (("--teacher", teacher), ("--student", student)):
-            if model is not None:
-                check_head(model, len(tok), device, arg)
+    if projection is not None and dd.sharded:
+        sharding.shard_projection(projection, dd.mesh)
+    lockstep = None
+    if dd.sharded and dd.enabled:
+        def lockstep(running: bool, failed: bool) -> tuple[bool, bool]:
+            return tuple(dd.any_of([running, failed], device))
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast, dd=dd,
                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                    hidden=projection, fused_linear=cfg.fused_linear)
+                    hidden=projection, lockstep=lockstep, fused_linear=cfg.fused_linear)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
     s = Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
               eval_set=eval_set, inputs=inputs, projection=projection)
@@ -220,7 +238,7 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
     opt.zero_grad(set_to_none=True)
     term_sums = {k: 0.0 for k in names}  # global: sums; micro_batch: sums of per-micro-batch means
     for a, prep in enumerate(preps):
-        sync = (not dd.enabled) or a == len(preps) - 1
+        sync = (not dd.enabled) or dd.sharded or a == len(preps) - 1
         with contextlib.nullcontext() if sync else s.student.no_sync():
             terms = method.terms(ctx, prep)
             if per_micro:
@@ -234,13 +252,15 @@ def train_step(s: Setup, step: int, opt, sched) -> dict:
                 term_sums[k] += v / max(1, prep.counts.get(k, 0)) if per_micro else v
 
     # 4. the projection's gradients over processes, clip, check finiteness everywhere, then step
-    if s.projection is not None and dd.enabled:
+    if s.projection is not None and dd.enabled and not dd.sharded:
         grads = [p.grad for p in s.projection.parameters() if p.grad is not None]
         dd.all_sum_tensors_(grads)
         for g in grads:
             g.div_(dd.world)
     params = [p for p in s.trainable().parameters() if p.requires_grad]
-    if cfg.max_grad_norm > 0:
+    if dd.sharded:
+        gnorm = sharding.grad_norm(params, cfg.max_grad_norm)
+    elif cfg.max_grad_norm > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     else:
         gnorm = torch.linalg.vector_norm(

@@ -126,10 +126,24 @@ def atomic_dir(path: str, write: Callable[[str], None]) -> None:
     _remove(tmp)
     try:
         write(tmp)
+    except BaseException as e:
+        _remove(tmp)
+        os_err = _os_error(e)
+        if os_err is not None and not isinstance(e, StorageError):
+            raise write_error(path, os_err) from None
+        raise
+    publish_dir(tmp, path)
+
+
+def publish_dir(tmp: str, path: str) -> None:
+    """The complete folder ``tmp`` (its files fsynced here) replaces the folder ``path``, as
+    :func:`atomic_dir` does; on failure ``tmp`` is removed and the old ``path`` is kept."""
+    try:
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
+        fsync_dir(tmp)
         old = None
         if os.path.exists(path):
             old = f"{path}.old.tmp.{_HOST}.{os.getpid()}"
@@ -144,6 +158,11 @@ def atomic_dir(path: str, write: Callable[[str], None]) -> None:
         if os_err is not None and not isinstance(e, StorageError):
             raise write_error(path, os_err) from None
         raise
+
+
+def remove_path(path: str) -> None:
+    """Remove a file or a folder (its contents included); nothing when it is not there."""
+    _remove(path)
 
 
 def append_line(path: str, line: str) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from . import storage
-from .checkpoint import estimated_size, list_checkpoints, load_checkpoint, save_checkpoint
+from . import checkpoint, sharded_checkpoint, sharding, storage
+from .checkpoint import estimated_size, list_checkpoints
 from .config import TrainConfig
 from .hidden import FILE_NAME as HIDDEN_FILE
 from .models import unwrap
@@ -72,10 +72,13 @@ def train(cfg: TrainConfig) -> dict:
         for note in check_resume(path, state["step"], state["settings"], state["inputs"], cfg, s.ctx.cfg, s.inputs):
             say(f"resume: {note}")
 
+    # Sharded runs checkpoint what the optimizer trains (the student and the projection) in DCP
+    # folders, the others the student in single files (checkpoint.py).
+    ckpt, ckpt_model = (sharded_checkpoint, s.trainable()) if dd.sharded else (checkpoint, s.student)
     start, last_ckpt = 0, None
     if cfg.resume:
-        start, last_ckpt = load_checkpoint(cfg, dd, s.student, opt, sched, same_run, lambda t: say(f"warning: {t}"),
-                                           s.checkpoint_extras())
+        start, last_ckpt = ckpt.load_checkpoint(cfg, dd, ckpt_model, opt, sched, same_run,
+                                                lambda t: say(f"warning: {t}"), s.checkpoint_extras())
         if last_ckpt is None:
             say(f"note: --resume: {cfg.out} has no checkpoint yet; starting at step 0")
     elif list_checkpoints(cfg.out):
@@ -106,8 +109,8 @@ def train(cfg: TrainConfig) -> dict:
             log.write(rec)
             progress.update(step, rec)
             if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                last_ckpt = save_checkpoint(cfg, dd, step, s.student, opt, sched, s.schedule, record,
-                                            s.checkpoint_extras())
+                last_ckpt = ckpt.save_checkpoint(cfg, dd, step, ckpt_model, opt, sched, s.schedule, record,
+                                                 s.checkpoint_extras())
         progress.close()
         summary.update(steps=step, train_seconds=time.time() - t0, last=rec)
         if step == cfg.max_steps:
@@ -116,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
                 log.write({"step": step, **ev})
                 summary["eval"] = ev
             if cfg.save_final:
-                summary["final"] = dd.on_main(lambda: _save_final(s, cfg), "writing the final model")
+                summary["final"] = _save_final(s, cfg)
                 if s.projection is not None:
                     summary["hidden_projection"] = os.path.join(cfg.out, HIDDEN_FILE)
     except storage.StorageError as e:
@@ -128,21 +131,32 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _save_final(s: Setup, cfg: TrainConfig) -> str:
+    """OUT/final (a plain save_pretrained folder) and the projection, written by the main process;
+    under --fsdp every process first helps gather the whole state dict onto it (on the CPU)."""
     final = os.path.join(cfg.out, "final")
+    student = unwrap(s.student)
+    weights = sharding.full_state_dict(student) if s.dd.sharded else None
+    proj = sharding.full_state_dict(s.projection) if s.dd.sharded and s.projection is not None else None
 
     def write(folder):
-        unwrap(s.student).save_pretrained(folder)
+        student.save_pretrained(folder, state_dict=weights)
         s.tokenizer.save_pretrained(folder)
 
-    storage.atomic_dir(final, write)
-    if s.projection is not None:  # beside the student (OUT/), not part of its folder
-        storage.atomic_write(os.path.join(cfg.out, HIDDEN_FILE), lambda f: f.write(s.projection.to_bytes()))
-    return final
+    def save():
+        storage.atomic_dir(final, write)
+        if s.projection is not None:  # beside the student (OUT/), not part of its folder
+            data = s.projection.to_bytes(proj)
+            storage.atomic_write(os.path.join(cfg.out, HIDDEN_FILE), lambda f: f.write(data))
+        return final
+
+    return s.dd.on_main(save, "writing the final model")
 
 
 def _evaluate(s: Setup, eval_set) -> dict:
     """Rouge-L / exact match / ECE of the student on the eval data (main process; every process
-    gets the numbers)."""
+    gets the numbers). A sharded student (--fsdp) is evaluated by every process, in lockstep:
+    each forward all-gathers its parameters, so all take part, on the same rows, and all get the
+    same numbers."""
     from .evaluate import evaluate_model
 
     def run():
@@ -156,8 +170,9 @@ def _evaluate(s: Setup, eval_set) -> dict:
             max_response_len=s.cfg.max_response_len,
             seed=s.cfg.seed,
             autocast=s.ctx.autocast,
+            sync=s.ctx.lockstep,
         )
         unwrap(s.student).train()
         return {f"eval/{k}": v for k, v in r.items() if isinstance(v, (int, float))}
 
-    return s.dd.on_main(run, "evaluating")
+    return run() if s.dd.sharded else s.dd.on_main(run, "evaluating")
