@@ -50,13 +50,43 @@ def logit_transform(config) -> tuple[float, Optional[float]]:
     return scale, (float(cap) if cap else None)
 
 
-def lm_head(model, n_tokens: int) -> Head:
-    """The head of ``model`` (possibly DDP-wrapped) over the first ``n_tokens`` ids."""
-    m = unwrap(model)
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _head_params(m) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The head's (weight, bias) as whole tensors. Under --fsdp (sharding.py) a unit's
+    parameters are dim-0 shards (DTensors) outside its forward. The student's head unit stays
+    gathered from its forward to its backward, so right after the forward they are the unsharded
+    parameters: the fused losses use them for every chunk, and FSDP's post-backward
+    reduce-scatters the gradient they accumulate. A head that is sharded here is gathered once
+    (one all-gather per call of this function, i.e. per model forward of a micro-batch, however
+    many chunks and fused calls follow): the frozen teacher's, whose units reshard after each
+    forward, under no_grad (a constant); a trained one by unsharding its FSDP unit, so that its
+    gradient still goes through FSDP's reduce-scatter rather than DTensor's local slice."""
     lin = m.get_output_embeddings()
+    weight, bias = lin.weight, getattr(lin, "bias", None)
+    if not _is_dtensor(weight):
+        return weight, bias
+    if torch.is_grad_enabled() and weight.requires_grad:
+        from .sharding import head_unit
+
+        head_unit(m).unshard()  # resharded by FSDP after the backward
+        return lin.weight, getattr(lin, "bias", None)
+    with torch.no_grad():
+        return weight.full_tensor(), (bias.full_tensor() if bias is not None else None)
+
+
+def lm_head(model, n_tokens: int) -> Head:
+    """The head of ``model`` (possibly DDP-wrapped or FSDP-sharded) over the first ``n_tokens`` ids."""
+    m = unwrap(model)
     scale, cap = logit_transform(m.config)
-    bias = lin.bias[:n_tokens] if getattr(lin, "bias", None) is not None else None
-    return Head(lin.weight[:n_tokens], bias, scale, cap)
+    weight, bias = _head_params(m)
+    return Head(weight[:n_tokens], bias[:n_tokens] if bias is not None else None, scale, cap)
 
 
 @dataclass
@@ -126,12 +156,13 @@ def divergence_sum(student: Rows, teacher: Rows, kind: str, temperature: float, 
 def check_head(model, n_tokens: int, device, arg: str) -> None:
     """Refuse (ModelError naming ``arg``) a model whose logits the fused form does not reproduce:
     one forward of a few tokens, the model's own last-position logits against
-    ``transform(h W^T + b)`` of its final hidden state."""
+    ``transform(h W^T + b)`` of its final hidden state, in float64. Run by step.build on each
+    model before it is sharded or wrapped."""
     from .models import final_hidden
 
     m = unwrap(model)
     ids = torch.arange(min(4, n_tokens), device=device)[None]
-    hidden, out = final_hidden(m, input_ids=ids, use_cache=False)
+    hidden, out = final_hidden(m, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     head = lm_head(m, n_tokens)
     z = hidden[0, -1].double() @ head.weight.double().T
     if head.bias is not None:
@@ -141,7 +172,10 @@ def check_head(model, n_tokens: int, device, arg: str) -> None:
         z = head.softcap * torch.tanh(z / head.softcap)
     want = out.logits[0, -1, :n_tokens].double()
     err = (z - want).abs().max().item()
-    if not err <= 1e-4 * (1.0 + want.abs().max().item()) or not math.isfinite(err):
+    # The model rounds its logits to its own dtype (bf16 under --fsdp with bf16): allow that
+    # rounding and an fp32 GEMM's; a wrong transform (a scale, a cap) is off by O(|z|).
+    rel = max(1e-4, 2 * torch.finfo(out.logits.dtype).eps)
+    if not err <= rel * (1.0 + want.abs().max().item()) or not math.isfinite(err):
         raise ModelError(
             f"{arg}: the fused LM-head losses cannot reproduce this model's logits from its final hidden state "
             f"and get_output_embeddings() (max difference {err:.3g}); its logits go through a transform kdext does "
