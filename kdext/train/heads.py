@@ -162,7 +162,7 @@ def check_head(model, n_tokens: int, device, arg: str) -> None:
 
     m = unwrap(model)
     ids = torch.arange(min(4, n_tokens), device=device)[None]
-    hidden, out = final_hidden(m, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    hidden, out = final_hidden(m, 1, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     head = lm_head(m, n_tokens)
     z = hidden[0, -1].double() @ head.weight.double().T
     if head.bias is not None:

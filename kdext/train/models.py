@@ -263,11 +263,16 @@ def response_logits(model, batch: Batch, hidden_states: bool = False):
     return logits, tuple(h[keep] for h in out.hidden_states)
 
 
-def final_hidden(model, **kwargs):
+def final_hidden(model, logits_to_keep=None, **kwargs):
     """(the final hidden states [B, T, H], the model's output) of one forward of ``model``
-    (possibly DDP-wrapped, so that DDP sees the forward) with ``logits_to_keep=1``: only the
-    last position goes through the LM head. The hidden states are what the LM head takes: the
-    output of the base model (``base_model``, after its final norm), caught by a forward hook."""
+    (possibly DDP-wrapped, so that DDP sees the forward). The hidden states are what the LM
+    head takes: the output of the base model (``base_model``, after its final norm), caught by a
+    forward hook. ``logits_to_keep``: the positions whose logits the model forms; by default
+    none (an all-False mask, transformers >= 5; older versions the last position only), since
+    the fused LM-head losses project the hidden states themselves."""
+    if logits_to_keep is None:
+        ids = kwargs["input_ids"]
+        logits_to_keep = torch.zeros_like(ids, dtype=torch.bool) if _bool_keep_supported() else 1
     caught = {}
 
     def hook(module, args, output):
@@ -275,7 +280,7 @@ def final_hidden(model, **kwargs):
 
     handle = unwrap(model).base_model.register_forward_hook(hook)
     try:
-        out = model(**kwargs, logits_to_keep=1)
+        out = model(**kwargs, logits_to_keep=logits_to_keep)
     finally:
         handle.remove()
     return caught["h"], out
