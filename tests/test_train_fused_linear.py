@@ -278,3 +278,61 @@ def test_the_loss_step_does_not_allocate_rows_times_vocab(tiny, wide_vocab):
     assert large_f["peak"] < one_nv / 2, msg
     assert large_f["peak"] - small_f["peak"] < grow_nv / 4, msg
     assert large_l["peak"] - small_l["peak"] > 2 * grow_nv, msg  # the measurement sees [N, V] buffers
+
+
+# ---------------------------------------------------------------------------------------------
+# --fsdp: each LM head gathered once per model forward, not per chunk or per fused call
+# (two processes against one: tests/test_train_fsdp.py, which runs the fused path by default)
+
+
+def test_sharded_heads_are_gathered_once_per_forward(tiny, monkeypatch):
+    """One sharded process (a mesh of one, the code path of many), kd + the LM term with
+    kd_ratio (three fused calls per micro-batch on the teacher's head) over two micro-batches:
+    the teacher's head (a DTensor after its forward, since the teacher
+    reshards) is all-gathered twice, once per micro-batch; the student's is never gathered by
+    the loss (its unit stays unsharded from forward to backward; FSDP reduce-scatters its
+    gradient), and the step's loss and gradients equal the unsharded run's."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    gathered = []
+    full_tensor = DTensor.full_tensor
+
+    def counting(self, *a, **k):
+        gathered.append(tuple(self.shape))
+        return full_tensor(self, *a, **k)
+
+    def run(fsdp):
+        mcfg = M.MethodConfig(lm_coef=0.5, kd_ratio=0.5)
+        cfg = TrainConfig(method="kd", teacher=tiny["gpt2_teacher"], student=tiny["llama_untied"], data=tiny["data"],
+                          out=tiny["root"] + "/unused", batch_size=4, grad_accum=2, seed=1, method_cfg=mcfg,
+                          progress=False, fsdp=fsdp)
+        s = build(cfg)
+        try:
+            preps = s.method.prepare_step(s.ctx, 0)
+            counts = {k: sum(p.counts[k] for p in preps) for k in preps[0].counts}
+            gathered.clear()
+            total = 0.0
+            for p in preps:
+                loss = s.method.combine(s.ctx.cfg, s.method.terms(s.ctx, p), counts)
+                loss.backward()
+                total += float(loss.detach())
+            seen = list(gathered)
+            grads = {n: (p.grad.full_tensor() if fsdp else p.grad).detach().clone()
+                     for n, p in unwrap(s.student).named_parameters()}
+            return total, grads, seen, s
+        finally:
+            if fsdp:
+                dist.destroy_process_group()
+
+    plain_loss, plain_grads, _, _ = run(False)
+    monkeypatch.setattr(DTensor, "full_tensor", counting)
+    loss, grads, seen, s = run(True)
+    teacher_head = tuple(unwrap(s.teacher).get_output_embeddings().weight.shape)
+    student_head = tuple(unwrap(s.student).get_output_embeddings().weight.shape)
+    assert teacher_head != student_head  # widths 32 and 16
+    assert seen.count(teacher_head) == 2, seen
+    assert student_head not in seen, seen
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for n, g in plain_grads.items():
+        assert float((grads[n] - g).abs().max()) <= 1e-6 * float(g.abs().max()), n
