@@ -8,6 +8,7 @@
 #   4. runs compute-sanitizer memcheck on a small case of every kernel (tools/sanitize_cuda.py)
 #   5. benchmarks every op against torch eager, torch.compile and Liger (bench/bench_gpu.py),
 #      measuring the device-to-device copy bandwidth first, and prints ONE table
+#   5c. the fused LM-head losses: tests/test_fused_linear.py on CUDA, bench/bench_fused_linear.py at Liger's shape
 #   6. if time is left: racecheck on the on-chip (cluster) kernels, the device-parametrized
 #      property tests of tests/ on CUDA, the rows x V > 2^31 test
 #
@@ -103,6 +104,13 @@ stage bench $BENCH_LIMIT bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_gpu.py' 
 # 5b. sampling: kdext vs the sorted reference and FlashInfer (when its wheel was carried)
 stage bench_top_p 60 bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_top_p_sample.py' --device cuda --rows 256 \
   --csv '$OUT/top_p_sample_cuda.csv'"
+
+# 5c. the fused LM-head losses (issue 10): their CUDA tests against float64, then the providers at
+# Liger's benchmark shape (bf16, N = 8192, H = 4096, V = 128256): time and peak memory
+stage tests_fused_linear 60 bash -c "cd '$OUT' && PYTHONPATH='$TESTS_PATH' '$PY' -m pytest '$ROOT/tests/test_fused_linear.py' -q \
+  -k cuda --maxfail=10 --import-mode=importlib -p no:cacheprovider"
+stage bench_fused_linear 150 bash -c "cd '$OUT' && '$PY' '$ROOT/bench/bench_fused_linear.py' --device cuda --dtype bf16 \
+  --rows 8192 --hidden 4096 --teacher-hidden 4096 --vocab 128256 --memory-rows 8192 --csv '$OUT/fused_linear_cuda.csv'"
 
 # 6. extras while time is left
 if [ -n "$SAN" ]; then
