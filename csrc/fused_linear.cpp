@@ -15,7 +15,7 @@
 // so memory beyond the inputs and outputs is the chunk buffers (and, for
 // half-precision weights, an fp32 grad_W accumulator): independent of the
 // rows. Nothing in the loop synchronises with the host (the loss is a device
-// scalar). See docs/DESIGN.md §2.10 for the contract.
+// scalar). See docs/DESIGN.md §2.11 for the contract.
 #include <ATen/ATen.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -6,7 +6,7 @@
 // One LM head is (hidden [..., H], weight [V, H], bias [V] or none, logit
 // scale, softcap or none); its logits are
 //   z = logit_scale * (hidden @ weight^T + bias),  then softcap * tanh(z / softcap)
-// (docs/DESIGN.md §2.10). Student and teacher heads may differ in H, V and dtype.
+// (docs/DESIGN.md §2.11). Student and teacher heads may differ in H, V and dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>

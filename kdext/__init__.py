@@ -4,7 +4,7 @@ The ops live under ``torch.ops.kdext``; this package registers their fake
 kernels and autograd formulas and exposes the Python API.
 
 Each op family's module is named by its stem (divergence, softmax, logprobs,
-fused_linear, top_p_sample). Where an op has its module's name (``softmax``, ``logprobs``,
+fused_linear, top_p_sample, sparse). Where an op has its module's name (``softmax``, ``logprobs``,
 ``top_p_sample``), the package attribute is the function: ``kdext.top_p_sample(...)``
 samples, while ``from kdext.top_p_sample import SampleResult`` and
 ``importlib.import_module("kdext.top_p_sample")`` reach the module (the import system
@@ -17,6 +17,7 @@ from .fused_linear import fused_linear_distill_loss, fused_linear_logprobs
 from .logprobs import logprobs
 from .top_p_sample import SampleResult, top_p_sample
 from .softmax import entropy, log_softmax, logsumexp, softmax
+from .sparse import sparse_distill_loss, topk_logprobs
 from . import parallel  # noqa: E402  (needs the ops registered above)
 
 __version__ = "0.1.0"
@@ -39,6 +40,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "softmax",
+    "sparse_distill_loss",
     "top_p_sample",
+    "topk_logprobs",
     "tvd",
 ]

@@ -9,7 +9,7 @@
 (Gemma 2/3's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
 ``1 / logits_scaling``), then divided by the temperature inside the kernels. The logits are
 formed in fp32 (float64 for float64 inputs) a chunk of rows at a time and never exist for all
-rows (csrc/fused_linear.cpp; docs/DESIGN.md §2.10): memory beyond the inputs, the outputs and
+rows (csrc/fused_linear.cpp; docs/DESIGN.md §2.11): memory beyond the inputs, the outputs and
 the gradients is the chunk buffers, independent of the number of rows.
 
 ``chunk_size``: rows per chunk; ``None`` picks them from a memory budget of

@@ -11,20 +11,19 @@ allocator is filled with poisoned blocks (all-ones bytes: NaN in every float
 dtype; then 0x7F bytes: huge finite values) so an output element a kernel
 forgets to write shows up as a mismatch. The kernel paths (row kernels, split
 vocabulary, on-chip clusters of each size, the unfused fallback) are forced in
-turn through the launchers' environment knobs.
+turn through the launchers' tuning knobs (kdext._C._set_cuda_tuning).
 
 Skipped when no CUDA device is visible (this whole file needs a GPU).
 """
 
 import contextlib
-import os
 import zlib
 
 import pytest
 import torch
 
 import kdext  # noqa: F401  (registers the ops)
-from reference import DIVERGENCE_CASES, JSD_ENDPOINTS
+from reference import BACKEND_TOL, DIVERGENCE_CASES, JSD_ENDPOINTS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -34,15 +33,7 @@ pytestmark = [
 ops = torch.ops.kdext
 DEV = "cuda"
 DIVERGENCES = DIVERGENCE_CASES + JSD_ENDPOINTS
-# (atol, rtol) for tensors stored in each dtype. Per-row float32 values differ
-# only by summation order; tensors stored in 16-bit types may differ by one
-# rounding step of that type.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-5, 2e-4),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-4, 1.6e-2),
-}
+TOL = BACKEND_TOL  # (atol, rtol) per stored dtype (tests/reference.py)
 PAIRS = [
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
@@ -68,33 +59,29 @@ DIV_CASES = [(k, p, sh, a, b) for (k, p) in DIVERGENCES for sh in SMALL_SHAPES f
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def env(**kv):
-    old = {k: os.environ.get(k) for k in kv}
-    try:
-        for k, v in kv.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-# Kernel paths of the launchers (csrc/include/kdext/cuda/*.cuh).
+# Kernel paths of the launchers (csrc/include/kdext/cuda/launch_plan.h), as
+# tuning knobs (docs/CUDA.md). The launchers read KDEXT_CUDA_* from the
+# environment once per process, so a test switches paths through
+# kdext._C._set_cuda_tuning; "default" is the plan's own choice.
+DEFAULT_TUNING = {"onchip": True, "cluster": 0, "chunks": 0}
 PATHS = {
     "default": {},
-    "no_onchip": {"KDEXT_CUDA_ONCHIP": "0"},
-    "split3": {"KDEXT_CUDA_ONCHIP": "0", "KDEXT_CUDA_CHUNKS": "3"},
-    "cluster1": {"KDEXT_CUDA_CLUSTER": "1"},
-    "cluster2": {"KDEXT_CUDA_CLUSTER": "2"},
-    "cluster8": {"KDEXT_CUDA_CLUSTER": "8"},
+    "no_onchip": {"onchip": False},
+    "split3": {"onchip": False, "chunks": 3},
+    "cluster1": {"cluster": 1},
+    "cluster2": {"cluster": 2},
+    "cluster8": {"cluster": 8},
 }
+
+
+@contextlib.contextmanager
+def cuda_path(name):
+    old = kdext._C._cuda_tuning()
+    kdext._C._set_cuda_tuning(**{**DEFAULT_TUNING, **PATHS[name]})
+    try:
+        yield
+    finally:
+        kdext._C._set_cuda_tuning(**old)
 
 
 def poison(nbytes_list, byte):
@@ -150,7 +137,7 @@ def check_op(fn, cuda_args, what, paths=("default",), f64_tol=None):
     sizes = nbytes(expected)
     for path in paths:
         for byte in (0xFF, 0x7F):
-            with env(**PATHS[path]):
+            with cuda_path(path):
                 poison(sizes, byte)
                 got = fn(*cuda_args)
                 torch.cuda.synchronize()
@@ -309,7 +296,7 @@ def test_loss_is_deterministic():
     s, t = pair((257, 32000), torch.bfloat16, torch.bfloat16, seed=5)
     w = torch.rand(257, device=DEV)
     for path in ("default", "no_onchip", "split3"):
-        with env(**PATHS[path]):
+        with cuda_path(path):
             a = ops.divergence_loss(s, t, w, "reverse_kl", 0.0, 1.0)
             b = ops.divergence_loss(s, t, w, "reverse_kl", 0.0, 1.0)
         for x, y in zip(a, b):  # bitwise, NaN included
@@ -372,6 +359,7 @@ def test_softmax_family(shape, dtype):
         check_op(bwd, [g.to(DEV), y.to(DEV)], f"softmax_backward(log={log})", paths=paths)
     check_op(lambda a: ops.logsumexp(a, T), [x], "logsumexp", paths=paths)
     f64_tol = None if dtype == torch.float64 else torch.float32  # the lse is float64 from a float32 sum
+    check_op(lambda a: ops.lse_float64(a, T), [x], "lse_float64", paths=paths, f64_tol=f64_tol)
     ent, lse = check_op(lambda a: ops.entropy_forward(a, T, None), [x], "entropy_forward", paths=paths,
                         f64_tol=f64_tol)
     assert lse.dtype == torch.float64
@@ -465,6 +453,7 @@ def _opcheck_cases():
         (ops.log_softmax, (x, 0.9)),
         (ops.softmax_backward, (torch.randn(6, 67, device=DEV), y, 0.9, False)),
         (ops.logsumexp, (x, 1.2)),
+        (ops.lse_float64, (x, 1.2)),
         (ops.entropy_forward, (x, 1.0, None)),
         (ops.entropy_forward, (x.detach(), 1.0, lse)),
         (ops.entropy_backward, (torch.randn(6, device=DEV), x.detach(), ent, lse, 1.0)),
@@ -473,7 +462,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck_cuda(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

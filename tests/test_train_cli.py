@@ -21,16 +21,7 @@ from kdext.train.methods import METHODS
 from kdext.train.checkpoint import list_checkpoints
 
 from train_fixtures import tiny as fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
 def distill(tiny, out, method, *extra, teacher="gpt2_teacher", student="llama_student", data=None):

@@ -30,6 +30,7 @@ from kdext.train import cli
 from kdext.train.methods import METHODS
 
 from train_fixtures import tiny as fixtures
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 # method -> (extra flags, split): "batch" = 1 x batch 4 vs 2 x batch 2; "accum" = 1 x batch 2 x
 # grad-accum 2 vs 2 x batch 2
@@ -45,16 +46,6 @@ CASES = {
     "minillm+hidden": (["--ppo-epochs", "3", "--hidden-coef", "0.5", "--hidden-loss", "cosine"], "accum"),
 }
 assert set(METHODS) <= set(CASES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
 
 
 def args(tiny, out, case, batch, *extra):

@@ -18,16 +18,7 @@ from kdext.train.step import build
 
 from train_fixtures import ref64 as R
 from train_fixtures import tiny as fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
 # ---------------------------------------------------------------------------------------------

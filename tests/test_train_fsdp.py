@@ -26,16 +26,7 @@ import torch
 from kdext.train import cli
 
 from train_fixtures import tiny as fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
 # case -> (method, extra flags); the 1-process reference runs without --fsdp. The losses run on

@@ -16,16 +16,7 @@ from kdext.train.hidden import FILE_NAME, HiddenProjection, default_layer_pairs,
 from kdext.train.options import ConfigError
 
 from train_fixtures import tiny as fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
 def test_layer_pairs():

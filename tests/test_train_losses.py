@@ -21,18 +21,9 @@ from kdext.train.step import build, micro_batch
 
 from train_fixtures import ref64 as R
 from train_fixtures import tiny as fixtures
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 T = 1.3  # a non-trivial temperature, so its plumbing is checked too
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
 
 
 def make_setup(tiny, method, teacher="gpt2_teacher", student="llama_student", train_kw=None, **mkw):

@@ -31,16 +31,7 @@ from kdext.train.options import APPLY, INPUT, REFUSE, ConfigError, option, resum
 from kdext.train.resume import check_resume
 
 from train_fixtures import tiny as fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
+from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
 def distill(tiny, out, method="kd", *extra, teacher="gpt2_teacher", student="llama_student", data=None):

@@ -24,15 +24,11 @@ from kdext.train import task
 from kdext.train.data import write_jsonl
 
 from train_fixtures import tiny as fixtures
+from train_fixtures.tiny import tiny  # noqa: F401  (a fixture)
 
 STEPS = 200
 KILLS = 10
 IN_WRITE = 4  # of the kills, those sent inside a checkpoint write
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return fixtures.get(tmp_path_factory)
 
 
 def _args(tiny, data, out, *extra):

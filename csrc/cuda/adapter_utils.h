@@ -1,7 +1,8 @@
 // Helpers shared by the CUDA adapters (csrc/cuda/*.cu): the torch side of the
-// framework-free launchers in csrc/include/kdext/cuda/ — dtype tags, the
-// current stream, caching-allocator workspaces, and run_launcher, which runs
-// a launcher on a device with all three.
+// framework-free launchers in csrc/include/kdext/cuda/ — dtype tags,
+// caching-allocator workspaces, and run_launcher, the one way an adapter runs
+// a launcher (the one way a launcher launches a kernel is kdext::cuda::launch,
+// csrc/include/kdext/cuda/launch_plan.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,9 +13,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <utility>
 #include <vector>
 
-#include "kdext/cuda/block_reduce.cuh"
+#include "kdext/cuda/launch_plan.h"
 #include "kdext/cuda/vec_load.cuh"
 
 namespace kdext {
@@ -44,7 +46,8 @@ inline at::Tensor empty_device_output(at::IntArrayRef sizes, const at::TensorOpt
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Hands out caching-allocator blocks for a launcher's temporaries and keeps
-// them alive until the adapter returns. Freeing right after the kernels are
+// them alive until run_launcher returns (an allocation that fails throws
+// torch's out-of-memory error through the launcher). Freeing right after the kernels are
 // enqueued is safe: the caching allocator only reuses a block for work that is
 // ordered after them on the same stream.
 class WorkspaceHolder {
@@ -65,16 +68,19 @@ class WorkspaceHolder {
   std::vector<at::Tensor> blocks_;
 };
 
-// Runs launch(workspace, stream), a framework-free launcher returning a
-// cudaError_t, on `device`: under a device guard, on the device's current
-// stream, with caching-allocator temporaries that live until it returns;
-// a launcher's or a kernel launch's error becomes an exception. The adapters
-// build their argument structs first (see empty_device_output).
-template <typename Launch>
-void run_launcher(c10::Device device, Launch&& launch) {
+// Runs launcher(args..., queue), a framework-free launcher of
+// csrc/include/kdext/cuda/, on `device`: under a device guard, with a Queue of
+// the device's current stream and caching-allocator temporaries that live
+// until it returns. The error the launcher returns (its first kernel launch
+// or allocation that failed), or one the runtime was left holding, becomes an
+// exception. The adapters build their argument structs, and so `args`, before
+// (see empty_device_output).
+template <typename Launcher, typename... Args>
+void run_launcher(c10::Device device, Launcher&& launcher, Args&&... args) {
   const c10::cuda::CUDAGuard guard(device);
   WorkspaceHolder ws(device);
-  C10_CUDA_CHECK(launch(ws.workspace(), current_stream()));
+  const kdext::cuda::Queue queue{current_stream(), ws.workspace()};
+  C10_CUDA_CHECK(launcher(std::forward<Args>(args)..., queue));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

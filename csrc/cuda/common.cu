@@ -22,10 +22,8 @@ void scale_(at::Tensor& self, const at::Tensor& factor) {
     return;
   }
   const at::Tensor f = is_supported_float(factor.scalar_type()) ? factor : factor.to(at::kDouble);
-  run_launcher(self.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
-    return kdext::cuda::scale_inplace(self.data_ptr(), to_dtype(self.scalar_type()), self.numel(),
-                                      f.const_data_ptr(), to_dtype(f.scalar_type()), 1.0, stream);
-  });
+  run_launcher(self.device(), kdext::cuda::scale_inplace, self.data_ptr(), to_dtype(self.scalar_type()), self.numel(),
+               f.const_data_ptr(), to_dtype(f.scalar_type()), 1.0);
 }
 
 }  // namespace

@@ -1,9 +1,11 @@
 // CUDA adapters of the divergence family: divergence_forward,
-// divergence_backward, divergence_loss, divergence_loss_out and divergence_partial.
+// divergence_backward, divergence_loss, divergence_loss_out and
+// divergence_partial.
 //
 // Each adapter checks its inputs (csrc/divergence_args.h, the same words as the
-// CPU kernels), takes a device guard and the current stream, and calls a
-// framework-free launcher from csrc/include/kdext/cuda/divergence_kernels.cuh.
+// CPU kernels) and runs a framework-free launcher of
+// csrc/include/kdext/cuda/divergence_launchers.cuh through run_launcher
+// (csrc/cuda/adapter_utils.h: device guard, current stream, workspace, errors).
 // Outputs and semantics are those of csrc/cpu/divergence.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,7 +14,7 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "divergence_args.h"
-#include "kdext/cuda/divergence_kernels.cuh"
+#include "kdext/cuda/divergence_launchers.cuh"
 
 namespace kdext {
 namespace cuda_adapter {
@@ -30,10 +32,8 @@ PairTensors pair_tensors(const PairInput& in) {
 std::tuple<at::Tensor, at::Tensor> divergence_forward(const at::Tensor& student, const at::Tensor& teacher,
                                                       c10::string_view name, double param, double temperature) {
   DivergenceForwardArgs a(student, teacher, name, param, temperature);
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
-    return kdext::cuda::divergence_forward(pair_tensors(a.in), a.in.kind, param, temperature, a.values.data_ptr(),
-                                           a.stats.data_ptr(), ws, stream);
-  });
+  run_launcher(student.device(), kdext::cuda::divergence_forward, pair_tensors(a.in), a.in.kind, param, temperature,
+               a.values.data_ptr(), a.stats.data_ptr());
   return {a.values, a.stats};
 }
 
@@ -43,12 +43,9 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
                                                        bool student_grad, bool teacher_grad) {
   DivergenceBackwardArgs a(grad_values, student, teacher, stats, name, param, temperature, student_grad,
                            teacher_grad, &empty_device_output);
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
-    return kdext::cuda::divergence_backward(pair_tensors(a.in), a.in.kind, param, temperature,
-                                            a.grad_values.const_data_ptr(), a.stats.const_data_ptr(),
-                                            student_grad ? a.student_grad.data_ptr() : nullptr,
-                                            teacher_grad ? a.teacher_grad.data_ptr() : nullptr, stream);
-  });
+  run_launcher(student.device(), kdext::cuda::divergence_backward, pair_tensors(a.in), a.in.kind, param, temperature,
+               a.grad_values.const_data_ptr(), a.stats.const_data_ptr(),
+               student_grad ? a.student_grad.data_ptr() : nullptr, teacher_grad ? a.teacher_grad.data_ptr() : nullptr);
   return a.outputs(student, teacher);
 }
 
@@ -57,11 +54,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_backward(const at::Tensor& grad_va
 at::Tensor run_divergence_loss(const DivergenceLossArgs& a, const at::Tensor& student, double param,
                                double temperature) {
   at::Tensor loss = at::empty({}, student.options().dtype(acc_dtype(student)));
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
-    return kdext::cuda::divergence_loss(pair_tensors(a.in), a.in.kind, param, temperature,
-                                        a.row_weights.const_data_ptr(), loss.data_ptr(), a.grad.data_ptr(), ws,
-                                        stream);
-  });
+  run_launcher(student.device(), kdext::cuda::divergence_loss, pair_tensors(a.in), a.in.kind, param, temperature,
+               a.row_weights.const_data_ptr(), loss.data_ptr(), a.grad.data_ptr());
   return loss;
 }
 
@@ -83,11 +77,8 @@ at::Tensor divergence_partial(const at::Tensor& student, const at::Tensor& teach
                               const at::Tensor& teacher_lse, c10::string_view name, double param,
                               double temperature) {
   DivergencePartialArgs a(student, teacher, student_lse, teacher_lse, name, param, temperature);
-  run_launcher(student.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
-    return kdext::cuda::divergence_partial(pair_tensors(a.in), a.in.kind, param, temperature,
-                                           a.student_lse.const_data_ptr(), a.teacher_lse.const_data_ptr(),
-                                           a.out.data_ptr(), ws, stream);
-  });
+  run_launcher(student.device(), kdext::cuda::divergence_partial, pair_tensors(a.in), a.in.kind, param, temperature,
+               a.student_lse.const_data_ptr(), a.teacher_lse.const_data_ptr(), a.out.data_ptr());
   return a.out;
 }
 

@@ -1,6 +1,7 @@
 // CUDA adapters for logprobs_forward and logprobs_backward: checks
-// (csrc/logprobs_args.h), device guard, current stream, then the framework-free
-// launchers of csrc/include/kdext/cuda/logprobs_kernels.cuh.
+// (csrc/logprobs_args.h), then the framework-free launchers of
+// csrc/include/kdext/cuda/logprobs_launchers.cuh through run_launcher
+// (csrc/cuda/adapter_utils.h: device guard, current stream, workspace, errors).
 //
 // One difference from csrc/cpu/logprobs.cpp, by design: a token outside
 // [0, V) makes the CPU forward raise IndexError, while the CUDA forward writes
@@ -14,7 +15,7 @@
 #include "checks.h"
 #include "cuda/adapter_utils.h"
 #include "logprobs_args.h"
-#include "kdext/cuda/logprobs_kernels.cuh"
+#include "kdext/cuda/logprobs_launchers.cuh"
 
 namespace kdext {
 namespace cuda_adapter {
@@ -28,10 +29,8 @@ kdext::cuda::RowTensor row_tensor(const RowsInput& in) {
 std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, const at::Tensor& tokens,
                                                     double temperature) {
   LogprobsForwardArgs a(logits, tokens, temperature);
-  run_launcher(logits.device(), [&](const kdext::cuda::Workspace& ws, cudaStream_t stream) {
-    return kdext::cuda::logprobs_forward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
-                                         a.out.data_ptr(), a.lse.data_ptr(), ws, stream);
-  });
+  run_launcher(logits.device(), kdext::cuda::logprobs_forward, row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(),
+               temperature, a.out.data_ptr(), a.lse.data_ptr());
   const auto shape = row_shape(logits);
   return {a.out.view(shape), a.lse.view(shape)};
 }
@@ -39,10 +38,8 @@ std::tuple<at::Tensor, at::Tensor> logprobs_forward(const at::Tensor& logits, co
 at::Tensor logprobs_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& tokens,
                              const at::Tensor& lse, double temperature) {
   LogprobsBackwardArgs a(grad, logits, tokens, lse, temperature, &empty_device_output);
-  run_launcher(logits.device(), [&](const kdext::cuda::Workspace&, cudaStream_t stream) {
-    return kdext::cuda::logprobs_backward(row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(), temperature,
-                                          a.grad.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr(), stream);
-  });
+  run_launcher(logits.device(), kdext::cuda::logprobs_backward, row_tensor(a.in), a.tokens.const_data_ptr<int64_t>(),
+               temperature, a.grad.const_data_ptr(), a.lse.const_data_ptr(), a.out.data_ptr());
   return a.out.view(logits.sizes());
 }
 

@@ -1,38 +1,31 @@
-// CUDA adapter of kdext::top_p_sample: checks the inputs, lays them out as
-// [rows, V] with unit stride, picks the device and stream and launches the
-// kernel of csrc/include/kdext/cuda/top_p_sample_kernels.cuh (one block per row).
+// CUDA adapter of kdext::top_p_sample: checks the inputs (csrc/top_p_sample_args.h),
+// lays them out as [rows, V] with unit stride and runs the framework-free
+// launcher of csrc/include/kdext/cuda/top_p_sample_launchers.cuh through
+// run_launcher (csrc/cuda/adapter_utils.h: device guard, current stream, errors).
 //
 // Student and teacher are read in one dtype: when they differ, both are
 // converted to the promoted type once (fp16 + bf16 -> fp32); float64 logits are
 // read as float32 (all of the op's math is float32, as on the CPU).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "checks.h"
 #include "cuda/adapter_utils.h"
-#include "kdext/cuda/top_p_sample_kernels.cuh"
+#include "kdext/cuda/top_p_sample_launchers.cuh"
 #include "top_p_sample_args.h"
 
 namespace kdext {
 namespace cuda_adapter {
 namespace {
 
-template <typename scalar_t>
-void launch_top_p_sample(const top_p_cuda::Params& p, int64_t rows, cudaStream_t stream) {
-  top_p_cuda::top_p_sample_kernel<scalar_t><<<static_cast<unsigned>(rows), top_p_cuda::kBlock, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sample(
     const at::Tensor& logits, const std::optional<at::Tensor>& teacher_logits, double top_p, int64_t top_k,
     double temperature, double alpha, int64_t seed, int64_t offset, const std::optional<at::Tensor>& row_ids) {
   const TopPSampleArgs a(logits, teacher_logits, top_p, top_k, temperature, alpha, row_ids);
   TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor here, got one on ", logits.device());
-  const c10::cuda::CUDAGuard guard(logits.device());
 
   c10::ScalarType dtype = logits.scalar_type();
   if (teacher_logits.has_value()) dtype = c10::promoteTypes(dtype, teacher_logits->scalar_type());
@@ -66,20 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_p_sam
   p.sample_logprob = a.sample_logprob.data_ptr<float>();
   p.threshold = a.threshold.data_ptr<float>();
 
-  const cudaStream_t stream = current_stream();  // of the guarded device
-  switch (dtype) {
-    case c10::kFloat:
-      launch_top_p_sample<float>(p, rows, stream);
-      break;
-    case c10::kHalf:
-      launch_top_p_sample<__half>(p, rows, stream);
-      break;
-    case c10::kBFloat16:
-      launch_top_p_sample<__nv_bfloat16>(p, rows, stream);
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "logits must be float32, float16, bfloat16 or float64, got ", dtype);
-  }
+  run_launcher(logits.device(), kdext::cuda::top_p_sample, p, to_dtype(dtype), rows);
   return a.outputs();
 }
 

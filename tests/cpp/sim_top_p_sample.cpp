@@ -1,6 +1,7 @@
-// Runs the CUDA kernel of kdext::top_p_sample (csrc/include/kdext/cuda/top_p_sample_kernels.cuh)
-// on the CPU through the simulator in tests/cpp/cuda_sim/, for machines without
-// a GPU. Driven by tests/test_top_p_sample.py::test_kernel_logic_simulated:
+// Runs the CUDA launcher and kernel of kdext::top_p_sample
+// (csrc/include/kdext/cuda/top_p_sample_launchers.cuh) on the CPU through the
+// simulator in tests/cpp/cuda_sim/, for machines without a GPU. Driven by
+// tests/test_top_p_sample.py::test_kernel_logic_simulated:
 //
 //   g++ -std=c++20 -O2 -ffp-contract=off -pthread -Itests/cpp/cuda_sim -Icsrc/include \
 //       tests/cpp/sim_top_p_sample.cpp -o sim_top_p_sample
@@ -12,21 +13,16 @@
 // dtype, and (if has_row_ids) int64 row_ids[rows].
 // OUT: int64 tokens[rows], then float32 student_logprob, teacher_logprob,
 // sample_logprob, threshold, [rows] each.
-#include "cuda_sim.h"  // first: defines the CUDA keywords the kernel header uses
+#include <cuda_runtime.h>  // the simulator: this folder is first on the include path
 
 #include <cstdio>
 #include <fstream>
 #include <vector>
 
-#include "kdext/cuda/top_p_sample_kernels.cuh"
+#include "kdext/cuda/top_p_sample_launchers.cuh"
 
-using namespace kdext::top_p_cuda;
-
-template <typename T>
-void run(Params p, int64_t rows) {
-  cuda_sim::launch(static_cast<unsigned>(rows), kBlock, [&] { top_p_sample_kernel<T>(p); });
-  std::fprintf(stderr, "simulated %lld blocks, %ld barriers\n", static_cast<long long>(rows), cuda_sim::g.barriers);
-}
+using kdext::cuda::DType;
+using kdext::top_p_cuda::Params;
 
 int main(int argc, char** argv) {
   if (argc != 3) {
@@ -68,9 +64,13 @@ int main(int argc, char** argv) {
   p.teacher_logprob = out.data() + rows;
   p.sample_logprob = out.data() + 2 * rows;
   p.threshold = out.data() + 3 * rows;
-  if (dtype == 0) run<float>(p, rows);
-  else if (dtype == 1) run<__nv_bfloat16>(p, rows);
-  else run<__half>(p, rows);
+  const DType dt = dtype == 0 ? DType::Float32 : dtype == 1 ? DType::BFloat16 : DType::Float16;
+  const kdext::cuda::Queue queue{nullptr, {}};  // (the launcher takes no temporaries)
+  if (const cudaError_t err = kdext::cuda::top_p_sample(p, dt, rows, queue); err != cudaSuccess) {
+    std::fprintf(stderr, "the launcher returned cudaError %d\n", int(err));
+    return 1;
+  }
+  std::fprintf(stderr, "simulated %lld blocks, %ld barriers\n", static_cast<long long>(rows), cuda_sim::g.barriers);
   std::ofstream o(argv[2], std::ios::binary);
   o.write(reinterpret_cast<const char*>(tokens.data()), rows * sizeof(int64_t));
   o.write(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(float));

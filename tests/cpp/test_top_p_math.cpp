@@ -112,6 +112,20 @@ PivotSums<8> pivot_sums(const std::vector<float>& x, const float (&v)[8], float 
   });
 }
 
+// The values of x in (lo, hi], in order, and their min and max (what a compaction keeps).
+std::vector<float> window_of(const std::vector<float>& x, float lo, float hi, float* mn, float* mx) {
+  std::vector<float> w;
+  *mn = INFINITY;
+  *mx = 0.f;
+  for (float v : x)
+    if (v > lo && v <= hi) {
+      w.push_back(v);
+      *mn = std::min(*mn, v);
+      *mx = std::max(*mx, v);
+    }
+  return w;
+}
+
 // Runs a search with the given way of computing a round; returns the rounds used.
 int drive(ThresholdSearch& st, const std::function<void(ThresholdSearch&)>& round) {
   while (!st.done()) round(st);
@@ -124,15 +138,8 @@ void search_cpu(ThresholdSearch& st, const std::vector<float>& row) {
   float base_m = 0.f, base_c = 0.f;
   drive(st, [&](ThresholdSearch& s) {
     if (s.window_count() < static_cast<float>(list.size())) {
-      std::vector<float> w;
-      float mn = INFINITY, mx = 0.f;
-      for (float v : list)
-        if (v > s.lo && v <= s.hi) {
-          w.push_back(v);
-          mn = std::min(mn, v);
-          mx = std::max(mx, v);
-        }
-      list.swap(w);
+      float mn, mx;
+      list = window_of(list, s.lo, s.hi, &mn, &mx);
       base_m = s.hi_mass;
       base_c = s.hi_count;
       s.tighten(mn, mx);
@@ -154,13 +161,8 @@ void search_cuda(ThresholdSearch& st, const std::vector<float>& row) {
   float list_m = 0.f, list_c = 0.f;
   drive(st, [&](ThresholdSearch& s) {
     if (!in_list && s.window_count() <= static_cast<float>(cap)) {
-      float mn = INFINITY, mx = 0.f;
-      for (float v : row)
-        if (v > s.lo && v <= s.hi) {
-          list.push_back(v);
-          mn = std::min(mn, v);
-          mx = std::max(mx, v);
-        }
+      float mn, mx;
+      list = window_of(row, s.lo, s.hi, &mn, &mx);
       list_m = s.hi_mass;
       list_c = s.hi_count;
       s.tighten(mn, mx);

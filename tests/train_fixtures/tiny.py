@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from kdext.train import task
@@ -95,3 +96,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The two fixtures every trainer test module uses: `from train_fixtures.tiny import single_thread, tiny`.
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny models and data of this module's tests (built once per session, see get)."""
+    return get(tmp_path_factory)

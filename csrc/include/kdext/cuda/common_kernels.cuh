@@ -1,16 +1,19 @@
-// The CUDA kernel and launcher of scale_ (stem: common; framework-free): x *=
-// factor with the factor read on the device, so that no host synchronisation
-// happens, and nothing written when it is 1. Included by csrc/cuda/common.cu.
+// CUDA kernel and launcher of the `common` stem (framework-free): scale_,
+// x *= factor in place with the factor read on the device, so that a
+// backward's upstream gradient never needs a device-to-host sync, and nothing
+// written when it is 1. Included by csrc/cuda/common.cu.
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include "kdext/cuda/block_reduce.cuh"
+#include "kdext/cuda/launch_plan.h"
 #include "kdext/cuda/vec_load.cuh"
 
 namespace kdext {
 namespace cuda {
 
+// x[0, n) *= f, f = *factor (of factor_dtype) or host_factor when factor is
+// null. Returns at once when f is 1 (nothing is read or written).
 template <typename X, typename Acc>
 __global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int64_t n, const void* factor,
                                                          DType factor_dtype, Acc host_factor) {
@@ -26,10 +29,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int6
   if (f == Acc(1)) return;
   constexpr int N = 16 / sizeof(X);
   RowPtrs p;
-  p.p[0] = x;
-  p.esize[0] = sizeof(X);
-  p.count = 1;
-  const PackLayout L = make_layout<N>(n, p);
+  p.count = 0;
+  const PackLayout L = make_layout<N>(n, p.add(x, sizeof(X)));
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < L.packs; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t start = L.base + k * N;
     Acc v[N];
@@ -44,18 +45,14 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(X* __restrict__ x, int6
 // the kernel: no host sync; nothing is written when it is 1) or null, in which
 // case `host_factor` is used.
 inline cudaError_t scale_inplace(void* x, DType dtype, int64_t n, const void* factor, DType factor_dtype,
-                                 double host_factor, cudaStream_t stream) {
+                                 double host_factor, const Queue& q) {
   if (n == 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tx) {
     using X = typename decltype(tx)::type;
     using Acc = typename AccOf<X>::type;
     constexpr int N = 16 / sizeof(X);
-    const int64_t packs = n / N + 2;
-    const int64_t blocks = (packs + kThreads - 1) / kThreads;
-    const int64_t cap = int64_t(sm_count()) * 16;
-    scale_kernel<X, Acc><<<grid_size(blocks < cap ? blocks : cap), kThreads, 0, stream>>>(
-        static_cast<X*>(x), n, factor, factor_dtype, Acc(host_factor));
-    return cudaGetLastError();
+    return launch({elementwise_grid(packs_bound(n, N))}, q, scale_kernel<X, Acc>, static_cast<X*>(x), n,
+                  factor, factor_dtype, Acc(host_factor));
   });
 }
 

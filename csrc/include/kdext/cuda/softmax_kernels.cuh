@@ -1,13 +1,14 @@
-// CUDA kernels and launchers of the softmax family (framework-free): softmax
-// and log_softmax with temperature, their backward, logsumexp, lse_float64 and
-// entropy (forward, vocab-shard partial, backward). Included by csrc/cuda/softmax.cu
-// (and, for the row-state kernel, by logprobs.cu).
+// CUDA kernels of the softmax family (framework-free): softmax and
+// log_softmax with temperature, their backward, logsumexp, lse_float64 and
+// entropy (forward, vocab-shard partial, backward). The launchers are in
+// softmax_launchers.cuh; logprobs reuses the row-state pass and the
+// elementwise row pass.
 //
 // Semantics are those of csrc/cpu/softmax.cpp formula by formula; the online
 // softmax state and its merge come from kdext/online_softmax.h, the entropy's
 // centred sum is the CPU's (H = log Z - B / Z, B = sum e^{x-m} (x - m)).
 //
-// Kernels (256-thread blocks, row groups of block_reduce.cuh):
+// Kernels (kThreads-thread blocks over the row groups of geometry.h):
 //   row_state_kernel      one pass: softmax (and entropy) state of a row or of a
 //                         chunk of it; finishes the row (lse, entropy, the
 //                         log-prob of a token) when the row is not split.
@@ -19,13 +20,15 @@
 //   softmax_bwd_kernel    the same shape for the backward: a dot product per
 //                         row, then the elementwise write.
 //   entropy_partial_kernel  -sum q log q of a vocab shard given the global lse.
-//   entropy_bwd_kernel    dH/dx, one elementwise pass.
+//   row_map_kernel        an elementwise pass over rows given per-row
+//                         statistics (entropy_backward here, logprobs_backward).
 //   sum_chunks_kernel     adds per-chunk partial sums in chunk order.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "kdext/cuda/block_reduce.cuh"
+#include "kdext/cuda/rows.cuh"
 #include "kdext/cuda/vec_load.cuh"
 #include "kdext/online_softmax.h"
 #include "kdext/row_contract.h"
@@ -51,27 +54,34 @@ struct RowArgs {
   RowGrid grid;
 };
 
-template <typename Acc>
-RowArgs<Acc> row_args(const RowTensor& in, double temperature) {
-  RowArgs<Acc> a;
-  a.x = in.x;
-  a.stride = in.stride;
-  a.rows = in.rows;
-  a.V = in.V;
-  a.inv_t = Acc(1.0 / temperature);
-  return a;
-}
-
 template <typename X>
 __device__ __forceinline__ RowPtrs single_ptrs(const void* x, const void* out) {
   RowPtrs p;
-  p.p[0] = x;
-  p.esize[0] = sizeof(X);
-  p.p[1] = out;
-  p.esize[1] = sizeof(X);
-  p.count = 2;
-  return p;
+  p.count = 0;
+  return p.add(x, sizeof(X)).add(out, sizeof(X));
 }
+
+// One row of x (and of the output, when one is written) in a row kernel.
+template <typename X, typename Acc>
+struct SingleRow {
+  static constexpr int N = 16 / sizeof(X);
+  const X* x;
+  PackLayout L;
+  int64_t k0, k1;  // this group's packs
+
+  __device__ __forceinline__ SingleRow(const RowArgs<Acc>& a, const GroupPos& pos, const void* out = nullptr)
+      : x(row_ptr<X>(a.x, pos.row, a.stride)), L(make_layout<N>(a.V, single_ptrs<X>(x, out))) {
+    chunk_range(L.packs, pos.chunk, a.grid.chunks, &k0, &k1);
+  }
+
+  __device__ __forceinline__ int64_t start(int64_t k) const { return L.base + k * N; }
+};
+
+// One pack of x/T.
+template <typename Acc, int N>
+struct RowPack {
+  Acc x[N];
+};
 
 // ---- the entropy state ---------------------------------------------------------------
 
@@ -102,14 +112,6 @@ __host__ __device__ __forceinline__ EntropyState<Acc> merge(const EntropyState<A
                 fb * (b.centred + centred_shift(b.sm.max, m) * b.sm.sum);
   return out;
 }
-
-template <typename Acc>
-struct MergeEntropy {
-  __device__ __forceinline__ EntropyState<Acc> operator()(const EntropyState<Acc>& a,
-                                                          const EntropyState<Acc>& b) const {
-    return merge(a, b);
-  }
-};
 
 template <typename Acc>
 struct AddAcc {
@@ -183,24 +185,16 @@ __device__ __forceinline__ void finalize_row_state(const StateSink<Acc>& sk, con
   }
 }
 
-// Accumulates packs [k0, k1) of a row, `G` threads apart starting at k0 + lane.
-template <typename X, typename Acc, int N, bool kEntropy>
-__device__ __forceinline__ void accumulate_range(EntropyState<Acc>& st, const X* row, const PackLayout& L, int64_t k0,
-                                                 int64_t k1, int lane, int G, Acc inv_t) {
-  const Acc pad = neg_inf<Acc>();
-  int64_t k = k0 + lane;
-  for (; k + G < k1; k += 2 * G) {  // two packs in flight per thread
-    Acc x0[N], x1[N];
-    load_pack<Acc, X, N>(row, L, L.base + k * N, inv_t, pad, x0);
-    load_pack<Acc, X, N>(row, L, L.base + (k + G) * N, inv_t, pad, x1);
-    accumulate_row<Acc, N, kEntropy>(st, x0);
-    accumulate_row<Acc, N, kEntropy>(st, x1);
-  }
-  if (k < k1) {
-    Acc x0[N];
-    load_pack<Acc, X, N>(row, L, L.base + k * N, inv_t, pad, x0);
-    accumulate_row<Acc, N, kEntropy>(st, x0);
-  }
+// The online state of packs [k0, k1) of a row, `G` threads apart from k0 + lane.
+template <typename X, typename Acc, bool kEntropy>
+__device__ __forceinline__ void accumulate_range(EntropyState<Acc>& st, const SingleRow<X, Acc>& row, int lane,
+                                                 int G, Acc inv_t) {
+  constexpr int N = SingleRow<X, Acc>::N;
+  using Pack = RowPack<Acc, N>;
+  for_packs_in_flight<Pack>(
+      row.k0, row.k1, lane, G,
+      [&](int64_t k, Pack& p) { load_pack<Acc, X, N>(row.x, row.L, row.start(k), inv_t, neg_inf<Acc>(), p.x); },
+      [&](const Pack& p) { accumulate_row<Acc, N, kEntropy>(st, p.x); });
 }
 
 // ---- kernels ---------------------------------------------------------------------
@@ -208,39 +202,30 @@ __device__ __forceinline__ void accumulate_range(EntropyState<Acc>& st, const X*
 template <typename X, typename Acc, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
     row_state_kernel(RowArgs<Acc> a, EntropyState<Acc>* __restrict__ partial, StateSink<Acc> sink) {
-  constexpr int N = 16 / sizeof(X);
-  __shared__ ReduceScratch<EntropyState<Acc>> scratch;
+  KDEXT_SHARED(scratch, ReduceScratch<EntropyState<Acc>>);
   const RowGrid g = a.grid;
-  for (int64_t b = blockIdx.x; b < g.blocks(); b += gridDim.x) {
-    const GroupPos pos = group_pos(g, b);
+  for_each_group(g, [&](const GroupPos& pos) {
     EntropyState<Acc> st = EntropyState<Acc>::empty();
-    if (pos.active) {
-      const X* row = row_ptr<X>(a.x, pos.row, a.stride);
-      const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, nullptr));
-      int64_t k0, k1;
-      chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-      accumulate_range<X, Acc, N, kEntropy>(st, row, L, k0, k1, pos.lane, g.G, a.inv_t);
+    if (pos.active) accumulate_range<X, Acc, kEntropy>(st, SingleRow<X, Acc>(a, pos), pos.lane, g.G, a.inv_t);
+    st = group_allreduce(st, MergeOp{}, g.G, scratch);
+    if (!pos.active || pos.lane != 0) return;
+    if (g.chunks > 1) {
+      partial[pos.row * g.chunks + pos.chunk] = st;
+    } else {
+      finalize_row_state<X, Acc, kEntropy>(sink, a, pos.row, st);
     }
-    st = group_allreduce(st, MergeEntropy<Acc>{}, g.G, scratch);
-    if (pos.active && pos.lane == 0) {
-      if (g.chunks > 1) {
-        partial[pos.row * g.chunks + pos.chunk] = st;
-      } else {
-        finalize_row_state<X, Acc, kEntropy>(sink, a, pos.row, st);
-      }
-    }
-  }
+  });
 }
 
 template <typename X, typename Acc, bool kEntropy>
 __global__ void __launch_bounds__(kThreads)
     row_state_merge_kernel(RowArgs<Acc> a, const EntropyState<Acc>* __restrict__ partial, StateSink<Acc> sink) {
   const int chunks = a.grid.chunks;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
+  for_each_row(a.rows, [&](int64_t r) {
     EntropyState<Acc> st = partial[r * chunks];
     for (int c = 1; c < chunks; ++c) st = merge(st, partial[r * chunks + c]);
     finalize_row_state<X, Acc, kEntropy>(sink, a, r, st);
-  }
+  });
 }
 
 // softmax(x/T) (kLog false) or log_softmax(x/T) into out ([rows, V] contiguous),
@@ -250,43 +235,35 @@ template <typename X, typename Acc, bool kLog>
 __global__ void __launch_bounds__(kThreads)
     softmax_kernel(RowArgs<Acc> a, const Acc* __restrict__ max_in, const Acc* __restrict__ logz_in,
                    X* __restrict__ out) {
-  constexpr int N = 16 / sizeof(X);
-  __shared__ ReduceScratch<EntropyState<Acc>> scratch;
+  constexpr int N = SingleRow<X, Acc>::N;
+  KDEXT_SHARED(scratch, ReduceScratch<EntropyState<Acc>>);
   const RowGrid g = a.grid;
-  for (int64_t b = blockIdx.x; b < g.blocks(); b += gridDim.x) {
-    const GroupPos pos = group_pos(g, b);
-    const X* row = pos.active ? row_ptr<X>(a.x, pos.row, a.stride) : nullptr;
+  for_each_group(g, [&](const GroupPos& pos) {
     X* orow = pos.active ? row_ptr_mut<X>(out, pos.row, a.V) : nullptr;
-    PackLayout L = {};
-    int64_t k0 = 0, k1 = 0;
-    if (pos.active) {
-      L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
-      chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-    }
     Acc mx, logz;
     if (max_in == nullptr) {
       EntropyState<Acc> st = EntropyState<Acc>::empty();
-      if (pos.active) accumulate_range<X, Acc, N, false>(st, row, L, k0, k1, pos.lane, g.G, a.inv_t);
-      st = group_allreduce(st, MergeEntropy<Acc>{}, g.G, scratch);
+      if (pos.active) accumulate_range<X, Acc, false>(st, SingleRow<X, Acc>(a, pos, orow), pos.lane, g.G, a.inv_t);
+      st = group_allreduce(st, MergeOp{}, g.G, scratch);
       mx = st.sm.max;
       logz = MathOps<Acc>::log(st.sm.sum);
     } else {
       mx = pos.active ? max_in[pos.row] : Acc(0);
       logz = pos.active ? logz_in[pos.row] : Acc(0);
     }
-    if (!pos.active) continue;  // nothing block-wide follows
-    for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
-      const int64_t start = L.base + k * N;
+    if (!pos.active) return;  // nothing block-wide follows
+    const SingleRow<X, Acc> row(a, pos, orow);
+    for (int64_t k = row.k0 + pos.lane; k < row.k1; k += g.G) {
       Acc v[N];
-      load_pack<Acc, X, N>(row, L, start, a.inv_t, neg_inf<Acc>(), v);
+      load_pack<Acc, X, N>(row.x, row.L, row.start(k), a.inv_t, neg_inf<Acc>(), v);
 #pragma unroll
       for (int l = 0; l < N; ++l) {
         const Acc y = (v[l] - mx) - logz;
         v[l] = kLog ? y : MathOps<Acc>::exp(y);
       }
-      store_pack<X, Acc, N>(orow, L, start, v);
+      store_pack<X, Acc, N>(orow, row.L, row.start(k), v);
     }
-  }
+  });
 }
 
 // Arguments of the softmax backward: grad_output (G) and output (Y) rows.
@@ -305,18 +282,7 @@ enum class BwdMode : int32_t { Full = 0, PartialDot = 1, WriteOnly = 2 };
 
 template <typename G, typename Y>
 __device__ __forceinline__ RowPtrs bwd_ptrs(const G* g, const Y* y, const Y* out) {
-  RowPtrs p;
-  if (sizeof(G) <= sizeof(Y)) {
-    p.p[0] = g; p.esize[0] = sizeof(G);
-    p.p[1] = y; p.esize[1] = sizeof(Y);
-  } else {
-    p.p[0] = y; p.esize[0] = sizeof(Y);
-    p.p[1] = g; p.esize[1] = sizeof(G);
-  }
-  p.p[2] = out; p.esize[2] = sizeof(Y);
-  p.p[3] = nullptr; p.esize[3] = 1;
-  p.count = 3;
-  return p;
+  return input_ptrs(g, y).add(out, sizeof(Y));
 }
 
 // d/dx softmax(x/T) = y (g - sum g y) / T; d/dx log_softmax(x/T) = (g - e^y sum g) / T.
@@ -326,10 +292,9 @@ template <typename G, typename Y, typename Acc, bool kLog>
 __global__ void __launch_bounds__(kThreads)
     softmax_bwd_kernel(BwdArgs<Acc> a, BwdMode mode, Acc* __restrict__ dots, Y* __restrict__ out) {
   constexpr int N = pack_width(sizeof(G), sizeof(Y));
-  __shared__ ReduceScratch<Acc> scratch;
+  KDEXT_SHARED(scratch, ReduceScratch<Acc>);
   const RowGrid grid = a.grid;
-  for (int64_t b = blockIdx.x; b < grid.blocks(); b += gridDim.x) {
-    const GroupPos pos = group_pos(grid, b);
+  for_each_group(grid, [&](const GroupPos& pos) {
     const G* gr = pos.active ? row_ptr<G>(a.g, pos.row, a.g_stride) : nullptr;
     const Y* yr = pos.active ? row_ptr<Y>(a.y, pos.row, a.y_stride) : nullptr;
     Y* orow = (pos.active && mode != BwdMode::PartialDot) ? row_ptr_mut<Y>(out, pos.row, a.V) : nullptr;
@@ -339,16 +304,18 @@ __global__ void __launch_bounds__(kThreads)
       L = make_layout<N>(a.V, bwd_ptrs<G, Y>(gr, yr, orow));
       chunk_range(L.packs, pos.chunk, grid.chunks, &k0, &k1);
     }
+    auto load = [&](int64_t k, Acc (&gv)[N], Acc (&yv)[N]) {
+      load_pack<Acc, G, N>(gr, L, L.base + k * N, Acc(1), Acc(0), gv);
+      load_pack<Acc, Y, N>(yr, L, L.base + k * N, Acc(1), Acc(0), yv);
+    };
     Acc dot = Acc(0);
     if (mode == BwdMode::WriteOnly) {
       dot = pos.active ? dots[pos.row] : Acc(0);
     } else {
       if (pos.active) {
         for (int64_t k = k0 + pos.lane; k < k1; k += grid.G) {
-          const int64_t start = L.base + k * N;
           Acc gv[N], yv[N];
-          load_pack<Acc, G, N>(gr, L, start, Acc(1), Acc(0), gv);
-          load_pack<Acc, Y, N>(yr, L, start, Acc(1), Acc(0), yv);
+          load(k, gv, yv);
 #pragma unroll
           for (int l = 0; l < N; ++l) dot += kLog ? gv[l] : gv[l] * yv[l];
         }
@@ -356,20 +323,19 @@ __global__ void __launch_bounds__(kThreads)
       dot = group_allreduce(dot, AddAcc<Acc>{}, grid.G, scratch);
       if (mode == BwdMode::PartialDot) {
         if (pos.active && pos.lane == 0) dots[pos.row * grid.chunks + pos.chunk] = dot;
-        continue;
+        return;
       }
     }
-    if (!pos.active) continue;
+    if (!pos.active) return;
     for (int64_t k = k0 + pos.lane; k < k1; k += grid.G) {
-      const int64_t start = L.base + k * N;
       Acc gv[N], yv[N], d[N];
-      load_pack<Acc, G, N>(gr, L, start, Acc(1), Acc(0), gv);
-      load_pack<Acc, Y, N>(yr, L, start, Acc(1), Acc(0), yv);
+      load(k, gv, yv);
 #pragma unroll
-      for (int l = 0; l < N; ++l) d[l] = (kLog ? gv[l] - MathOps<Acc>::exp(yv[l]) * dot : yv[l] * (gv[l] - dot)) * a.inv_t;
-      store_pack<Y, Acc, N>(orow, L, start, d);
+      for (int l = 0; l < N; ++l)
+        d[l] = (kLog ? gv[l] - MathOps<Acc>::exp(yv[l]) * dot : yv[l] * (gv[l] - dot)) * a.inv_t;
+      store_pack<Y, Acc, N>(orow, L, L.base + k * N, d);
     }
-  }
+  });
 }
 
 // -sum_i q_i log q_i over the row (or chunk) given the global lse; NaN for a
@@ -377,11 +343,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename X, typename Acc>
 __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> a, const double* __restrict__ lse,
                                                                    Acc* __restrict__ partial, Acc* __restrict__ out) {
-  constexpr int N = 16 / sizeof(X);
-  __shared__ ReduceScratch<Acc> scratch;
+  constexpr int N = SingleRow<X, Acc>::N;
+  KDEXT_SHARED(scratch, ReduceScratch<Acc>);
   const RowGrid g = a.grid;
-  for (int64_t b = blockIdx.x; b < g.blocks(); b += gridDim.x) {
-    const GroupPos pos = group_pos(g, b);
+  for_each_group(g, [&](const GroupPos& pos) {
     Acc acc = Acc(0);
     bool normal = false;
     if (pos.active) {
@@ -389,16 +354,13 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
       const SplitLse<Acc> l = split_lse<Acc>(l64);
       normal = classify_row(l64) == RowKind::Normal;
       if (normal) {
-        const X* row = row_ptr<X>(a.x, pos.row, a.stride);
-        const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, nullptr));
-        int64_t k0, k1;
-        chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-        for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
+        const SingleRow<X, Acc> row(a, pos);
+        for (int64_t k = row.k0 + pos.lane; k < row.k1; k += g.G) {
           Acc v[N];
-          load_pack<Acc, X, N>(row, L, L.base + k * N, a.inv_t, neg_inf<Acc>(), v);
+          load_pack<Acc, X, N>(row.x, row.L, row.start(k), a.inv_t, neg_inf<Acc>(), v);
 #pragma unroll
-          for (int l2 = 0; l2 < N; ++l2) {
-            const Acc lq = log_q(v[l2], l);
+          for (int i = 0; i < N; ++i) {
+            const Acc lq = log_q(v[i], l);
             const Acc q = MathOps<Acc>::exp(lq);
             acc -= q > Acc(0) ? q * lq : Acc(0);
           }
@@ -406,242 +368,85 @@ __global__ void __launch_bounds__(kThreads) entropy_partial_kernel(RowArgs<Acc> 
       }
     }
     acc = group_allreduce(acc, AddAcc<Acc>{}, g.G, scratch);
-    if (pos.active && pos.lane == 0) {
-      const Acc v = normal ? acc : quiet_nan<Acc>();
-      if (g.chunks > 1) {
-        partial[pos.row * g.chunks + pos.chunk] = v;
-      } else {
-        out[pos.row] = v;
-      }
+    if (!pos.active || pos.lane != 0) return;
+    const Acc v = normal ? acc : quiet_nan<Acc>();
+    if (g.chunks > 1) {
+      partial[pos.row * g.chunks + pos.chunk] = v;
+    } else {
+      out[pos.row] = v;
     }
-  }
+  });
 }
 
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
     sum_chunks_kernel(const Acc* __restrict__ partial, int chunks, int64_t rows, Acc* __restrict__ out) {
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+  for_each_row(rows, [&](int64_t r) {
     Acc s = partial[r * chunks];
     for (int c = 1; c < chunks; ++c) s += partial[r * chunks + c];
     out[r] = s;
-  }
+  });
+}
+
+// An elementwise pass over rows given per-row statistics: out = f(x/T) pack by
+// pack. `map.row(r)` gives the row's constants (with their RowKind); rows that
+// are not Normal are filled (constant_row_gradient of kdext/row_contract.h:
+// Empty 0, Poisoned NaN) without reading x, the
+// others get map.apply(constants, start, v) of each pack v of x/T (lanes
+// outside the row read -inf and are never stored).
+template <typename X, typename Acc, typename Map>
+__global__ void __launch_bounds__(kThreads) row_map_kernel(RowArgs<Acc> a, Map map, X* __restrict__ out) {
+  constexpr int N = SingleRow<X, Acc>::N;
+  const RowGrid g = a.grid;
+  for_each_group(g, [&](const GroupPos& pos) {
+    if (!pos.active) return;
+    X* orow = row_ptr_mut<X>(out, pos.row, a.V);
+    const SingleRow<X, Acc> row(a, pos, orow);
+    const auto c = map.row(pos.row);
+    for (int64_t k = row.k0 + pos.lane; k < row.k1; k += g.G) {
+      Acc v[N];
+      if (c.kind != RowKind::Normal) {
+        const Acc fill = constant_row_gradient<Acc>(c.kind);
+#pragma unroll
+        for (int i = 0; i < N; ++i) v[i] = fill;
+      } else {
+        load_pack<Acc, X, N>(row.x, row.L, row.start(k), a.inv_t, neg_inf<Acc>(), v);
+        map.apply(c, row.start(k), v);
+      }
+      store_pack<X, Acc, N>(orow, row.L, row.start(k), v);
+    }
+  });
 }
 
 // dH/dx_j = -q_j (log q_j + H) / T, times the upstream gradient; empty rows 0,
 // poisoned rows NaN (csrc/cpu/softmax.cpp).
-template <typename X, typename Acc>
-__global__ void __launch_bounds__(kThreads)
-    entropy_bwd_kernel(RowArgs<Acc> a, const Acc* __restrict__ grad, const Acc* __restrict__ entropy,
-                       const double* __restrict__ lse, X* __restrict__ out) {
-  constexpr int N = 16 / sizeof(X);
-  const RowGrid g = a.grid;
-  for (int64_t b = blockIdx.x; b < g.blocks(); b += gridDim.x) {
-    const GroupPos pos = group_pos(g, b);
-    if (!pos.active) continue;
-    const int64_t r = pos.row;
-    const X* row = row_ptr<X>(a.x, r, a.stride);
-    X* orow = row_ptr_mut<X>(out, r, a.V);
-    const PackLayout L = make_layout<N>(a.V, single_ptrs<X>(row, orow));
-    int64_t k0, k1;
-    chunk_range(L.packs, pos.chunk, g.chunks, &k0, &k1);
-    const SplitLse<Acc> l = split_lse<Acc>(lse[r]);
-    const Acc h = entropy[r], scale = -grad[r] * a.inv_t;
-    const RowKind kind = classify_row(lse[r]);
-    for (int64_t k = k0 + pos.lane; k < k1; k += g.G) {
-      const int64_t start = L.base + k * N;
-      Acc v[N];
-      if (kind != RowKind::Normal) {
-        const Acc fill = constant_row_gradient<Acc>(kind);
+template <typename Acc>
+struct EntropyGrad {
+  const Acc* grad;
+  const Acc* entropy;
+  const double* lse;
+  Acc inv_t;
+
+  struct Row {
+    RowKind kind;
+    SplitLse<Acc> lse;
+    Acc h, scale;
+  };
+
+  __device__ __forceinline__ Row row(int64_t r) const {
+    return {classify_row(lse[r]), split_lse<Acc>(lse[r]), entropy[r], -grad[r] * inv_t};
+  }
+
+  template <int N>
+  __device__ __forceinline__ void apply(const Row& c, int64_t, Acc (&v)[N]) const {
 #pragma unroll
-        for (int l2 = 0; l2 < N; ++l2) v[l2] = fill;
-      } else {
-        load_pack<Acc, X, N>(row, L, start, a.inv_t, neg_inf<Acc>(), v);
-#pragma unroll
-        for (int l2 = 0; l2 < N; ++l2) {
-          const Acc lq = log_q(v[l2], l);
-          const Acc q = MathOps<Acc>::exp(lq);
-          v[l2] = q > Acc(0) ? scale * q * (lq + h) : Acc(0);
-        }
-      }
-      store_pack<X, Acc, N>(orow, L, start, v);
+    for (int i = 0; i < N; ++i) {
+      const Acc lq = log_q(v[i], c.lse);
+      const Acc q = MathOps<Acc>::exp(lq);
+      v[i] = q > Acc(0) ? c.scale * q * (lq + c.h) : Acc(0);
     }
   }
-}
-
-// ---- launchers ---------------------------------------------------------------------
-
-namespace detail {
-inline unsigned per_row_grid(int64_t rows) { return grid_size((rows + kThreads - 1) / kThreads); }
-}  // namespace detail
-
-// The row state (lse; entropy with kEntropy; a token's log-prob) into `sink`.
-template <typename X, typename Acc, bool kEntropy>
-cudaError_t launch_row_state(RowArgs<Acc> a, const StateSink<Acc>& sink, const Workspace& ws, cudaStream_t stream) {
-  constexpr int N = 16 / sizeof(X);
-  a.grid = plan_row_grid(a.rows, (a.V + N - 1) / N + 1);
-  EntropyState<Acc>* partial = nullptr;
-  if (a.grid.chunks > 1) {
-    partial = static_cast<EntropyState<Acc>*>(ws.get(size_t(a.rows) * a.grid.chunks * sizeof(EntropyState<Acc>)));
-    if (partial == nullptr) return cudaErrorMemoryAllocation;
-  }
-  row_state_kernel<X, Acc, kEntropy><<<grid_size(a.grid.blocks()), kThreads, 0, stream>>>(a, partial, sink);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || a.grid.chunks == 1) return err;
-  row_state_merge_kernel<X, Acc, kEntropy><<<detail::per_row_grid(a.rows), kThreads, 0, stream>>>(a, partial, sink);
-  return cudaGetLastError();
-}
-
-// out: [rows, V] contiguous, dtype of the logits.
-inline cudaError_t softmax_forward(const RowTensor& in, double temperature, bool log, void* out, const Workspace& ws,
-                                   cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    constexpr int N = 16 / sizeof(X);
-    RowArgs<Acc> a = row_args<Acc>(in, temperature);
-    a.grid = plan_row_grid(in.rows, (in.V + N - 1) / N + 1);
-    const Acc* mx = nullptr;
-    const Acc* logz = nullptr;
-    if (a.grid.chunks > 1) {  // split rows: the state first (partials + merge), then the write
-      Acc* m = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
-      Acc* z = static_cast<Acc*>(ws.get(size_t(in.rows) * sizeof(Acc)));
-      if (m == nullptr || z == nullptr) return cudaErrorMemoryAllocation;
-      StateSink<Acc> sink;
-      sink.max = m;
-      sink.logz = z;
-      const cudaError_t err = launch_row_state<X, Acc, false>(a, sink, ws, stream);
-      if (err != cudaSuccess) return err;
-      mx = m;
-      logz = z;
-    }
-    const unsigned grid = grid_size(a.grid.blocks());
-    if (log) {
-      softmax_kernel<X, Acc, true><<<grid, kThreads, 0, stream>>>(a, mx, logz, static_cast<X*>(out));
-    } else {
-      softmax_kernel<X, Acc, false><<<grid, kThreads, 0, stream>>>(a, mx, logz, static_cast<X*>(out));
-    }
-    return cudaGetLastError();
-  });
-}
-
-// grad_output `g` and output `y` as [rows, V]; out: [rows, V] contiguous, dtype of y.
-// float64 pairs only with float64 (the adapter converts g to y's dtype otherwise).
-inline cudaError_t softmax_backward(const RowTensor& g, const RowTensor& y, double temperature, bool log, void* out,
-                                    const Workspace& ws, cudaStream_t stream) {
-  if (y.rows == 0) return cudaSuccess;
-  return dispatch_dtype_pair(g.dtype, y.dtype, [&](auto tg, auto ty) -> cudaError_t {
-    using G = typename decltype(tg)::type;
-    using Y = typename decltype(ty)::type;
-    using Acc = typename AccOf<Y>::type;
-    constexpr int N = pack_width(sizeof(G), sizeof(Y));
-    BwdArgs<Acc> a;
-    a.g = g.x;
-    a.g_stride = g.stride;
-    a.y = y.x;
-    a.y_stride = y.stride;
-    a.rows = y.rows;
-    a.V = y.V;
-    a.inv_t = Acc(1.0 / temperature);
-    a.grid = plan_row_grid(y.rows, (y.V + N - 1) / N + 1);
-    auto launch = [&](BwdMode mode, Acc* dots) {
-      const unsigned grid = grid_size(a.grid.blocks());
-      if (log) {
-        softmax_bwd_kernel<G, Y, Acc, true><<<grid, kThreads, 0, stream>>>(a, mode, dots, static_cast<Y*>(out));
-      } else {
-        softmax_bwd_kernel<G, Y, Acc, false><<<grid, kThreads, 0, stream>>>(a, mode, dots, static_cast<Y*>(out));
-      }
-      return cudaGetLastError();
-    };
-    if (a.grid.chunks == 1) return launch(BwdMode::Full, nullptr);
-    Acc* partial = static_cast<Acc*>(ws.get(size_t(y.rows) * a.grid.chunks * sizeof(Acc)));
-    Acc* dots = static_cast<Acc*>(ws.get(size_t(y.rows) * sizeof(Acc)));
-    if (partial == nullptr || dots == nullptr) return cudaErrorMemoryAllocation;
-    cudaError_t err = launch(BwdMode::PartialDot, partial);
-    if (err != cudaSuccess) return err;
-    sum_chunks_kernel<Acc><<<detail::per_row_grid(y.rows), kThreads, 0, stream>>>(partial, a.grid.chunks, y.rows, dots);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    return launch(BwdMode::WriteOnly, dots);
-  });
-}
-
-// out: [rows] accumulation dtype.
-inline cudaError_t logsumexp(const RowTensor& in, double temperature, void* out, const Workspace& ws,
-                             cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    StateSink<Acc> sink;
-    sink.lse = static_cast<Acc*>(out);
-    return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
-  });
-}
-
-// out: [rows] float64, the lse of the same state in float64 (as entropy_forward's).
-inline cudaError_t lse_float64(const RowTensor& in, double temperature, void* out, const Workspace& ws,
-                               cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    StateSink<Acc> sink;
-    sink.lse64 = static_cast<double*>(out);
-    return launch_row_state<X, Acc, false>(row_args<Acc>(in, temperature), sink, ws, stream);
-  });
-}
-
-// Without `lse_in`: entropy and lse of each row (one pass). With `lse_in` (the
-// global lse of a vocab shard's rows): the shard's partial entropy; lse_out is
-// then not written (the adapter returns a copy of lse_in). lse_in and lse_out
-// are float64 [rows] for every input dtype (as the CPU kernel).
-inline cudaError_t entropy_forward(const RowTensor& in, double temperature, const void* lse_in, void* entropy,
-                                   void* lse_out, const Workspace& ws, cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    constexpr int N = 16 / sizeof(X);
-    RowArgs<Acc> a = row_args<Acc>(in, temperature);
-    if (lse_in == nullptr) {
-      StateSink<Acc> sink;
-      sink.lse64 = static_cast<double*>(lse_out);
-      sink.entropy = static_cast<Acc*>(entropy);
-      return launch_row_state<X, Acc, true>(a, sink, ws, stream);
-    }
-    a.grid = plan_row_grid(in.rows, (in.V + N - 1) / N + 1);
-    Acc* partial = nullptr;
-    if (a.grid.chunks > 1) {
-      partial = static_cast<Acc*>(ws.get(size_t(in.rows) * a.grid.chunks * sizeof(Acc)));
-      if (partial == nullptr) return cudaErrorMemoryAllocation;
-    }
-    entropy_partial_kernel<X, Acc><<<grid_size(a.grid.blocks()), kThreads, 0, stream>>>(
-        a, static_cast<const double*>(lse_in), partial, static_cast<Acc*>(entropy));
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess || a.grid.chunks == 1) return err;
-    sum_chunks_kernel<Acc><<<detail::per_row_grid(in.rows), kThreads, 0, stream>>>(partial, a.grid.chunks, in.rows,
-                                                                                    static_cast<Acc*>(entropy));
-    return cudaGetLastError();
-  });
-}
-
-// grad, entropy: [rows] accumulation dtype; lse: [rows] float64; out: [rows, V] contiguous, dtype of the logits.
-inline cudaError_t entropy_backward(const RowTensor& in, double temperature, const void* grad, const void* entropy,
-                                    const void* lse, void* out, cudaStream_t stream) {
-  if (in.rows == 0) return cudaSuccess;
-  return dispatch_dtype(in.dtype, [&](auto tx) -> cudaError_t {
-    using X = typename decltype(tx)::type;
-    using Acc = typename AccOf<X>::type;
-    constexpr int N = 16 / sizeof(X);
-    RowArgs<Acc> a = row_args<Acc>(in, temperature);
-    a.grid = plan_row_grid(in.rows, (in.V + N - 1) / N + 1);
-    entropy_bwd_kernel<X, Acc><<<grid_size(a.grid.blocks()), kThreads, 0, stream>>>(
-        a, static_cast<const Acc*>(grad), static_cast<const Acc*>(entropy), static_cast<const double*>(lse),
-        static_cast<X*>(out));
-    return cudaGetLastError();
-  });
-}
+};
 
 }  // namespace cuda
 }  // namespace kdext

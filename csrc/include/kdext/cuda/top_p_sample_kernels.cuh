@@ -1,12 +1,9 @@
 // The CUDA kernel of kdext::top_p_sample, framework-free (raw pointers, CUDA
-// types and CUB only); the adapter is csrc/cuda/top_p_sample.cu.
-//
-// It keeps its own block reduction (an array of floats per thread, reduced by
-// a fixed shuffle butterfly and a fixed-order fold over warps) rather than
-// kdext/cuda/block_reduce.cuh's group_allreduce, because that header also
-// holds host launch code (<<<...>>>), and this one must also compile as plain
-// C++ for the CPU simulator of tests/cpp/cuda_sim, which is how its logic is
-// tested on machines without a GPU.
+// types and CUB only); the adapter is csrc/cuda/top_p_sample.cu. Its block
+// reductions are block_reduce.cuh's (a fixed shuffle butterfly and a
+// fixed-order fold over warps); like every kernel header it also compiles as
+// plain C++ for the CPU simulator of tests/cpp/cuda_sim, which is how its
+// logic is tested on machines without a GPU.
 //
 // One thread block per row (kBlock threads). The row is never stored: every
 // pass reads the logits and recomputes r_i with top_p::mixture_prob, whose
@@ -36,6 +33,7 @@
 #include <cub/block/block_scan.cuh>
 #include <limits>
 
+#include "kdext/cuda/block_reduce.cuh"
 #include "kdext/online_softmax.h"
 #include "kdext/philox.h"
 #include "kdext/top_p.h"
@@ -91,6 +89,11 @@ struct Row {
   __device__ __forceinline__ float r(int64_t i) const {
     return top_p::mixture_prob(mix, mix.use_student ? x(i) : 0.f, mix.use_teacher ? y(i) : 0.f);
   }
+  // r of the kItems values from i0 on (0 past the end of the row).
+  __device__ __forceinline__ void tile(int64_t i0, float (&val)[kItems]) const {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) val[k] = i0 + k < V ? r(i0 + k) : 0.f;
+  }
 };
 
 enum Op : int { kSum = 0, kMin = 1, kMax = 2 };
@@ -104,67 +107,29 @@ union SharedScan {
   typename cub::BlockScan<int, kBlock>::TempStorage i;
 };
 
+union SharedReduce {
+  cuda::EachScratch<4 * kPivots, kWarps> each;
+  cuda::ReduceScratch<SoftmaxState<float>, kWarps> softmax;
+};
+
 struct Shared {
   float list[kListCap];
-  float partial[kWarps][4 * kPivots];
-  float result[4 * kPivots];
+  SharedReduce reduce;
   SharedScan scan;
   int64_t index;
 };
 
 // Block-wide reduction of N floats per thread, op(i) for entry i; every thread
-// gets the results. Deterministic: a fixed shuffle pattern, then a fixed-order
-// pass over the warps' partials.
+// gets the results.
 template <int N, typename OpOf>
-__device__ void block_reduce(float (&v)[N], Shared& sh, OpOf op_of) {
-  static_assert(N <= 4 * kPivots, "scratch too small");
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float a = v[i];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) a = combine(op_of(i), a, __shfl_xor_sync(0xffffffffu, a, off));
-    v[i] = a;
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) sh.partial[warp][i] = v[i];
-  }
-  __syncthreads();
-  if (threadIdx.x < N) {
-    const int i = threadIdx.x;
-    float a = sh.partial[0][i];
-    for (int w = 1; w < kWarps; ++w) a = combine(op_of(i), a, sh.partial[w][i]);
-    sh.result[i] = a;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = sh.result[i];
-  __syncthreads();
+__device__ __forceinline__ void block_reduce(float (&v)[N], Shared& sh, OpOf op_of) {
+  cuda::block_allreduce_each(v, [&](int i, float a, float b) { return combine(op_of(i), a, b); }, sh.reduce.each);
 }
 
 // Merges every thread's softmax state (max, sum) into the row's.
-__device__ SoftmaxState<float> block_softmax(SoftmaxState<float> st, Shared& sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    SoftmaxState<float> o{__shfl_xor_sync(0xffffffffu, st.max, off), __shfl_xor_sync(0xffffffffu, st.sum, off)};
-    st = merge(st, o);
-  }
-  if (lane == 0) {
-    sh.partial[warp][0] = st.max;
-    sh.partial[warp][1] = st.sum;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    SoftmaxState<float> a{sh.partial[0][0], sh.partial[0][1]};
-    for (int w = 1; w < kWarps; ++w) a = merge(a, SoftmaxState<float>{sh.partial[w][0], sh.partial[w][1]});
-    sh.result[0] = a.max;
-    sh.result[1] = a.sum;
-  }
-  __syncthreads();
-  st = {sh.result[0], sh.result[1]};
-  __syncthreads();
+__device__ __forceinline__ SoftmaxState<float> block_softmax(SoftmaxState<float> st, Shared& sh) {
+  st = cuda::group_allreduce(st, cuda::MergeOp{}, kBlock, sh.reduce.softmax);
+  __syncthreads();  // the scratch is free again when this returns
   return st;
 }
 
@@ -222,10 +187,10 @@ __device__ int compact_window(const Row<scalar_t>& R, float lo, float hi, Shared
   for (int64_t base = 0; base < R.V; base += kTile) {
     const int64_t i0 = base + static_cast<int64_t>(threadIdx.x) * kItems;
     float val[kItems];
+    R.tile(i0, val);
     int n_in = 0;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      val[k] = i0 + k < R.V ? R.r(i0 + k) : 0.f;
       const bool in = val[k] > lo && val[k] <= hi;
       n_in += in;
       if (in) {
@@ -322,11 +287,11 @@ __device__ int64_t draw(const Row<scalar_t>& R, float threshold, double target, 
   for (int64_t base = 0; base < R.V; base += kTile) {
     const int64_t i0 = base + static_cast<int64_t>(threadIdx.x) * kItems;
     float val[kItems];
+    R.tile(i0, val);
     float part = 0.f;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const float r = i0 + k < R.V ? R.r(i0 + k) : 0.f;
-      val[k] = r >= threshold ? r : 0.f;
+      val[k] = val[k] >= threshold ? val[k] : 0.f;
       part += val[k];
       if (val[k] > 0.f) last = i0 + k;
     }
@@ -362,7 +327,7 @@ __device__ int64_t draw(const Row<scalar_t>& R, float threshold, double target, 
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kBlock) top_p_sample_kernel(Params p) {
-  __shared__ Shared sh;
+  KDEXT_SHARED(sh, Shared);
   const int64_t row = blockIdx.x;
   const float kNaN = std::numeric_limits<float>::quiet_NaN();
   const scalar_t* s = static_cast<const scalar_t*>(p.s) + row * p.s_row_stride;

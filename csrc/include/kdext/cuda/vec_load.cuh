@@ -165,7 +165,25 @@ struct RowPtrs {
   const void* p[4];
   int esize[4];
   int count;
+
+  // Appends a pointer (null: a tensor not written) of elements of `size` bytes.
+  __host__ __device__ __forceinline__ RowPtrs& add(const void* q, int size) {
+    p[count] = q;
+    esize[count] = size;
+    ++count;
+    return *this;
+  }
 };
+
+// The row pointers of a kernel that reads rows a and b: the one with the
+// smaller elements first (it fixes the head); outputs are added after.
+template <typename A, typename B>
+__host__ __device__ __forceinline__ RowPtrs input_ptrs(const A* a, const B* b) {
+  RowPtrs p;
+  p.count = 0;
+  if (sizeof(A) <= sizeof(B)) return p.add(a, sizeof(A)).add(b, sizeof(B));
+  return p.add(b, sizeof(B)).add(a, sizeof(A));
+}
 
 template <int N>
 __host__ __device__ __forceinline__ PackLayout make_layout(int64_t n, const RowPtrs& ptrs) {
