@@ -29,17 +29,14 @@ from kdext.train.step import build
 
 from train_fixtures import ref64 as R
 from train_fixtures import tiny as fixtures
+from train_fixtures.tiny import single_thread  # noqa: F401  (fixture)
 
 GRAD_REL = 1e-5  # per tensor, relative to its largest entry (fp32 GEMM order; see the module doc)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from fixtures.one_thread()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The shared tiny models, plus a Llama student whose head is not tied to its embeddings."""
     paths = dict(fixtures.get(tmp_path_factory))
     from kdext.train.demo import llama_config, save_new_model
     from kdext.train.models import load_tokenizer
