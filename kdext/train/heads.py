@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 import kdext
+from kdext.fused_linear import _is_dtensor  # the ops' own test, so both agree on what is gathered
 
 from .models import ModelError, unwrap
 
@@ -48,14 +49,6 @@ def logit_transform(config) -> tuple[float, Optional[float]]:
         scale /= float(config.logits_scaling)
     cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
     return scale, (float(cap) if cap else None)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _head_params(m) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
