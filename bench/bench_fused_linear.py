@@ -34,7 +34,6 @@ import math
 import os
 import statistics
 import sys
-import time
 
 import torch
 

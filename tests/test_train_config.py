@@ -209,6 +209,7 @@ DISTILL_ADDED = {
     "--pg-clip", "--single-step-weight", "--reward-scaling", "--cliprange-reward", "--reward-temperature", "--sgo",
     "--sgo-init", "--sgo-raise", "--sgo-loss-eps", "--sgo-capacity", "--sgo-replay", "--sgo-eval-every",
     "--hidden-coef", "--hidden-loss", "--hidden-layers", "--collective-timeout", "--fsdp", "--fsdp-offload-teacher",
+    "--no-fused-linear",
 }
 ORIGINAL_EVAL = {"--template": "{prompt}\n", "--max-new-tokens": 64, "--max-prompt-len": 256,
                  "--max-response-len": 128, "--temperature": 1.0, "--top-p": 1.0, "--greedy": False,

@@ -29,10 +29,13 @@ from train_fixtures import tiny as fixtures
 from train_fixtures.tiny import single_thread, tiny  # noqa: F401  (fixtures)
 
 
-# case -> (method, extra flags); the 1-process reference runs without --fsdp
+# case -> (method, extra flags); the 1-process reference runs without --fsdp. The losses run on
+# the fused LM-head ops (the default: each head gathered once per forward, heads.py), and for
+# kd also on the logits path.
 CASES = {
     "kd": ("kd", ["--eval-data", "EVAL", "--eval-max-examples", "4", "--save-every", "1"]),
     "minillm": ("minillm", ["--ppo-epochs", "3", "--hidden-coef", "0.5", "--fsdp-offload-teacher"]),
+    "kd-logits": ("kd", ["--no-fused-linear"]),
 }
 
 
@@ -92,7 +95,7 @@ def test_two_sharded_processes_equal_one_with_grad_accumulation(tiny, tmp_path, 
     if case == "kd":  # evaluated by both processes in lockstep; the same numbers as one process's
         ea, eb = metrics(two)[-1], metrics(one)[-1]
         assert ea["eval/n"] == eb["eval/n"] == 4 and abs(ea["eval/ece"] - eb["eval/ece"]) <= 1e-6
-    else:  # the sharded projection trained as the replicated one did
+    elif case == "minillm":  # the sharded projection trained as the replicated one did
         from kdext.train.hidden import FILE_NAME, load_projection
 
         pa = load_projection(str(two / FILE_NAME)).state_dict()

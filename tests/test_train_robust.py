@@ -504,7 +504,7 @@ def test_every_option_has_a_resume_policy_and_new_ones_are_refused():
     apply = {f.name for f, _, _ in option_fields(TrainConfig) if resume_policy(f) == APPLY}
     assert apply == {"out", "eval_data", "save_every", "keep_checkpoints", "eval_every", "eval_max_examples",
                      "resume", "stop_after", "device", "bf16", "progress", "log_every", "save_final",
-                     "collective_timeout", "fsdp_offload_teacher"}
+                     "collective_timeout", "fsdp_offload_teacher", "fused_linear"}
     assert {f.name for f, _, _ in option_fields(TrainConfig) if resume_policy(f) == INPUT} == {
         "student", "data", "teacher"}
 

@@ -240,6 +240,9 @@ class TrainConfig:
     device: str = option("auto", choices=DEVICES, group=RUN, resume=APPLY,
                          help="where to train (auto: CUDA when there is one)")
     bf16: bool = option(True, group=RUN, resume=APPLY, help="no bf16 autocast on CUDA")
+    fused_linear: bool = option(True, group=RUN, resume=APPLY,
+                                help="losses from [N, V] logits rows instead of the fused LM-head ops on hidden "
+                                     "states (the same losses within float rounding; more memory)")
     progress: bool = option(True, group=RUN, resume=APPLY, help="no progress bar or progress lines")
     log_every: int = option(0, range=COUNT_0, group=RUN, resume=APPLY,
                             help="when stderr is not a terminal, a progress line every N steps instead of a bar "

@@ -42,11 +42,10 @@ from typing import Optional
 
 import torch
 
-import kdext
-
+from . import heads
 from .data import Batch, Encoded, collate, encode
-from .methods import Method, divergence_sum, eval_mode, register, sample_batch
-from .models import response_labels, response_logits, unwrap
+from .methods import Method, divergence_sum, eval_mode, model_rows, register, sample_batch
+from .models import response_labels, unwrap
 from .options import ConfigError
 from .seeds import Stream, stream_seed
 
@@ -169,10 +168,10 @@ class DistiLLM(Method):
         """The student's token-mean cross-entropy on the validation responses (eval mode, T = 1)."""
         student = unwrap(ctx.student)
         total, n = 0.0, 0
-        with eval_mode(student), ctx.autocast():
+        with eval_mode(student):
             for batch in self._validation:
-                rows = ctx.aligner(response_logits(student, batch))
-                total += float(-kdext.logprobs(rows, response_labels(batch), temperature=1.0).double().sum())
+                rows = model_rows(ctx, student, batch)
+                total += float(-heads.logprobs(rows, response_labels(batch), 1.0).double().sum())
                 n += int(batch.response_mask.sum())
         return total / max(1, n)
 

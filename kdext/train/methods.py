@@ -23,10 +23,14 @@ Every method's loss is ``main terms + lm_coef * LM term + hidden_coef * hidden t
   trains on samples, shared with them when it trains on the data);
 * the hidden term (hidden.py) compares hidden states on the main term's rows.
 
-Every vocabulary-wide quantity comes from a kdext op: ``kdext.logprobs`` (LM loss, policy
-log-probs), ``kdext.distill_loss`` (the token-level divergences, MiniLLM's single-step reverse
-KL), ``kdext.entropy`` (H(p) in the LM term's cross-entropy) and ``kdext.top_p_sample`` (every
-sampled token, in generation.py). MiniLLM lives in minillm.py, DistiLLM in distillm.py.
+Every vocabulary-wide quantity of a loss comes from heads.py, on each model's response rows:
+by default its final hidden states with its LM head, through kdext's fused LM-head ops
+(``kdext.fused_linear_logprobs``: LM loss, policy log-probs, H(p) in the LM term's
+cross-entropy; ``kdext.fused_linear_distill_loss``: the token-level divergences, MiniLLM's
+single-step reverse KL), so that no [N, V] logits tensor exists; with ``--no-fused-linear``
+the logits rows and ``kdext.logprobs`` / ``kdext.distill_loss`` / ``kdext.entropy``. Every
+sampled token comes from ``kdext.top_p_sample`` on last-position logits (generation.py).
+MiniLLM lives in minillm.py, DistiLLM in distillm.py.
 """
 
 from __future__ import annotations
@@ -39,13 +43,12 @@ from typing import Callable, Optional
 
 import torch
 
-import kdext
-
-from . import generation
+from . import generation, heads
 from .config import MethodConfig
 from .data import Batch, concat_batches
 from .distributed import Dist
-from .models import VocabAligner, response_labels, response_logits, unwrap
+from .heads import Rows
+from .models import VocabAligner, response_hidden, response_labels, response_logits, unwrap
 from .options import ConfigError
 from .seeds import Stream, stream_seed
 
@@ -85,6 +88,7 @@ class Context:
     data: Optional[Callable[[int, int], Batch]] = None  # (step, micro) -> this process's data micro-batch
     lm: Optional[Callable[[int, int], Batch]] = None  # (step, micro) -> its --lm-data micro-batch
     hidden: Optional[torch.nn.Module] = None  # hidden.HiddenProjection when --hidden-coef > 0
+    fused_linear: bool = True  # losses from hidden states and LM heads (heads.py); False: --no-fused-linear
     # --fsdp on several processes: generation.sample's ``sync`` (sampling loops in lockstep)
     lockstep: Optional[Callable[[bool, bool], tuple[bool, bool]]] = None
 
@@ -138,45 +142,43 @@ def sample_batch(ctx: Context, batch: Batch, policy, step: int, stream: Stream, 
     return new, ro
 
 
+def model_rows(ctx: Context, model, batch: Batch, hidden: bool = False):
+    """A model's response rows of a batch (heads.Rows: its final hidden states and LM head, or
+    with --no-fused-linear its aligned logits), and its hidden-state rows with ``hidden``. The
+    forward runs under ``ctx.autocast``; the caller sets grad mode."""
+    with ctx.autocast():
+        if ctx.fused_linear:
+            out = response_hidden(model, batch, hidden_states=hidden)
+            rows, states = out if hidden else (out, None)
+            rows = Rows(hidden=rows, head=heads.lm_head(model, ctx.aligner.n_tokens), autocast=ctx.autocast)
+        else:
+            out = response_logits(model, batch, hidden_states=hidden)
+            rows, states = out if hidden else (out, None)
+            rows = Rows(logits=ctx.aligner(rows), autocast=ctx.autocast)
+    return (rows, states) if hidden else rows
+
+
 def teacher_rows(ctx: Context, batch: Batch, hidden: bool = False):
-    """The teacher's logits rows of a batch (and its hidden-state rows with ``hidden``)."""
-    with torch.no_grad(), ctx.autocast():
-        out = response_logits(ctx.teacher, batch, hidden_states=hidden)
-    if hidden:
-        return ctx.aligner(out[0]), out[1]
-    return ctx.aligner(out)
+    """The teacher's rows of a batch (and its hidden-state rows with ``hidden``), no gradients."""
+    with torch.no_grad():
+        return model_rows(ctx, ctx.teacher, batch, hidden)
 
 
 def student_rows(ctx: Context, batch: Batch, hidden: bool = False):
-    with ctx.autocast():
-        out = response_logits(ctx.student, batch, hidden_states=hidden)
-    if hidden:
-        return ctx.aligner(out[0]), out[1]
-    return ctx.aligner(out)
+    return model_rows(ctx, ctx.student, batch, hidden)
 
 
-def nll_sum(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return -kdext.logprobs(rows, labels, temperature=1.0).sum()
+def nll_sum(rows: Rows, labels: torch.Tensor) -> torch.Tensor:
+    return -heads.logprobs(rows, labels, 1.0).sum()
 
 
-def cross_entropy_sum(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(s_rows: Rows, t_rows: Rows) -> torch.Tensor:
     """sum over rows of H(p, q) = KL(p || q) + H(p), both at T = 1 (H(p) a constant)."""
-    kl = kdext.distill_loss(s_rows, t_rows, kind="forward_kl", temperature=1.0, reduction="sum")
-    with torch.no_grad():
-        h = kdext.entropy(t_rows.float()).sum()
-    return kl + h
+    return heads.divergence_sum(s_rows, t_rows, "forward_kl", 1.0) + heads.entropy_sum(t_rows, 1.0)
 
 
-def divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
-    return kdext.distill_loss(
-        s_rows,
-        t_rows,
-        kind=kind,
-        temperature=cfg.temperature,
-        reduction="sum",
-        beta=cfg.beta,
-        alpha=cfg.alpha,
-    )
+def divergence_sum(s_rows: Rows, t_rows: Rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
+    return heads.divergence_sum(s_rows, t_rows, kind, cfg.temperature, beta=cfg.beta, alpha=cfg.alpha)
 
 
 def first_rows(batch: Batch, k: int) -> Batch:

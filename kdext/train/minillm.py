@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import torch
 
-import kdext
-
+from . import heads
 from .data import Batch, pad_prompts, pad_responses
-from .methods import Method, eval_mode, register, sample_batch, teacher_rows
-from .models import response_labels, response_logits, unwrap
+from .methods import Method, eval_mode, model_rows, register, sample_batch, teacher_rows
+from .models import response_labels, unwrap
 from .seeds import Stream, stream_seed
 
 WHITEN_EPS = 1e-8  # LMOps utils.whiten
@@ -185,8 +184,8 @@ class MiniLLM(Method):
             sampled, _ = sample_batch(ctx, batch, student, prompt_step, Stream.MINILLM_ROLLOUT,
                                       teacher=ctx.teacher, alpha=cfg.alpha)
             # LMOps recomputes the old log-probs with a teacher-forced forward (sampler.py).
-            with torch.no_grad(), ctx.autocast():
-                s_rows = ctx.aligner(response_logits(student, sampled))
+            with torch.no_grad():
+                s_rows = model_rows(ctx, student, sampled)
         t_rows = teacher_rows(ctx, sampled)
         y = response_labels(sampled)
         m = sampled.response_mask
@@ -196,9 +195,10 @@ class MiniLLM(Method):
             out[m] = values.double()
             return out
 
-        old = grid(kdext.logprobs(s_rows, y, temperature=cfg.temperature))
-        t_T = grid(kdext.logprobs(t_rows, y, temperature=cfg.temperature))
-        t_R = grid(kdext.logprobs(t_rows, y, temperature=cfg.reward_temperature))
+        with torch.no_grad():
+            old = grid(heads.logprobs(s_rows, y, cfg.temperature))
+            t_T = grid(heads.logprobs(t_rows, y, cfg.temperature))
+            t_R = grid(heads.logprobs(t_rows, y, cfg.reward_temperature))
         r = rewards(t_R, old, m, cfg.reward_scaling, cfg.cliprange_reward)
         adv = advantages(r, m, cfg.gamma, cfg.returns)
         w = importance_weight(old, t_T, cfg.alpha)
@@ -258,7 +258,7 @@ class MiniLLM(Method):
         ex = prep.batch.extras
         m = ex["mask"]
         w, adv, old = ex["weight"][m], ex["advantage"][m], ex["old_logprob"][m]
-        logq = kdext.logprobs(s, y, temperature=cfg.temperature)
-        single = kdext.distill_loss(s, t, "reverse_kl", temperature=cfg.temperature, reduction="sum",
-                                    weights=w if cfg.single_step_weight else None)
+        logq = heads.logprobs(s, y, cfg.temperature)
+        single = heads.divergence_sum(s, t, "reverse_kl", cfg.temperature,
+                                      weights=w if cfg.single_step_weight else None)
         return {"pg": pg_per_token(logq, old, adv, w, cfg.clip_eps, cfg.pg_clip).sum(), "single": single}

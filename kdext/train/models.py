@@ -263,6 +263,47 @@ def response_logits(model, batch: Batch, hidden_states: bool = False):
     return logits, tuple(h[keep] for h in out.hidden_states)
 
 
+def final_hidden(model, logits_to_keep=None, **kwargs):
+    """(the final hidden states [B, T, H], the model's output) of one forward of ``model``
+    (possibly DDP-wrapped, so that DDP sees the forward). The hidden states are what the LM
+    head takes: the output of the base model (``base_model``, after its final norm), caught by a
+    forward hook. ``logits_to_keep``: the positions whose logits the model forms; by default
+    none (an all-False mask, transformers >= 5; older versions the last position only), since
+    the fused LM-head losses project the hidden states themselves."""
+    if logits_to_keep is None:
+        ids = kwargs["input_ids"]
+        logits_to_keep = torch.zeros_like(ids, dtype=torch.bool) if _bool_keep_supported() else 1
+    caught = {}
+
+    def hook(module, args, output):
+        caught["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = unwrap(model).base_model.register_forward_hook(hook)
+    try:
+        out = model(**kwargs, logits_to_keep=logits_to_keep)
+    finally:
+        handle.remove()
+    return caught["h"], out
+
+
+def response_hidden(model, batch: Batch, hidden_states: bool = False):
+    """The final hidden states at the positions whose logits :func:`response_logits` returns,
+    as rows [N, H] (the LM head's input; the fused LM-head losses project them). With
+    ``hidden_states`` it returns ``(rows, states)`` as :func:`response_logits` does."""
+    P = batch.prompt_ids.shape[1]
+    attn = batch.attention_mask
+    keep = torch.zeros_like(attn, dtype=torch.bool)
+    keep[:, P - 1 : -1] = batch.response_mask  # column c predicts the token at column c + 1
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=attn.long(), position_ids=position_ids(attn),
+                  use_cache=False)
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
+    h, out = final_hidden(model, **kwargs)
+    if not hidden_states:
+        return h[keep]
+    return h[keep], tuple(x[keep] for x in out.hidden_states)
+
+
 def response_labels(batch: Batch) -> torch.Tensor:
     """The response tokens matching :func:`response_logits` rows, [N] int64."""
     return batch.response_ids[batch.response_mask]

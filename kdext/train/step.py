@@ -37,6 +37,7 @@ from .config import TrainConfig
 from .data import DataSchedule, collate, encode, load_jsonl
 from .distributed import Dist, setup_distributed
 from .generation import NonFiniteLogits
+from .heads import check_head
 from .hidden import build_projection
 from .lmdata import LMStream
 from .models import (VocabAligner, check_context, check_vocab, has_tokenizer, head_width, load_model, load_tokenizer,
@@ -131,6 +132,10 @@ def build(cfg: TrainConfig) -> Setup:
     widths.append(head_width(student))
     names.append("--student")
     aligner = VocabAligner(len(tok), *widths, names=tuple(names))
+    if cfg.fused_linear:  # the fused losses must see the logits each model computes itself
+        for arg, model in (("--teacher", teacher), ("--student", student)):
+            if model is not None:
+                check_head(model, len(tok), load_on, arg)
 
     if dd.sharded:
         if teacher is not None:
@@ -153,7 +158,7 @@ def build(cfg: TrainConfig) -> Setup:
             return tuple(dd.any_of([running, failed], device))
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast, dd=dd,
                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                    hidden=projection, lockstep=lockstep)
+                    hidden=projection, lockstep=lockstep, fused_linear=cfg.fused_linear)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
     s = Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
               eval_set=eval_set, inputs=inputs, projection=projection)
