@@ -46,6 +46,10 @@ BENCHES = [
     Bench("top_p_sample", "bench_top_p_sample.py", ("--device", "cpu"),
           ("--device", "cpu", "--rows", "16", "--reps", "3"),
           ("alpha",), "provider", "speedup_vs_sorted", "the sorted reference's time / the provider's"),
+    Bench("sparse", "bench_sparse.py", ("--rows", "4096", "--vocab", "128256", "--reps", "5", "--warmup", "1"),
+          ("--rows", "256", "--vocab", "32000", "--reps", "3", "--warmup", "1"), ("bench", "dtype", "k"), "provider",
+          "kdext_speedup", "topk: the torch provider's time / kdext.topk_logprobs'; loss: the dense distill_loss's "
+          "forward+backward time / the sparse loss's (> 1: kdext's top-k, or the sparse loss, is faster)"),
     Bench("parallel", "bench_parallel.py", (), ("--worlds", "2", "--rows", "64", "--reps", "3"),
           ("op",), "world", "speedup", "forward+backward (top_p_sample: forward), all-gather + the single-device "
           "op's time / kdext.parallel's, on W Gloo ranks"),

@@ -6,7 +6,7 @@
 //
 // Stems: divergence (divergence_* and the public divergence ops), softmax
 // (softmax, log_softmax, logsumexp, lse_float64, entropy), logprobs, common
-// (scale_), top_p_sample.
+// (scale_), top_p_sample, sparse (topk_logprobs, sparse_*).
 #include <torch/library.h>
 
 namespace kdext {
@@ -81,6 +81,30 @@ TORCH_LIBRARY(kdext, m) {
   m.def(
       "top_p_sample(Tensor logits, Tensor? teacher_logits, float top_p, int top_k, float temperature, "
       "float alpha, int seed, int offset, Tensor? row_ids=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- the offline teacher (stem: sparse) ---------------------------------
+  // The top-k log-probabilities of a teacher, and the distillation loss
+  // against such a sparse teacher (docs/DESIGN.md, "the sparse family"; math
+  // in csrc/include/kdext/sparse.h). `tail` is "bucket" or "renormalize".
+
+  // Per row: the k most probable ids (int32, by descending probability, ties
+  // by lower id; -1 past the row's finite entries), their log-probabilities
+  // under softmax(logits / T) and the row's log-sum-exp.
+  m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor ids, Tensor logprobs, Tensor lse)");
+  // Per-row divergence of the student against the stored teacher, and the
+  // statistics its backward reuses: [rows, 3] = (max, log Z, log Q_tail).
+  m.def(
+      "sparse_forward(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, str divergence, "
+      "float param, float temperature, str tail) -> (Tensor values, Tensor stats)");
+  m.def(
+      "sparse_backward(Tensor grad_values, Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, "
+      "Tensor stats, str divergence, float param, float temperature, str tail) -> Tensor");
+  // Fused loss: sum_r w_r value_r over rows with w_r != 0, and the student's
+  // gradient of it, written in the same row visit.
+  m.def(
+      "sparse_loss(Tensor student_logits, Tensor teacher_ids, Tensor teacher_logprobs, Tensor row_weights, "
+      "str divergence, float param, float temperature, str tail) -> (Tensor loss, Tensor grad_student)");
 }
 
 }  // namespace kdext
+

@@ -99,7 +99,8 @@ def _forward_backward(ctx, grad_values, _grad_stats):
 torch.library.register_autograd("kdext::divergence_forward", _forward_backward, setup_context=_forward_setup_context)
 
 
-def _loss_setup_context(ctx, inputs, output):
+def fused_loss_setup_context(ctx, inputs, output):
+    """setup_context of a fused loss op (divergence_loss, sparse_loss): outputs (loss, gradient buffer)."""
     _, grad = output
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
@@ -109,16 +110,15 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.consumed = False
 
 
-def _loss_backward(ctx, grad_loss, _grad_grad):
-    # The kernel already wrote d(loss)/d(student); the chain rule only scales it
-    # by the upstream gradient, in place (a no-op on the device when it is 1).
-    if grad_loss is None:
-        return None, None, None, None, None, None
+def fused_loss_grad(ctx, grad_loss, name):
+    """The student's gradient of a fused loss: the buffer its kernel wrote, scaled by the upstream
+    gradient, in place (a no-op on the device when it is 1). ``name`` is the public function, for the
+    error of a second backward."""
     # Checked before ctx.saved_tensors is read: once the buffer has been scaled in place,
     # reading it raises autograd's generic version-counter error instead of this message.
     if ctx.consumed:
         raise RuntimeError(
-            "distill_loss: backward was called twice through the fused loss, whose gradient buffer is scaled in "
+            f"{name}: backward was called twice through the fused loss, whose gradient buffer is scaled in "
             "place; use fused=False if you need retain_graph=True"
         )
     ctx.consumed = True
@@ -126,9 +126,15 @@ def _loss_backward(ctx, grad_loss, _grad_grad):
     if _tracing(grad):
         # Under torch.compile / AOT tracing the buffer is also a forward output
         # of the graph, which a backward must not mutate: scale out of place.
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss.to(grad.dtype)
     ops.scale_(grad, grad_loss.to(grad.dtype))
-    return grad, None, None, None, None, None
+    return grad
+
+
+def _loss_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    return fused_loss_grad(ctx, grad_loss, "distill_loss"), None, None, None, None, None
 
 
 def _tracing(t):
@@ -139,7 +145,7 @@ def _tracing(t):
     return torch.compiler.is_compiling() or isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_context=_loss_setup_context)
+torch.library.register_autograd("kdext::divergence_loss", _loss_backward, setup_context=fused_loss_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -307,11 +313,12 @@ def check_loss_args(student_logits, teacher_logits, kind, labels, ignore_index, 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if weights is not None:
-        _check_weights(weights, student_logits)
+        check_weights(weights, student_logits)
     return param, row_mask(student_logits, labels, ignore_index, mask)
 
 
-def _check_weights(weights, student_logits):
+def check_weights(weights, student_logits):
+    """distill_loss's checks of ``weights``: a floating tensor of the logits' leading shape, on their device."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
     if not weights.is_floating_point():

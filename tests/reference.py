@@ -79,7 +79,11 @@ def log_mix(la, lb, w):
 
 def divergence(s, t, kind, param=0.0, temperature=1.0):
     """Per-row divergence in float64 (differentiable in s and t)."""
-    ls, lt = log_probs(s, temperature), log_probs(t, temperature)
+    return divergence_from_logs(log_probs(s, temperature), log_probs(t, temperature), kind, param)
+
+
+def divergence_from_logs(ls, lt, kind, param=0.0):
+    """D(q, p) over the last dim from the student's (ls) and the teacher's (lt) log-probabilities."""
     if kind == "jsd" and param == 0.0:
         kind = "forward_kl"
     if kind == "jsd" and param == 1.0:
@@ -98,6 +102,44 @@ def divergence(s, t, kind, param=0.0, temperature=1.0):
     if kind == "tvd":
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
     raise ValueError(kind)
+
+
+def sparse_outcomes(x, ids, lp, tail):
+    """(log Q, log P) of one row's outcomes for the sparse loss (docs/DESIGN.md, "the sparse
+    family"), in float64: x the row's scaled student logits, ids / lp its stored slots (-1:
+    empty). None for a row without a valid id (padding)."""
+    valid = ids >= 0
+    vid, lpv = ids[valid].long(), lp[valid].double()
+    if vid.numel() == 0:
+        return None
+    S = lpv.exp().sum()
+    if tail == "renormalize":
+        return torch.log_softmax(x[vid], -1), lpv - S.log()
+    lq_all = torch.log_softmax(x, -1)
+    complement = torch.ones(x.shape[-1], dtype=torch.bool)
+    complement[vid] = False
+    lq = lq_all[vid]
+    if not complement.any():  # every id stored: no tail outcome, P renormalised
+        return lq, lpv - S.log()
+    rest = lq_all[complement]
+    # log of the complement's mass, summed over the complement itself
+    lq_tail = torch.logsumexp(rest, 0) if torch.isfinite(rest).any() else torch.tensor(-math.inf, dtype=x.dtype)
+    if S <= 1:
+        lp_n, lp_tail = lpv, torch.log1p(-S)
+    else:
+        lp_n, lp_tail = lpv - S.log(), torch.tensor(-math.inf, dtype=torch.float64)
+    return torch.cat([lq, lq_tail.reshape(1)]), torch.cat([lp_n, lp_tail.reshape(1)])
+
+
+def sparse_divergence(s, ids, lp, kind, param, temperature, tail):
+    """Per-row float64 sparse divergence, differentiable in s; 0 for rows without a valid id."""
+    V, k = s.shape[-1], ids.shape[-1]
+    xs, ids2, lp2 = (s.double() / temperature).reshape(-1, V), ids.reshape(-1, k), lp.reshape(-1, k)
+    out = []
+    for r in range(xs.shape[0]):
+        o = sparse_outcomes(xs[r], ids2[r], lp2[r], tail)
+        out.append(xs.new_zeros(()) if o is None else divergence_from_logs(o[0], o[1], kind, param))
+    return torch.stack(out).reshape(s.shape[:-1])
 
 
 def entropy(x, temperature=1.0):

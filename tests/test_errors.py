@@ -189,7 +189,87 @@ def single_cases():
     return cases
 
 
-PUBLIC_CASES = pair_cases() + distill_loss_cases() + single_cases()
+def _ids(*shape, dtype=torch.int64, device="cpu"):
+    """Distinct teacher ids 0..k-1 in every row of a [..., k] shape."""
+    return torch.arange(shape[-1], dtype=dtype, device=device).expand(shape).contiguous()
+
+
+def sparse_cases():
+    """sparse_distill_loss and topk_logprobs (the sparse family)."""
+    SL = kdext.sparse_distill_loss
+    s, ids, lp = (lambda: L(2, 9)), (lambda: _ids(2, 3)), (lambda: L(2, 3))
+    cases = [
+        Case("sparse_distill_loss-kind", lambda: SL(s(), ids(), lp(), kind="kl"), ValueError, ("kind", "kl")),
+        Case("sparse_distill_loss-tail", lambda: SL(s(), ids(), lp(), tail="drop"), ValueError, "tail"),
+        Case("sparse_distill_loss-ids_float", lambda: SL(s(), L(2, 3), lp()), TypeError, "teacher_ids"),
+        Case("sparse_distill_loss-ids_int16", lambda: SL(s(), _ids(2, 3, dtype=torch.int16), lp()), TypeError,
+             "teacher_ids"),
+        Case("sparse_distill_loss-ids_shape", lambda: SL(s(), _ids(3, 3), L(3, 3)), ValueError,
+             ("teacher_ids", "[2, k]")),
+        Case("sparse_distill_loss-ids_flat", lambda: SL(L(2, 4, 9), _ids(8, 3), L(8, 3)), ValueError, "teacher_ids"),
+        Case("sparse_distill_loss-ids_empty", lambda: SL(s(), _ids(2, 0), L(2, 0)), ValueError,
+             ("teacher_ids", "no slots")),
+        Case("sparse_distill_loss-ids_device", lambda: SL(s(), _ids(2, 3, device="meta"), lp()), RuntimeError,
+             ("teacher_ids", "student_logits")),
+        Case("sparse_distill_loss-ids_list", lambda: SL(s(), [[0, 1]], lp()), TypeError, "teacher_ids"),
+        Case("sparse_distill_loss-logprobs_int", lambda: SL(s(), ids(), _ids(2, 3)), TypeError, "teacher_logprobs"),
+        Case("sparse_distill_loss-logprobs_shape", lambda: SL(s(), ids(), L(2, 4)), ValueError,
+             ("teacher_logprobs", "teacher_ids")),
+        Case("sparse_distill_loss-logprobs_device", lambda: SL(s(), ids(), L(2, 3, device="meta")), RuntimeError,
+             "teacher_logprobs"),
+        Case("sparse_distill_loss-student_int", lambda: SL(_ids(2, 9), ids(), lp()), TypeError, "student_logits"),
+        Case("sparse_distill_loss-student_zero_dim", lambda: SL(L(), _ids(3), L(3)), ValueError, "student_logits"),
+        Case("sparse_distill_loss-not_a_tensor", lambda: SL([[1.0, 2.0]], ids(), lp()), TypeError, "student_logits"),
+        Case("sparse_distill_loss-beta", lambda: SL(s(), ids(), lp(), kind="jsd", beta=1.5), ValueError, "beta"),
+        Case("sparse_distill_loss-beta_bool", lambda: SL(s(), ids(), lp(), kind="jsd", beta=True), TypeError, "beta"),
+        Case("sparse_distill_loss-alpha", lambda: SL(s(), ids(), lp(), kind="skew_reverse_kl", alpha=-1.0),
+             ValueError, "alpha"),
+        Case("sparse_distill_loss-reduction", lambda: SL(s(), ids(), lp(), reduction="avg"), ValueError,
+             "reduction"),
+        Case("sparse_distill_loss-labels_shape", lambda: SL(s(), ids(), lp(), labels=I(3)), ValueError, "labels"),
+        Case("sparse_distill_loss-labels_float", lambda: SL(s(), ids(), lp(), labels=torch.zeros(2)), TypeError,
+             "labels"),
+        Case("sparse_distill_loss-labels_bool", lambda: SL(s(), ids(), lp(), labels=B(2)), TypeError, "labels"),
+        Case("sparse_distill_loss-mask_dtype", lambda: SL(s(), ids(), lp(), mask=torch.ones(2)), TypeError, "mask"),
+        Case("sparse_distill_loss-mask_device", lambda: SL(s(), ids(), lp(), mask=B(2, device="meta")),
+             RuntimeError, "mask"),
+        Case("sparse_distill_loss-weights_shape", lambda: SL(s(), ids(), lp(), weights=torch.ones(3)), ValueError,
+             "weights"),
+        Case("sparse_distill_loss-weights_int", lambda: SL(s(), ids(), lp(), weights=I(2)), TypeError, "weights"),
+        Case("sparse_distill_loss-num_items_zero", lambda: SL(s(), ids(), lp(), num_items=0), ValueError,
+             "num_items"),
+        Case("sparse_distill_loss-num_items_sum", lambda: SL(s(), ids(), lp(), num_items=4, reduction="sum"),
+             ValueError, "num_items"),
+        Case("sparse_distill_loss-num_items_str", lambda: SL(s(), ids(), lp(), num_items="4"), TypeError,
+             "num_items"),
+        Case("sparse_distill_loss-num_items_bool", lambda: SL(s(), ids(), lp(), num_items=True), TypeError,
+             "num_items"),
+        Case("sparse_distill_loss-num_items_shape", lambda: SL(s(), ids(), lp(), num_items=torch.ones(2)),
+             ValueError, "num_items"),
+        Case("topk_logprobs-k0", lambda: kdext.topk_logprobs(s(), 0), ValueError, "k"),
+        Case("topk_logprobs-k_big", lambda: kdext.topk_logprobs(s(), 10), ValueError, ("k = 10", "9")),
+        Case("topk_logprobs-k_float", lambda: kdext.topk_logprobs(s(), 2.0), (TypeError, RuntimeError), "k"),
+        Case("topk_logprobs-k_bool", lambda: kdext.topk_logprobs(s(), True), TypeError, "k"),
+        Case("topk_logprobs-logits_int", lambda: kdext.topk_logprobs(_ids(2, 9), 2), TypeError, "logits"),
+        Case("topk_logprobs-zero_dim", lambda: kdext.topk_logprobs(L(), 1), ValueError, "logits"),
+        Case("topk_logprobs-empty_vocab", lambda: kdext.topk_logprobs(L(2, 0), 1), ValueError,
+             ("logits", "vocabulary")),
+        Case("topk_logprobs-logits_list", lambda: kdext.topk_logprobs([1.0, 2.0], 1), (TypeError, RuntimeError),
+             "logits"),
+    ]
+    fns = {"sparse_distill_loss": lambda **kw: SL(s(), ids(), lp(), **kw),
+           "topk_logprobs": lambda **kw: kdext.topk_logprobs(s(), 2, **kw)}
+    for name, fn in fns.items():
+        for v in (0.0, -1.0, math.nan, math.inf):
+            cases.append(Case(f"{name}-temperature={v}", lambda fn=fn, v=v: fn(temperature=v), ValueError,
+                              "temperature"))
+        cases.append(Case(f"{name}-temperature_str", lambda fn=fn: fn(temperature="1"), (TypeError, RuntimeError),
+                          "temperature"))
+        cases.append(Case(f"{name}-temperature_bool", lambda fn=fn: fn(temperature=True), TypeError, "temperature"))
+    return cases
+
+
+PUBLIC_CASES = pair_cases() + distill_loss_cases() + single_cases() + sparse_cases()
 
 
 @pytest.mark.parametrize("case", PUBLIC_CASES, ids=lambda c: c.id)
@@ -202,6 +282,28 @@ def test_out_of_vocabulary_token_is_an_index_error():
         kdext.logprobs(L(3, 5), torch.tensor([0, 5, 1]))
 
 
+@pytest.mark.parametrize("op", ["sparse_forward", "sparse_backward", "sparse_loss"])
+@pytest.mark.parametrize("bad,exc,words", [
+    ((1, 2, 10), IndexError, ("teacher_ids has id 10 at row 1, slot 2", "[0, 10)")),
+    ((2, 0, -2), IndexError, ("id -2 at row 2, slot 0",)),
+    ((1, 1, 4), ValueError, ("id 4 twice in row 1", "slots 1 and 2")),
+])
+def test_bad_teacher_ids_raise_on_the_cpu(op, bad, exc, words):
+    """An id outside [-1, V) is an IndexError, a repeated one a ValueError, naming row and slots
+    (the CUDA kernels make such a row NaN instead: tests/test_sparse.py)."""
+    s, lp = L(3, 10), torch.zeros(3, 3)
+    ids = torch.tensor([[0, 1, 2], [3, -1, 4], [5, 6, 7]])
+    ids[bad[0], bad[1]] = bad[2]
+    calls = {"sparse_forward": lambda: ops.sparse_forward(s, ids, lp, "tvd", 0.0, 1.0, "bucket"),
+             "sparse_loss": lambda: ops.sparse_loss(s, ids, lp, torch.ones(3), "forward_kl", 0.0, 1.0, "renormalize"),
+             "sparse_backward": lambda: ops.sparse_backward(torch.ones(3), s, ids, lp, torch.zeros(3, 3), "jsd", 0.5,
+                                                            1.0, "bucket")}
+    with pytest.raises(exc) as info:
+        calls[op]()
+    for word in words:
+        assert word in str(info.value), (str(info.value), word)
+
+
 # Under fake tensors the fake kernels (and the Python checks before them) must
 # raise the same error, so a torch.compile user sees the eager message.
 FAKE_IDS = [
@@ -212,7 +314,10 @@ FAKE_IDS = [
     "distill_loss-labels_device", "distill_loss-vocab_mismatch", "distill_loss_none-temperature=inf",
     "softmax-int", "log_softmax-temperature=-0.5", "logsumexp-zero_dim", "entropy-empty_vocab",
     "entropy-temperature=inf", "logprobs-tokens_float", "logprobs-tokens_shape", "logprobs-tokens_device",
-    "logprobs-bool",
+    "logprobs-bool", "sparse_distill_loss-ids_shape", "sparse_distill_loss-ids_float",
+    "sparse_distill_loss-logprobs_shape", "sparse_distill_loss-ids_empty", "sparse_distill_loss-tail",
+    "sparse_distill_loss-ids_device", "sparse_distill_loss-student_int", "topk_logprobs-k0", "topk_logprobs-k_big",
+    "topk_logprobs-empty_vocab", "topk_logprobs-temperature=0.0",
 ]
 _BY_ID = {c.id: c for c in PUBLIC_CASES}
 
@@ -402,7 +507,50 @@ def raw_cases():
     return c
 
 
-RAW_CASES = raw_cases()
+def sparse_raw_cases():
+    """The sparse family's ops: the checks the public functions do not reach (tail and
+    divergence names, per-row tensors, stats, k)."""
+    sf, sb, sl, tk = ops.sparse_forward, ops.sparse_backward, ops.sparse_loss, ops.topk_logprobs
+    s, ids, lp = (lambda: L(2, 9)), (lambda: _ids(2, 3)), (lambda: L(2, 3))
+    return [
+        Case("sparse_forward-tail", lambda: sf(s(), ids(), lp(), "tvd", 0.0, 1.0, "x"), ValueError, "tail"),
+        Case("sparse_forward-divergence", lambda: sf(s(), ids(), lp(), "kl", 0.0, 1.0, "bucket"), ValueError,
+             ("divergence", "kl")),
+        Case("sparse_forward-beta", lambda: sf(s(), ids(), lp(), "jsd", 1.5, 1.0, "bucket"), ValueError, "beta"),
+        Case("sparse_forward-ids_shape", lambda: sf(s(), _ids(2, 2, 3), L(2, 2, 3), "tvd", 0.0, 1.0, "bucket"),
+             ValueError, "teacher_ids"),
+        Case("sparse_forward-logprobs_shape", lambda: sf(s(), ids(), L(3, 2), "tvd", 0.0, 1.0, "bucket"), ValueError,
+             "teacher_logprobs"),
+        Case("sparse_forward-temperature", lambda: sf(s(), ids(), lp(), "tvd", 0.0, math.nan, "bucket"), ValueError,
+             "temperature"),
+        Case("sparse_forward-student_int", lambda: sf(_ids(2, 9), ids(), lp(), "tvd", 0.0, 1.0, "bucket"), TypeError,
+             "student_logits"),
+        Case("sparse_backward-grad_values_shape", lambda: sb(L(3), s(), ids(), lp(), L(2, 3), "tvd", 0.0, 1.0,
+                                                             "bucket"), ValueError, "grad_values"),
+        Case("sparse_backward-stats_shape", lambda: sb(L(2), s(), ids(), lp(), L(2, 4), "tvd", 0.0, 1.0, "bucket"),
+             ValueError, "stats"),
+        Case("sparse_backward-stats_device", lambda: sb(L(2), s(), ids(), lp(), L(2, 3, device="meta"), "tvd", 0.0,
+                                                        1.0, "bucket"), RuntimeError, "stats"),
+        Case("sparse_backward-grad_values_device", lambda: sb(L(2, device="meta"), s(), ids(), lp(), L(2, 3), "tvd",
+                                                              0.0, 1.0, "bucket"), RuntimeError, "grad_values"),
+        Case("sparse_backward-tail", lambda: sb(L(2), s(), ids(), lp(), L(2, 3), "tvd", 0.0, 1.0, "all"), ValueError,
+             "tail"),
+        Case("sparse_loss-row_weights_shape", lambda: sl(s(), ids(), lp(), L(3), "tvd", 0.0, 1.0, "bucket"),
+             ValueError, "row_weights"),
+        Case("sparse_loss-row_weights_device", lambda: sl(s(), ids(), lp(), L(2, device="meta"), "tvd", 0.0, 1.0,
+                                                          "bucket"), RuntimeError, "row_weights"),
+        Case("sparse_loss-alpha", lambda: sl(s(), ids(), lp(), L(2), "skew_forward_kl", 2.0, 1.0, "bucket"),
+             ValueError, "alpha"),
+        Case("sparse_loss-ids_dtype", lambda: sl(s(), L(2, 3), lp(), L(2), "tvd", 0.0, 1.0, "bucket"), TypeError,
+             "teacher_ids"),
+        Case("topk_logprobs-raw_k", lambda: tk(s(), -3, 1.0), ValueError, "k"),
+        Case("topk_logprobs-raw_k_big", lambda: tk(s(), 10, 1.0), ValueError, "k = 10"),
+        Case("topk_logprobs-raw_temperature", lambda: tk(s(), 3, 0.0), ValueError, "temperature"),
+        Case("topk_logprobs-raw_logits_int", lambda: tk(_ids(2, 9), 3, 1.0), TypeError, "logits"),
+    ]
+
+
+RAW_CASES = raw_cases() + sparse_raw_cases()
 
 
 @pytest.mark.parametrize("case", RAW_CASES, ids=lambda c: c.id)
@@ -413,7 +561,10 @@ def test_raw_op_error(case):
 # Raw ops that the Python wrappers do not check first: their fake kernels alone
 # must raise the eager words.
 RAW_FAKE_IDS = ["lse_float64-int", "lse_float64-empty_vocab", "lse_float64-temperature", "scale_-factor_shape",
-                "scale_-factor_device"]
+                "scale_-factor_device", "sparse_forward-tail", "sparse_forward-divergence", "sparse_forward-ids_shape",
+                "sparse_forward-logprobs_shape", "sparse_forward-temperature", "sparse_backward-tail",
+                "sparse_loss-alpha", "sparse_loss-ids_dtype", "topk_logprobs-raw_k", "topk_logprobs-raw_k_big",
+                "topk_logprobs-raw_temperature"]
 _RAW_BY_ID = {c.id: c for c in RAW_CASES}
 
 

@@ -123,14 +123,54 @@ def other_cases():
     print("top_p_sample ok", flush=True)
 
 
+def sparse_cases():
+    """topk_logprobs (radix select, and the sort path for k > 1024) and the sparse loss (both
+    tails, padded and bad ids, int32 ids, 16-bit log-probs, a bitmap past 48 KiB of shared memory)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for V, ks in ((1, (1,)), (37, (1, 5, 37)), (3001, (1, 64, 1024, 2000)), (5003, (17,))):
+            x = torch.randn(4, V, device=DEV).to(dtype)
+            x[1] = float("-inf")
+            x[2, : V // 2] = float("-inf")
+            if V > 1:
+                x[3, 1] = float("nan")
+            for k in ks:
+                ops.topk_logprobs(misaligned(x), k, 0.9)
+            torch.cuda.synchronize()
+    print("topk_logprobs ok", flush=True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for V, k in ((1, 1), (37, 5), (3001, 64), ((1 << 19) + 3, 40)):
+            s = torch.randn(4, V, device=DEV).to(dtype)
+            s[1] = float("-inf")
+            ids, lp, _ = ops.topk_logprobs(torch.randn(4, V, device=DEV), k, 1.0)
+            ids = ids.long()
+            ids[2, k // 2 :] = -1  # padded slots
+            if k > 1:
+                ids[3, 1] = ids[3, 0]  # a repeated id: a NaN row, nothing read out of bounds
+            ids[0, 0] = V + 7 if k > 1 else ids[0, 0]  # an id outside the vocabulary
+            for tail in ("bucket", "renormalize"):
+                for kind, prm in (("forward_kl", 0.0), ("jsd", 0.3)):
+                    for idv, lpv in ((ids, lp), (ids.int(), lp.half())):
+                        v, st = ops.sparse_forward(misaligned(s), idv, lpv, kind, prm, 1.1, tail)
+                        ops.sparse_backward(torch.ones_like(v), misaligned(s), idv, lpv, st, kind, prm, 1.1, tail)
+                        ops.sparse_loss(misaligned(s), idv, lpv, torch.rand(4, device=DEV), kind, prm, 1.1, tail)
+            torch.cuda.synchronize()
+    print("sparse loss ok", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--only", choices=["all", "onchip"], default="all")
+    p.add_argument("--only", choices=["all", "onchip", "sparse"], default="all")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
+    if args.only == "sparse":  # e.g. under racecheck: the shared-memory bitmap, histograms and sort
+        sparse_cases()
+        torch.cuda.synchronize()
+        print("sanitize_cuda: sparse cases ran", flush=True)
+        return 0
     divergence_cases(args.only)
     if args.only == "all":
         other_cases()
+        sparse_cases()
     torch.cuda.synchronize()
     print("sanitize_cuda: all cases ran", flush=True)
     return 0
