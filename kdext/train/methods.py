@@ -87,6 +87,7 @@ class Context:
     hidden: Optional[torch.nn.Module] = None  # hidden.HiddenProjection when --hidden-coef > 0
     # --fsdp on several processes: generation.sample's ``sync`` (sampling loops in lockstep)
     lockstep: Optional[Callable[[bool, bool], tuple[bool, bool]]] = None
+    teacher_cache: Optional[object] = None  # cached_teacher.TeacherCache (--teacher-cache): replaces teacher
 
     @property
     def global_batch(self) -> int:
@@ -139,7 +140,10 @@ def sample_batch(ctx: Context, batch: Batch, policy, step: int, stream: Stream, 
 
 
 def teacher_rows(ctx: Context, batch: Batch, hidden: bool = False):
-    """The teacher's logits rows of a batch (and its hidden-state rows with ``hidden``)."""
+    """The teacher's logits rows of a batch (and its hidden-state rows with ``hidden``); with
+    --teacher-cache its cached top-k rows (cached_teacher.SparseRows; no hidden states)."""
+    if ctx.teacher_cache is not None:
+        return ctx.teacher_cache.rows(batch, ctx.cfg.sparse_tail)
     with torch.no_grad(), ctx.autocast():
         out = response_logits(ctx.teacher, batch, hidden_states=hidden)
     if hidden:
@@ -168,6 +172,8 @@ def cross_entropy_sum(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tenso
 
 
 def divergence_sum(s_rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
+    if not torch.is_tensor(t_rows):  # cached teacher rows: kdext.sparse_distill_loss of the same kind
+        return t_rows.divergence_sum(s_rows, kind, cfg)
     return kdext.distill_loss(
         s_rows,
         t_rows,

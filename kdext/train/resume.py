@@ -64,8 +64,13 @@ def fingerprint(path: str) -> str:
 def input_fingerprints(cfg, needs_teacher: bool) -> dict:
     """field name -> {"path", "fingerprint"} for every input of the run."""
     names = ["student", "data"] + (["teacher"] if needs_teacher else [])
-    return {n: {"path": os.path.abspath(getattr(cfg, n)), "fingerprint": fingerprint(getattr(cfg, n))}
-            for n in names}
+    out = {n: {"path": os.path.abspath(getattr(cfg, n)), "fingerprint": fingerprint(getattr(cfg, n))}
+           for n in names}
+    cache = getattr(cfg, "teacher_cache", None)
+    manifest = os.path.join(cache, "manifest.json") if cache else None
+    if manifest and os.path.isfile(manifest):  # (it holds the sha256 of every shard; a cache without one is refused)
+        out["teacher_cache"] = {"path": os.path.abspath(cache), "fingerprint": fingerprint(manifest)}
+    return out
 
 
 def _walk(cls, saved: dict, new, prefix=""):
