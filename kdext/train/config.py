@@ -279,7 +279,8 @@ class TrainConfig:
 
             check_cache_config(self)
         elif cls.needs_teacher and not self.teacher:
-            raise ConfigError(f"--teacher (or --teacher-cache) is required for --method {self.method}")
+            raise ConfigError(f"--teacher is required for --method {self.method} (or --teacher-cache, for the "
+                              "off-policy methods)")
         if self.method_cfg.hidden_coef > 0 and not self.teacher:
             raise ConfigError("--teacher is required for --hidden-coef > 0 (the teacher's hidden states)")
         if self.method_cfg.hidden_layers is not None:
