@@ -155,12 +155,22 @@ def read_manifest(folder: str, flag: str = "--teacher-cache") -> dict:
     return manifest
 
 
+_META_KEY = "kdext"
+
+
+def shard_metadata(meta: dict) -> dict:
+    """A shard's safetensors metadata: one key holding ``meta`` as sorted JSON (safetensors
+    writes several metadata keys in a hash map's order, which differs between processes; one
+    key keeps a resumed capture's bytes those of an uninterrupted one)."""
+    return {_META_KEY: json.dumps(meta, sort_keys=True)}
+
+
 def shard_header(path: str) -> dict:
     """The metadata of a shard file (CacheError if it cannot be read)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (OSError, SafetensorError, ValueError) as e:
+            return json.loads((f.metadata() or {})[_META_KEY])
+    except (OSError, SafetensorError, ValueError, KeyError) as e:
         raise CacheError(f"{path}: the shard cannot be read ({e}); capture it again (--resume)") from None

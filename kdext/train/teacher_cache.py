@@ -129,7 +129,7 @@ def shard_is_complete(out: str, index: int, plan: dict, digest: str) -> bool:
         meta = F.shard_header(path)
     except F.CacheError:
         return False  # damaged (not by kdext: its writes are atomic); captured again
-    return meta.get("plan") == digest and meta.get("first") == str(first) and meta.get("examples") == str(end - first)
+    return meta.get("plan") == digest and meta.get("first") == first and meta.get("examples") == end - first
 
 
 class Capture:
@@ -186,9 +186,9 @@ class Capture:
             "digest": torch.tensor([d for p in parts for d in p[3]], dtype=torch.int64),
         }
         tokens = tensors["ids"].shape[0]
-        meta = {"format": F.FORMAT, "plan": self.digest, "shard": str(index), "first": str(first),
-                "examples": str(end - first), "tokens": str(tokens)}
-        data = save(tensors, metadata=meta)
+        meta = {"format": F.FORMAT, "plan": self.digest, "shard": index, "first": first, "examples": end - first,
+                "tokens": tokens}
+        data = save(tensors, metadata=F.shard_metadata(meta))
         storage.atomic_write(os.path.join(self.cfg.out, F.shard_name(index)), lambda f: f.write(data))
         return tokens
 
@@ -231,8 +231,9 @@ def build_manifest(out: str, plan: dict) -> dict:
     offsets, shards, total_bytes = [0], [], 0
     for i in range(n):
         path = os.path.join(out, F.shard_name(i))
+        meta = F.shard_header(path)
         with safe_open(path, framework="pt") as f:
-            meta, lengths = f.metadata(), f.get_tensor("lengths").tolist()
+            lengths = f.get_tensor("lengths").tolist()
         for length in lengths:
             offsets.append(offsets[-1] + length)
         with open(path, "rb") as f:
