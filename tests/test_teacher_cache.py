@@ -292,3 +292,44 @@ def test_resume_with_a_cache_is_the_uninterrupted_run(tiny, small_cache, tmp_pat
     assert distill(tiny, part, "rkl", moved, "--max-steps", 4, "--resume") == 0
     a, b = fixtures.load_state(str(whole / "final")), fixtures.load_state(str(part / "final"))
     assert fixtures.max_param_diff(a, b) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (Gloo, CPU, one torchrun launch)
+
+
+def test_two_processes_capture_and_train_as_one(tiny, tmp_path):
+    """Under torchrun each process captures its shards (0, 2, 4, ... and 1, 3, 5, ...) and
+    process 0 writes the manifest: the same bytes as one process. Training from a cache on two
+    processes (batch 2 each) equals one process with batch 4 within float rounding, as with a
+    live teacher (tests/test_train_ddp.py's ``close``: the same bounds, for the same reason)."""
+    import subprocess
+    import sys
+
+    cap = ["--k", 8, "--shard-examples", 7, "--batch-size", 3, "--teacher", tiny["llama_teacher"]]
+    one_cache, two_cache = tmp_path / "c1", tmp_path / "c2"
+    assert capture(tiny, one_cache, *cap) == 0
+
+    def train_args(out, batch):
+        return ["distill", "--method", "kd", "--student", tiny["llama_student"], "--data", tiny["data"],
+                "--out", str(out), "--teacher-cache", str(one_cache), "--batch-size", str(batch), "--lr", "1e-3",
+                "--max-steps", "3", "--no-progress"]
+
+    runs = [["teacher-cache", "--teacher", tiny["llama_teacher"], "--data", tiny["data"], "--out", str(two_cache),
+             "--no-progress", *[str(x) for x in cap]], train_args(tmp_path / "d2", 2)]
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
+    driver = os.path.join(os.path.dirname(__file__), "train_fixtures", "ddp_runs.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", driver, str(spec)]
+    r = subprocess.run(cmd, env=fixtures.subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _files(two_cache) == _files(one_cache)
+
+    assert cli.main(train_args(tmp_path / "d1", 4)) == 0
+    a, b = fixtures.load_state(str(tmp_path / "d1" / "final")), fixtures.load_state(str(tmp_path / "d2" / "final"))
+    assert fixtures.max_param_diff(a, b) < 2e-5
+    la, lb = _metrics(tmp_path / "d1"), _metrics(tmp_path / "d2")
+    assert len(la) == len(lb) == 3
+    for x, y in zip(la, lb):
+        for key in ("loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-6 * (1 + abs(x[key])), (key, la, lb)
