@@ -80,6 +80,25 @@ def bytes_per_position_bound(k: int, dtype: str) -> int:
     return (ID_BYTES + DTYPES[dtype].itemsize) * k + 16
 
 
+def stored_logprobs(logprobs: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Log-probs (float32, <= 0) in the cache's dtype, rounded toward -inf (fp16 / bf16): a stored
+    probability never exceeds the captured one, so the stored mass S of a row stays at most its
+    float32 value and the bucket's teacher tail 1 - S is not lost to rounding up (docs/DESIGN.md
+    §2.10: with S >= 1 the tail has no teacher mass and reverse KL is +inf where the student has
+    some). Each value moves by less than one unit in the last place, as round-to-nearest would."""
+    out = logprobs.to(DTYPES[dtype])
+    if out.dtype == torch.float32:
+        return out
+    up = out.float() > logprobs  # NaN compares False
+    if bool(up.any()):
+        bits = out.view(torch.int16)
+        # a negative value's bit pattern + 1 is the next value toward -inf; 0 goes to -(the
+        # smallest subnormal), 0x8001
+        lower = torch.where(out == 0, torch.full_like(bits, -32767), bits + 1)
+        out = torch.where(up, lower, bits).view(out.dtype)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Digests of what a cache is valid for
 

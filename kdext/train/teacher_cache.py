@@ -181,7 +181,7 @@ class Capture:
         parts = [self.rows(a, min(end, a + self.cfg.batch_size)) for a in range(first, end, self.cfg.batch_size)]
         tensors = {
             "ids": torch.cat([p[0] for p in parts]).to(torch.int32).contiguous(),
-            "logprobs": torch.cat([p[1] for p in parts]).to(F.DTYPES[self.cfg.dtype]).contiguous(),
+            "logprobs": F.stored_logprobs(torch.cat([p[1] for p in parts]), self.cfg.dtype).contiguous(),
             "lengths": torch.tensor([n for p in parts for n in p[2]], dtype=torch.int32),
             "digest": torch.tensor([d for p in parts for d in p[3]], dtype=torch.int64),
         }
