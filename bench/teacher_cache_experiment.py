@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             log(json.dumps(row))
 
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
-               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}")
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+               f"Python {platform.python_version()}")
     command = "python bench/teacher_cache_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"command": command, "machine": machine, "steps": steps, "teacher_steps": t_steps,
               "warmup_steps": w_steps, "vocab": V, "runs": rows, "caches": caches,

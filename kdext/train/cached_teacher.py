@@ -110,7 +110,8 @@ def check_manifest(folder: str, manifest: dict, run: dict) -> None:
     for field, flag in F.RUN_FIELDS.items():
         if _differs(field, cached[field], run[field]):
             if field == "data":
-                what = f"the cache's --data was {manifest['data']['path']} ({cached[field][:19]}...), this run's differs"
+                what = (f"the cache's --data was {manifest['data']['path']} ({cached[field][:19]}...), "
+                        "this run's file differs")
             elif field == "tokenizer":
                 what = "the cache's tokenizer vocabulary differs from the --student tokenizer's"
             else:
