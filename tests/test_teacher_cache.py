@@ -291,6 +291,11 @@ def test_resume_with_a_cache_is_the_uninterrupted_run(tiny, small_cache, tmp_pat
     assert capture(tiny, other, "--k", 4, "--teacher", tiny["llama_teacher"]) == 0
     assert distill(tiny, part, "rkl", other, "--max-steps", 4, "--resume") == cli.EXIT_USAGE
     assert "--teacher-cache" in capsys.readouterr().err
+    live = ["--method", "rkl", "--student", tiny["llama_student"], "--data", tiny["data"], "--out", str(part),
+            "--teacher", tiny["llama_teacher"], "--batch-size", "4", "--lr", "1e-3", "--no-progress", "--max-steps", "4",
+            "--resume"]
+    assert cli.main(["distill", *live]) == cli.EXIT_USAGE  # nor may the live teacher replace the cache
+    assert "--teacher-cache: " in capsys.readouterr().err
     moved = tmp_path / "moved"  # the same content elsewhere is fine
     shutil.copytree(small_cache, moved)
     assert distill(tiny, part, "rkl", moved, "--max-steps", 4, "--resume") == 0

@@ -120,6 +120,10 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
         policy = resume_policy(f)
         flag = flag_of(f, t)
         if policy == INPUT:
+            if f.name == "teacher_cache" and (old is None) != (value is None):  # a cache for a live teacher
+                refused.append((flag, f"{_show(f, t, old)} in the checkpoint, {_show(f, t, value)} now: the cached "
+                                      "and the live teacher give other losses"))
+                continue
             reason, note = _input_change(f.name, flag, saved_inputs, inputs)
             if reason:
                 refused.append((flag, reason))
