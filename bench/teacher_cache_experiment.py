@@ -12,6 +12,10 @@ exact match: the sampled answer is one of the valid ones). Reported per run: the
 training time per step (with the teacher's forward in the loop, or the cache read instead),
 and per cache its capture time and size. Writes OUT/results.json and OUT/results.md (the
 table, the command and the machine).
+
+Not yet run at full size: on the shared 2-core CPU machine it was written on, the demo budget's
+teacher (1500 sft steps) alone took over 9.5 minutes, so no results are in bench/results yet;
+``--quick`` (about a minute) only checks that every step runs — its scores mean nothing.
 """
 
 from __future__ import annotations
