@@ -28,6 +28,7 @@ BASE = {
                 "--out", "o"],
     "eval": ["eval", "--model", "m", "--data", "d.jsonl", "--out", "o.json"],
     "demo": ["demo", "--out", "o"],
+    "teacher-cache": ["teacher-cache", "--teacher", "t", "--data", "d.jsonl", "--out", "c"],
 }
 
 
@@ -40,11 +41,13 @@ def no_work(monkeypatch):
 
     import kdext.train.demo
     import kdext.train.evaluate
+    import kdext.train.teacher_cache
     import kdext.train.trainer
 
     monkeypatch.setattr(kdext.train.trainer, "train", accepted)
     monkeypatch.setattr(kdext.train.evaluate, "evaluate_folder", accepted)
     monkeypatch.setattr(kdext.train.demo, "run_demo", accepted)
+    monkeypatch.setattr(kdext.train.teacher_cache, "capture", accepted)
 
 
 def run(command, *extra):
@@ -209,7 +212,7 @@ DISTILL_ADDED = {
     "--pg-clip", "--single-step-weight", "--reward-scaling", "--cliprange-reward", "--reward-temperature", "--sgo",
     "--sgo-init", "--sgo-raise", "--sgo-loss-eps", "--sgo-capacity", "--sgo-replay", "--sgo-eval-every",
     "--hidden-coef", "--hidden-loss", "--hidden-layers", "--collective-timeout", "--fsdp", "--fsdp-offload-teacher",
-    "--no-fused-linear",
+    "--no-fused-linear", "--teacher-cache", "--sparse-tail",
 }
 ORIGINAL_EVAL = {"--template": "{prompt}\n", "--max-new-tokens": 64, "--max-prompt-len": 256,
                  "--max-response-len": 128, "--temperature": 1.0, "--top-p": 1.0, "--greedy": False,

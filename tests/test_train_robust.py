@@ -506,7 +506,7 @@ def test_every_option_has_a_resume_policy_and_new_ones_are_refused():
                      "resume", "stop_after", "device", "bf16", "progress", "log_every", "save_final",
                      "collective_timeout", "fsdp_offload_teacher", "fused_linear"}
     assert {f.name for f, _, _ in option_fields(TrainConfig) if resume_policy(f) == INPUT} == {
-        "student", "data", "teacher"}
+        "student", "data", "teacher", "teacher_cache"}
 
     @dataclasses.dataclass
     class Later(TrainConfig):  # an option added by later work, without a resume policy

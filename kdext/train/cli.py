@@ -1,8 +1,9 @@
-"""The ``kdext`` command line: ``kdext distill``, ``kdext eval``, ``kdext demo``.
+"""The ``kdext`` command line: ``kdext distill``, ``kdext eval``, ``kdext demo``, ``kdext teacher-cache``.
 
 Run ``kdext distill --help`` for every option. Under ``torchrun`` the distill command runs data
 parallel (DDP): ``torchrun --nproc_per_node 2 -m kdext.train.cli distill ...``; with ``--fsdp``
-it shards the models over the processes instead (FSDP2, sharding.py).
+it shards the models over the processes instead (FSDP2, sharding.py). ``kdext teacher-cache``
+under torchrun captures disjoint shards in each process (teacher_cache.py).
 
 The options are generated from the dataclasses in config.py. Exit codes:
 
@@ -45,6 +46,10 @@ _COMMANDS = {  # name -> (one-line help, description)
     "demo": ("the self-contained demo: teacher, 7 methods, report",
              "Build a synthetic task, train a teacher and distill a student with every method; "
              "writes a report under --out."),
+    "teacher-cache": ("capture a teacher's top-k log-probs for kdext distill --teacher-cache",
+                      "Run --teacher over every example of --data as kdext distill would (template, tokenisation, "
+                      "truncation) and store each response position's top --k ids and log-probs in --out "
+                      "(safetensors shards and manifest.json)."),
 }
 
 
@@ -91,6 +96,12 @@ def _run(command: str, cfg) -> None:
         from .demo import run_demo
 
         run_demo(cfg.out, device=cfg.device, seed=cfg.seed, quick=cfg.quick, workers=cfg.workers)
+    elif command == "teacher-cache":
+        from .teacher_cache import capture
+
+        summary = capture(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary))
 
 
 def _user_errors() -> tuple:

@@ -27,6 +27,8 @@ PG_CLIPS = ("product", "ratio")
 SGO_MODES = ("adaptive", "off")
 REPLAY_RATIOS = ("decreasing", "constant", "increasing")
 HIDDEN_LOSSES = ("mse", "cosine")
+SPARSE_TAILS = ("bucket", "renormalize")  # kdext.sparse.TAILS
+CACHE_DTYPES = ("fp16", "bf16", "fp32")  # cache_format.DTYPES
 
 # Integer options reach torch as int64 (positions, seeds), so none may exceed 2**63 - 1.
 COUNT_0 = Range(0, INT64_MAX)
@@ -167,6 +169,12 @@ class MethodConfig:
                                  help="distillm: steps between validation losses (0: once per pass over --data, "
                                       "the authors' --eval-interval -1)")
 
+    sparse_tail: str = option(
+        "bucket", choices=SPARSE_TAILS, group=METHOD,
+        help="with --teacher-cache: bucket = the k cached ids plus one outcome for the rest of the vocabulary "
+             "(exact at k = V); renormalize = both distributions renormalised over the cached ids "
+             "(kdext.sparse_distill_loss's tail)")
+
     hidden_coef: float = option(0.0, range=NON_NEGATIVE, group=HIDDEN,
                                 help="weight of a loss between student and teacher hidden states (0: off)")
     hidden_loss: str = option("mse", choices=HIDDEN_LOSSES, group=HIDDEN,
@@ -203,6 +211,9 @@ class TrainConfig:
     out: str = option(group=WHAT, resume=APPLY, help="output folder")
     teacher: Optional[str] = option(None, group=WHAT, resume=INPUT,
                                     help="teacher model folder (save_pretrained); not needed for sft")
+    teacher_cache: Optional[str] = option(None, group=WHAT, resume=INPUT,
+                                          help="a kdext teacher-cache folder to distill from instead of --teacher "
+                                               "(kd, rkl, distillm --sgo off, gkd --lam 0)")
     eval_data: Optional[str] = option(None, group=WHAT, resume=APPLY,
                                       help="JSONL scored at the end (and every --eval-every steps)")
     template: str = option(DEFAULT_TEMPLATE, group=WHAT, help="prompt template; {prompt} is replaced")
@@ -266,8 +277,13 @@ class TrainConfig:
         check_fields(self)
         _check_template(self.template)
         cls = _method_class(self.method)
-        if cls.needs_teacher and not self.teacher:
-            raise ConfigError(f"--teacher is required for --method {self.method}")
+        if self.teacher_cache:
+            from .cached_teacher import check_cache_config
+
+            check_cache_config(self)
+        elif cls.needs_teacher and not self.teacher:
+            raise ConfigError(f"--teacher is required for --method {self.method} (or --teacher-cache, for the "
+                              "off-policy methods)")
         if self.method_cfg.hidden_coef > 0 and not self.teacher:
             raise ConfigError("--teacher is required for --hidden-coef > 0 (the teacher's hidden states)")
         if self.method_cfg.hidden_layers is not None:
@@ -326,7 +342,44 @@ class DemoConfig:
         check_fields(self)
 
 
-COMMANDS = {"distill": TrainConfig, "eval": EvalConfig, "demo": DemoConfig}
+@dataclass
+class CacheConfig:
+    """Capturing a teacher's top-k log-probs (``kdext teacher-cache``); the data options mean what
+    they mean for ``kdext distill``, which checks them against the cache."""
+
+    teacher: str = option(group=WHAT, help="teacher model folder (save_pretrained)")
+    data: str = option(group=WHAT, help="JSONL the students will be distilled on (kdext distill --data)")
+    out: str = option(group=WHAT, help="cache folder to write")
+    tokenizer: Optional[str] = option(None, group=WHAT,
+                                      help="the students' tokenizer folder (default: the teacher's; needed when the "
+                                           "teacher folder has none)")
+    template: str = option(DEFAULT_TEMPLATE, group=WHAT, help="prompt template; {prompt} is replaced")
+    max_prompt_len: int = option(256, range=COUNT_1, group=WHAT, help="prompt tokens kept (the end of the prompt)")
+    max_response_len: int = option(128, range=COUNT_1, group=WHAT, help="response tokens kept, EOS included")
+    k: int = option(64, range=COUNT_1, group=METHOD, help="teacher ids stored per response position")
+    temperature: float = option(1.0, range=POSITIVE, group=METHOD,
+                                help="the distillation temperature: log-probs of softmax(teacher logits / T)")
+    dtype: str = option("fp16", choices=CACHE_DTYPES, group=METHOD,
+                        help="log-prob storage: fp16 / bf16 (6k + 16 bytes per position at most), fp32 (8k + 16; "
+                             "exact tails)")
+    batch_size: int = option(8, range=COUNT_1, group=RUN, help="examples per teacher forward")
+    shard_examples: int = option(1024, range=COUNT_1, group=RUN, help="examples per shard file")
+    resume: bool = option(False, group=RUN, help="continue a capture in --out from its complete shards")
+    stop_after_shards: Optional[int] = option(None, range=COUNT_1, group=RUN,
+                                              help="stop after this process wrote this many shards, as if killed; "
+                                                   "--resume continues")
+    device: str = option("auto", choices=DEVICES, group=RUN, help="where to run (auto: CUDA when there is one)")
+    bf16: bool = option(True, group=RUN, help="no bf16 autocast of the teacher on CUDA (the trainer's default)")
+    progress: bool = option(True, group=RUN, help="no progress bar or progress lines")
+    collective_timeout: float = option(1800.0, range=POSITIVE, group=RUN,
+                                       help="under torchrun: seconds a process waits for the others")
+
+    def validate(self) -> None:
+        check_fields(self)
+        _check_template(self.template)
+
+
+COMMANDS = {"distill": TrainConfig, "eval": EvalConfig, "demo": DemoConfig, "teacher-cache": CacheConfig}
 
 
 def options_markdown() -> str:

@@ -91,6 +91,7 @@ class Context:
     fused_linear: bool = True  # losses from hidden states and LM heads (heads.py); False: --no-fused-linear
     # --fsdp on several processes: generation.sample's ``sync`` (sampling loops in lockstep)
     lockstep: Optional[Callable[[bool, bool], tuple[bool, bool]]] = None
+    teacher_cache: Optional[object] = None  # cached_teacher.TeacherCache (--teacher-cache): replaces teacher
 
     @property
     def global_batch(self) -> int:
@@ -159,7 +160,10 @@ def model_rows(ctx: Context, model, batch: Batch, hidden: bool = False):
 
 
 def teacher_rows(ctx: Context, batch: Batch, hidden: bool = False):
-    """The teacher's rows of a batch (and its hidden-state rows with ``hidden``), no gradients."""
+    """The teacher's rows of a batch (and its hidden-state rows with ``hidden``), no gradients; with
+    --teacher-cache its cached top-k rows (cached_teacher.SparseRows; no hidden states)."""
+    if ctx.teacher_cache is not None:
+        return ctx.teacher_cache.rows(batch, ctx.cfg.sparse_tail)
     with torch.no_grad():
         return model_rows(ctx, ctx.teacher, batch, hidden)
 
@@ -177,7 +181,9 @@ def cross_entropy_sum(s_rows: Rows, t_rows: Rows) -> torch.Tensor:
     return heads.divergence_sum(s_rows, t_rows, "forward_kl", 1.0) + heads.entropy_sum(t_rows, 1.0)
 
 
-def divergence_sum(s_rows: Rows, t_rows: Rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
+def divergence_sum(s_rows: Rows, t_rows, kind: str, cfg: MethodConfig) -> torch.Tensor:
+    if not isinstance(t_rows, Rows):  # cached teacher rows: kdext.sparse_distill_loss of the same kind
+        return t_rows.divergence_sum(s_rows.logits, kind, cfg)  # a cache runs the logits path (step.build)
     return heads.divergence_sum(s_rows, t_rows, kind, cfg.temperature, beta=cfg.beta, alpha=cfg.alpha)
 
 

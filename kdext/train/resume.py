@@ -64,8 +64,13 @@ def fingerprint(path: str) -> str:
 def input_fingerprints(cfg, needs_teacher: bool) -> dict:
     """field name -> {"path", "fingerprint"} for every input of the run."""
     names = ["student", "data"] + (["teacher"] if needs_teacher else [])
-    return {n: {"path": os.path.abspath(getattr(cfg, n)), "fingerprint": fingerprint(getattr(cfg, n))}
-            for n in names}
+    out = {n: {"path": os.path.abspath(getattr(cfg, n)), "fingerprint": fingerprint(getattr(cfg, n))}
+           for n in names}
+    cache = getattr(cfg, "teacher_cache", None)
+    manifest = os.path.join(cache, "manifest.json") if cache else None
+    if manifest and os.path.isfile(manifest):  # (it holds the sha256 of every shard; a cache without one is refused)
+        out["teacher_cache"] = {"path": os.path.abspath(cache), "fingerprint": fingerprint(manifest)}
+    return out
 
 
 def _walk(cls, saved: dict, new, prefix=""):
@@ -115,6 +120,10 @@ def check_resume(ckpt: str, step: int, saved_settings: dict, saved_inputs: dict,
         policy = resume_policy(f)
         flag = flag_of(f, t)
         if policy == INPUT:
+            if f.name == "teacher_cache" and (old is None) != (value is None):  # a cache for a live teacher
+                refused.append((flag, f"{_show(f, t, old)} in the checkpoint, {_show(f, t, value)} now: the cached "
+                                      "and the live teacher give other losses"))
+                continue
             reason, note = _input_change(f.name, flag, saved_inputs, inputs)
             if reason:
                 refused.append((flag, reason))

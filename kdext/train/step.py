@@ -105,7 +105,8 @@ def build(cfg: TrainConfig) -> Setup:
     # Everything that can be checked without the weights is, before any model is loaded.
     examples = load_jsonl(cfg.data, cfg.template)
     eval_set = load_jsonl(cfg.eval_data, cfg.template)[: cfg.eval_max_examples] if cfg.eval_data else None
-    needs_teacher = method.needs_teacher or mcfg.hidden_coef > 0
+    # --teacher-cache stands in for the live teacher (cached_teacher.py): no teacher is loaded.
+    needs_teacher = (method.needs_teacher or mcfg.hidden_coef > 0) and not cfg.teacher_cache
     models = [("--teacher", cfg.teacher)] if needs_teacher else []
     check_context(models + [("--student", cfg.student)], sequence_needs(cfg, method.samples))
     inputs = input_fingerprints(cfg, needs_teacher)
@@ -118,6 +119,11 @@ def build(cfg: TrainConfig) -> Setup:
     load_on = torch.device("cpu") if dd.sharded else device
 
     tok = load_tokenizer(cfg.student, "--student")
+    cache = None
+    if cfg.teacher_cache:
+        from .cached_teacher import open_for_run
+
+        cache = open_for_run(cfg, mcfg, tok, inputs)
     teacher = None
     widths, names = [], []
     if needs_teacher:
@@ -158,7 +164,9 @@ def build(cfg: TrainConfig) -> Setup:
             return tuple(dd.any_of([running, failed], device))
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast, dd=dd,
                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                    hidden=projection, lockstep=lockstep, fused_linear=cfg.fused_linear)
+                    hidden=projection, lockstep=lockstep, teacher_cache=cache,
+                    # a cached teacher's sparse loss takes the student's logits (no fused sparse op yet)
+                    fused_linear=cfg.fused_linear and cache is None)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
     s = Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
               eval_set=eval_set, inputs=inputs, projection=projection)

@@ -3,9 +3,10 @@ one launch, many runs, so the DDP tests pay the interpreter and process-group st
 
     torchrun --nproc_per_node 2 tests/train_fixtures/ddp_runs.py RUNS.json
 
-RUNS.json: a list of ``kdext distill`` argument lists. Each is parsed and validated as the CLI
-does and trained with ``kdext.train.trainer.train``; the process group (which ``cli.main``
-would destroy after its run) stays up for the next one. Any error ends the launch.
+RUNS.json: a list of ``kdext distill`` (or ``kdext teacher-cache``) argument lists. Each is
+parsed and validated as the CLI does and run with ``kdext.train.trainer.train`` (or
+``kdext.train.teacher_cache.capture``); the process group (which ``cli.main`` would destroy
+after its run) stays up for the next one. Any error ends the launch.
 """
 
 import json
@@ -14,6 +15,7 @@ import sys
 import torch.distributed as dist
 
 from kdext.train import cli
+from kdext.train.teacher_cache import capture
 from kdext.train.trainer import train
 
 
@@ -24,7 +26,7 @@ def main(path: str) -> int:
         for args in runs:
             cfg = cli.config_from_args(cli.parser().parse_args(args))
             cfg.validate()
-            train(cfg)
+            (capture if args[0] == "teacher-cache" else train)(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
