@@ -50,6 +50,10 @@ BENCHES = [
           ("--rows", "256", "--vocab", "32000", "--reps", "3", "--warmup", "1"), ("bench", "dtype", "k"), "provider",
           "kdext_speedup", "topk: the torch provider's time / kdext.topk_logprobs'; loss: the dense distill_loss's "
           "forward+backward time / the sparse loss's (> 1: kdext's top-k, or the sparse loss, is faster)"),
+    Bench("fused_linear", "bench_fused_linear.py", (), ("--rows", "256", "--vocab", "8000", "--reps", "3",
+                                                         "--memory-rows", "256"),
+          ("kind",), "provider", "time_vs_kdext_fused", "forward+backward, the provider's time / kdext's fused "
+          "LM-head loss' (> 1: kdext fused is faster; `gemms` is the floor of the four GEMMs)"),
     Bench("parallel", "bench_parallel.py", (), ("--worlds", "2", "--rows", "64", "--reps", "3"),
           ("op",), "world", "speedup", "forward+backward (top_p_sample: forward), all-gather + the single-device "
           "op's time / kdext.parallel's, on W Gloo ranks"),

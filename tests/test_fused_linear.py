@@ -451,6 +451,9 @@ def _dtensor_worker(rank, world, init_file, out_dir):
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
+        # Both ranks past their last collective before either closes its connections: a rank that
+        # tears down while the peer's Gloo thread still reads from it can abort the peer (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

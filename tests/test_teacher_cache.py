@@ -125,10 +125,11 @@ def test_cached_rows_are_the_live_teachers_top_k(tiny, tmp_path, tail):
     live = setup(tiny, "kd", tmp_path / "live", teacher=tiny["gpt2_teacher"])
     cached = setup(tiny, "kd", tmp_path / "cached", teacher_cache=str(cache), student="llama_student")
     cached.ctx.cfg.sparse_tail = tail
+    live.ctx.fused_linear = False  # the live teacher's logits rows (the capture's input), not its hidden states
     for step in range(4):
         batch = micro_batch(live, step, 0)
         rows = M.teacher_rows(cached.ctx, batch)
-        t = M.teacher_rows(live.ctx, batch)
+        t = M.teacher_rows(live.ctx, batch).logits
         ids, logprobs, _ = kdext.topk_logprobs(t[:, : rows.vocab], 8, temperature=T)
         assert torch.equal(rows.ids, ids) and rows.logprobs.dtype == torch.float16 and rows.tail == tail
         # stored rounded toward -inf (cache_format.stored_logprobs): below the live value by less
