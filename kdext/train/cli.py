@@ -123,7 +123,10 @@ def _user_errors() -> tuple:
 _group_broken = False
 
 
-def main(argv=None) -> int:
+def main(argv=None, teardown: bool = True) -> int:
+    """Runs one kdext command; returns its exit code. ``teardown``: destroy the process group a
+    distributed run set up (in-process callers); the ``kdext`` command itself leaves without it
+    (entry())."""
     global _group_broken
     _group_broken = False
     try:
@@ -165,15 +168,22 @@ def main(argv=None) -> int:
     finally:
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and not _group_broken:
+        if teardown and dist.is_available() and dist.is_initialized() and not _group_broken:
             dist.destroy_process_group()
     return 0
 
 
 def entry() -> None:
     """The ``kdext`` command (and ``python -m kdext.train.cli``): main(), then exit with its code."""
-    code = main()
-    if _group_broken:
+    code = main(teardown=False)
+    import torch.distributed as dist
+
+    if _group_broken or (dist.is_available() and dist.is_initialized()):
+        # A process of a distributed run leaves without tearing Gloo / NCCL down: every peer is past
+        # the run's last barrier (or the group is broken), and a teardown that races a peer's own
+        # can abort this process from a native thread ("terminate called without an active
+        # exception", SIGABRT; seen under load at the end of successful runs). Exiting closes the
+        # connections; the output streams are flushed first, and nothing else is pending.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

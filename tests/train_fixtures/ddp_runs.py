@@ -5,11 +5,12 @@ one launch, many runs, so the DDP tests pay the interpreter and process-group st
 
 RUNS.json: a list of ``kdext distill`` (or ``kdext teacher-cache``) argument lists. Each is
 parsed and validated as the CLI does and run with ``kdext.train.trainer.train`` (or
-``kdext.train.teacher_cache.capture``); the process group (which ``cli.main`` would destroy
-after its run) stays up for the next one. Any error ends the launch.
+``kdext.train.teacher_cache.capture``); the process group stays up for the next one, and the
+process leaves without tearing it down (as ``cli.entry`` does). Any error ends the launch.
 """
 
 import json
+import os
 import sys
 
 import torch.distributed as dist
@@ -22,16 +23,20 @@ from kdext.train.trainer import train
 def main(path: str) -> int:
     with open(path) as f:
         runs = json.load(f)
-    try:
-        for args in runs:
-            cfg = cli.config_from_args(cli.parser().parse_args(args))
-            cfg.validate()
-            (capture if args[0] == "teacher-cache" else train)(cfg)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    for args in runs:
+        cfg = cli.config_from_args(cli.parser().parse_args(args))
+        cfg.validate()
+        (capture if args[0] == "teacher-cache" else train)(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    code = main(sys.argv[1])
+    # As the kdext command does (cli.entry): a distributed process leaves without tearing the
+    # process group down, since a teardown racing the peer's can abort it from a Gloo thread.
+    if dist.is_initialized():
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
