@@ -112,11 +112,14 @@ struct GradRequest {
 
 // The row budget of one chunk. A positive `requested` is taken as given
 // (capped at the rows); 0 picks the rows whose buffers fit the memory budget
-// KDEXT_FUSED_LINEAR_MB (default 256 MB on the CPU, 1024 MB on CUDA), at
-// least 1, balanced so that the chunks have nearly equal sizes.
+// KDEXT_FUSED_LINEAR_MB (default 224 MiB on the CPU, 1024 MiB on CUDA), at
+// least 1, balanced so that the chunks have nearly equal sizes. The CPU
+// default leaves room for a call's other temporaries: with 256 the peak of a
+// loss call measured 250.7 MiB, just over a quarter of a [8192, 32000] fp32
+// logits buffer (250 MiB; bench/bench_fused_linear.py).
 inline int64_t fused_linear_budget_bytes(bool cuda) {
   const char* env = std::getenv("KDEXT_FUSED_LINEAR_MB");
-  int64_t mb = cuda ? 1024 : 256;
+  int64_t mb = cuda ? 1024 : 224;
   if (env != nullptr && *env != '\0') {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);

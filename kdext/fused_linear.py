@@ -13,7 +13,7 @@ rows (csrc/fused_linear.cpp; docs/DESIGN.md §2.11): memory beyond the inputs, t
 the gradients is the chunk buffers, independent of the number of rows.
 
 ``chunk_size``: rows per chunk; ``None`` picks them from a memory budget of
-``KDEXT_FUSED_LINEAR_MB`` megabytes for the chunk's buffers (default 256 on the CPU, 1024 on
+``KDEXT_FUSED_LINEAR_MB`` megabytes for the chunk's buffers (default 224 on the CPU, 1024 on
 CUDA): about ``3 * V * 4`` bytes per row for a distillation loss with gradients (student and
 teacher logits and their gradient), ``2 * V * 4`` for log-probs' backward.
 """
