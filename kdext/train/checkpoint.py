@@ -60,7 +60,7 @@ def checkpoint_dir(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
-_NAME = re.compile(r"^step-\d{8}(\.pt)?$")  # a file step-XXXXXXXX.pt or a sharded folder step-XXXXXXXX
+_NAME = re.compile(r"^step-\d{8}(\.pt)?$")  # a file step-<step>.pt or a sharded folder step-<step> (the step in 8 digits)
 
 
 def list_checkpoints(out: str) -> list[str]:

@@ -12,18 +12,18 @@ A folder holds
   the manifest itself.
 
 **Writing** (every process takes part). The main process creates the folder under a temporary
-name, ``step-XXXXXXXX.tmp.<host>.<pid>`` (its own host and process, so a later start removes it
+name, ``step-<step>.tmp.<host>.<pid>`` (its own host and process, so a later start removes it
 when that process is gone, as for every temporary), and tells the others; every process writes
 its shards into it (DCP, fsynced); every process checksums a share of the files; the main
 process writes ``state.pt`` and the manifest, fsyncs, renames the folder to its name and fsyncs
-the parent. So ``step-XXXXXXXX/`` either does not exist or is complete. A failed write on any
+the parent. So ``step-<step>/`` either does not exist or is complete. A failed write on any
 process (a full disk) removes the temporary folder and stops every process with a StorageError
 saying what failed; the older checkpoints are untouched.
 
 **Resuming** takes the newest folder that verifies: its manifest is intact and lists every file
 with its size (checked by the main process), and every file matches its CRC-32 (each process
 checks a share, so the checkpoint is read once in all). A folder that does not verify is
-renamed ``step-XXXXXXXX.damaged`` with a line saying why, and the next older one is tried;
+renamed ``step-<step>.damaged`` with a line saying why, and the next older one is tried;
 when none verifies the run stops with a CheckpointError naming each. Then ``state.pt`` is
 checked like a single-file checkpoint (settings, number of processes, extras), and DCP loads
 every process's shards.
