@@ -175,15 +175,19 @@ def main(argv=None, teardown: bool = True) -> int:
 
 def entry() -> None:
     """The ``kdext`` command (and ``python -m kdext.train.cli``): main(), then exit with its code."""
-    code = main(teardown=False)
+    leave(main(teardown=False))
+
+
+def leave(code: int) -> None:
+    """Ends this process with ``code``. A process of a distributed run (its group still up, or
+    broken: main(teardown=False) leaves it either way) exits without tearing Gloo / NCCL down:
+    every peer is past the run's last barrier (or the group is broken), and a teardown that races
+    a peer's own can abort this process from a native thread ("terminate called without an
+    active exception", SIGABRT; seen under load at the end of successful runs). Exiting closes the
+    connections; the output streams are flushed first, and nothing else is pending."""
     import torch.distributed as dist
 
-    if _group_broken or (dist.is_available() and dist.is_initialized()):
-        # A process of a distributed run leaves without tearing Gloo / NCCL down: every peer is past
-        # the run's last barrier (or the group is broken), and a teardown that races a peer's own
-        # can abort this process from a native thread ("terminate called without an active
-        # exception", SIGABRT; seen under load at the end of successful runs). Exiting closes the
-        # connections; the output streams are flushed first, and nothing else is pending.
+    if dist.is_available() and dist.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

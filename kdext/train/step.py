@@ -138,7 +138,9 @@ def build(cfg: TrainConfig) -> Setup:
     widths.append(head_width(student))
     names.append("--student")
     aligner = VocabAligner(len(tok), *widths, names=tuple(names))
-    if cfg.fused_linear:  # the fused losses must see the logits each model computes itself
+    # A cached teacher's sparse loss takes the student's logits (no fused sparse op yet).
+    fused_linear = cfg.fused_linear and cache is None
+    if fused_linear:  # the fused losses must see the logits each model computes itself
         for arg, model in (("--teacher", teacher), ("--student", student)):
             if model is not None:
                 check_head(model, len(tok), load_on, arg)
@@ -164,9 +166,7 @@ def build(cfg: TrainConfig) -> Setup:
             return tuple(dd.any_of([running, failed], device))
     ctx = M.Context(student, teacher, aligner, tok.pad_token_id, tok.eos_token_id, mcfg, autocast, dd=dd,
                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps,
-                    hidden=projection, lockstep=lockstep, teacher_cache=cache,
-                    # a cached teacher's sparse loss takes the student's logits (no fused sparse op yet)
-                    fused_linear=cfg.fused_linear and cache is None)
+                    hidden=projection, lockstep=lockstep, teacher_cache=cache, fused_linear=fused_linear)
     schedule = DataSchedule(len(examples), cfg.batch_size, cfg.grad_accum, dd.world, cfg.seed)
     s = Setup(cfg, dd, device, tok, student, teacher, method, ctx, examples, schedule,
               eval_set=eval_set, inputs=inputs, projection=projection)

@@ -10,7 +10,6 @@ process leaves without tearing it down (as ``cli.entry`` does). Any error ends t
 """
 
 import json
-import os
 import sys
 
 import torch.distributed as dist
@@ -32,11 +31,6 @@ def main(path: str) -> int:
 
 if __name__ == "__main__":
     code = main(sys.argv[1])
-    # As the kdext command does (cli.entry): a distributed process leaves without tearing the
-    # process group down, since a teardown racing the peer's can abort it from a Gloo thread.
     if dist.is_initialized():
-        dist.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+        dist.barrier()  # every run ended with one already; this one covers a list of captures too
+    cli.leave(code)  # as the kdext command leaves (without tearing the process group down)
